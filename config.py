@@ -1,0 +1,412 @@
+"""The configuration tree: every key and default of the official Swin framework, plus ours.
+
+A run's configuration is built once, in this order, and then frozen:
+defaults -> YAML file (its ``BASE:`` files first, paths relative to the including file)
+-> ``--opts KEY VALUE`` pairs -> the other command-line flags.
+
+Keys and defaults of the official framework keep their names; the keys we add are marked
+"(ours)". Unknown keys and values of the wrong type are a :class:`UserError` naming the key.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from utils.errors import UserError
+
+_C = CN()
+_C.BASE = ['']
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # per process
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet'  # or 'imagenet22K'
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'  # no | full | part
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+_C.DATA.MASK_PATCH_SIZE = 32  # SimMIM
+_C.DATA.MASK_RATIO = 0.6  # SimMIM
+_C.DATA.MAX_BAD_FRACTION = 0.01  # (ours) share of unreadable training images that stops a run
+_C.DATA.FAST_LOADER = True  # (ours) uint8 workers + batch-level normalisation
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'swin'
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+_C.MODEL.PRETRAINED = ''
+_C.MODEL.RESUME = ''
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None
+_C.MODEL.SWIN.APE = False
+_C.MODEL.SWIN.PATCH_NORM = True
+
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+
+# Swin-MoE needs the tutel library; the keys are kept so official configs parse.
+_C.MODEL.SWIN_MOE = CN()
+_C.MODEL.SWIN_MOE.PATCH_SIZE = 4
+_C.MODEL.SWIN_MOE.IN_CHANS = 3
+_C.MODEL.SWIN_MOE.EMBED_DIM = 96
+_C.MODEL.SWIN_MOE.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MOE.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MOE.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MOE.MLP_RATIO = 4.
+_C.MODEL.SWIN_MOE.QKV_BIAS = True
+_C.MODEL.SWIN_MOE.QK_SCALE = None
+_C.MODEL.SWIN_MOE.APE = False
+_C.MODEL.SWIN_MOE.PATCH_NORM = True
+_C.MODEL.SWIN_MOE.MLP_FC2_BIAS = True
+_C.MODEL.SWIN_MOE.INIT_STD = 0.02
+_C.MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+_C.MODEL.SWIN_MOE.MOE_BLOCKS = [[-1], [-1], [-1], [-1]]
+_C.MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS = 1
+_C.MODEL.SWIN_MOE.TOP_VALUE = 1
+_C.MODEL.SWIN_MOE.CAPACITY_FACTOR = 1.25
+_C.MODEL.SWIN_MOE.COSINE_ROUTER = False
+_C.MODEL.SWIN_MOE.NORMALIZE_GATE = False
+_C.MODEL.SWIN_MOE.USE_BPR = True
+_C.MODEL.SWIN_MOE.IS_GSHARD_LOSS = False
+_C.MODEL.SWIN_MOE.GATE_NOISE = 1.0
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_DIM = 256
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_INIT_T = 0.5
+_C.MODEL.SWIN_MOE.MOE_DROP = 0.0
+_C.MODEL.SWIN_MOE.AUX_LOSS_WEIGHT = 0.01
+
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
+
+# ----------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 1
+_C.TRAIN.USE_CHECKPOINT = False
+_C.TRAIN.KEEP_CKPTS = 0  # (ours) keep only the newest N epoch checkpoints; 0 keeps all
+_C.TRAIN.COMPILE = False  # (ours) torch.compile the model
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+_C.TRAIN.LAYER_DECAY = 1.0
+
+_C.TRAIN.MOE = CN()
+_C.TRAIN.MOE.SAVE_MASTER = False
+
+_C.TRAIN.EMA = CN()  # (ours) exponential moving average of the weights
+_C.TRAIN.EMA.ENABLE = False
+_C.TRAIN.EMA.DECAY = 0.9998
+
+# ----------------------------------------------------------------------------- augmentation
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+_C.AUG.REPEATED_AUG = 0  # (ours) repeated augmentation: 0 off, N >= 2 repeats
+
+# ----------------------------------------------------------------------------- testing
+_C.TEST = CN()
+_C.TEST.CROP = True
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
+
+# ----------------------------------------------------------------------------- misc
+_C.ENABLE_AMP = False  # SimMIM scripts
+_C.AMP_ENABLE = True
+_C.AMP_OPT_LEVEL = ''  # deprecated (apex)
+_C.AMP_DTYPE = 'auto'  # (ours) auto: float16 on CUDA, bfloat16 on CPU; or float16 / bfloat16
+_C.OUTPUT = ''
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+
+# Keys whose default is None accept any value; these are the types a value may have.
+_NONE_DEFAULT_TYPES = {'MODEL.SWIN.QK_SCALE': (int, float), 'MODEL.SWIN_MOE.QK_SCALE': (int, float),
+                       'AUG.CUTMIX_MINMAX': (list, tuple)}
+
+
+def get_default_config() -> CN:
+    """An unfrozen copy of the defaults."""
+    return _C.clone()
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Return ``value`` converted to the type of ``default``, or raise UserError naming ``key``."""
+    if isinstance(value, str) and not isinstance(default, str):
+        # As yacs does: YAML reads '5e-4' as a string, and --opts values arrive as text.
+        value = _parse_opt_value(value)
+    if value is None or default is None:
+        allowed = _NONE_DEFAULT_TYPES.get(key)
+        if value is None or allowed is None or isinstance(value, allowed):
+            return value
+        raise UserError(f"bad value for config key {key}: {value!r} (expected one of "
+                        f"{', '.join(t.__name__ for t in allowed)} or null)")
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    elif type(value) is type(default):
+        return value
+    raise UserError(f"bad value for config key {key}: {value!r} (expected {type(default).__name__}, "
+                    f"like the default {default!r})")
+
+
+def _merge_dict(cfg: CN, values: dict, prefix: str = '') -> None:
+    """Merge a nested dict into ``cfg`` in place, checking every key and type."""
+    for name, value in values.items():
+        key = f'{prefix}{name}'
+        if name not in cfg:
+            raise UserError(f"unknown config key: {key}")
+        if isinstance(cfg[name], CN):
+            if not isinstance(value, dict):
+                raise UserError(f"bad value for config key {key}: expected a section of keys, got {value!r}")
+            _merge_dict(cfg[name], value, prefix=f'{key}.')
+        else:
+            cfg[name] = _coerce(value, cfg[name], key)
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f" (line {mark.line + 1})" if mark is not None else ''
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def merge_yaml(cfg: CN, path: str, _seen: tuple[str, ...] = ()) -> None:
+    """Merge a YAML file into ``cfg``: its ``BASE`` files first (relative to it), then its own keys."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise UserError(f"config file {path} includes itself through BASE")
+    data = _read_yaml(path)
+    bases = data.pop('BASE', None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    for base in bases:
+        if base:
+            merge_yaml(cfg, os.path.join(os.path.dirname(path), base), _seen + (path,))
+    try:
+        _merge_dict(cfg, data)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _parse_opt_value(text: str) -> Any:
+    """Read a ``--opts`` value as a Python literal where it is one, else as a plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def merge_opts(cfg: CN, opts: list[str]) -> None:
+    """Apply ``--opts KEY VALUE ...`` pairs (dotted keys) to ``cfg``."""
+    if len(opts) % 2:
+        raise UserError(f"--opts needs KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        *parents, leaf = key.split('.')
+        node = cfg
+        for i, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], CN):
+                raise UserError(f"unknown config key: {key} (in --opts)")
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], CN):
+            raise UserError(f"unknown config key: {key} (in --opts)")
+        try:
+            node[leaf] = _coerce(text, node[leaf], key)
+        except UserError as e:
+            raise UserError(f"{e} (in --opts)") from None
+
+
+# Command-line flags (argparse dest) -> the config key they set, applied when not None/False.
+_FLAG_KEYS = {
+    'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
+    'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG',
+    'optim': 'TRAIN.OPTIMIZER.NAME', 'amp_dtype': 'AMP_DTYPE',
+}
+# Boolean flags -> (config key, value set when the flag is given).
+_SWITCH_KEYS = {
+    'zip': ('DATA.ZIP_MODE', True), 'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True),
+    'disable_amp': ('AMP_ENABLE', False), 'enable_amp': ('ENABLE_AMP', True),
+    'eval': ('EVAL_MODE', True), 'throughput': ('THROUGHPUT_MODE', True),
+    'fused_window_process': ('FUSED_WINDOW_PROCESS', True), 'fused_layernorm': ('FUSED_LAYERNORM', True),
+    'compile': ('TRAIN.COMPILE', True),
+}
+
+
+def _set_key(cfg: CN, key: str, value: Any) -> None:
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = _coerce(value, node[leaf], key)
+
+
+def update_config(cfg: CN, args: Any) -> None:
+    """Fold a YAML file, ``--opts`` and the command-line flags of ``args`` into ``cfg`` (in place)."""
+    if getattr(args, 'cfg', None):
+        merge_yaml(cfg, args.cfg)
+    if getattr(args, 'opts', None):
+        merge_opts(cfg, list(args.opts))
+    for dest, key in _FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            _set_key(cfg, key, value)
+    for dest, (key, value) in _SWITCH_KEYS.items():
+        if getattr(args, dest, False):
+            _set_key(cfg, key, value)
+    if getattr(args, 'amp_opt_level', None):
+        # apex's opt levels are gone; O0 (pure fp32) is the only one that still means something.
+        cfg.AMP_OPT_LEVEL = args.amp_opt_level
+        if args.amp_opt_level == 'O0':
+            cfg.AMP_ENABLE = False
+    cfg.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', cfg.LOCAL_RANK)))
+    cfg.OUTPUT = os.path.join(cfg.OUTPUT or 'output', cfg.MODEL.NAME, cfg.TAG)
+    _check_values(cfg)
+
+
+# Keys with a closed set of values.
+_CHOICES = {
+    'DATA.CACHE_MODE': ('no', 'full', 'part'), 'DATA.DATASET': ('imagenet', 'imagenet22K'),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe', 'swin_mlp'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+}
+# Keys that must be at least this number.
+_MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.IMG_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
+            'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
+            'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0}
+
+
+def _get_key(cfg: CN, key: str) -> Any:
+    node = cfg
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def _check_values(cfg: CN) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get_key(cfg, key)
+        if value not in choices:
+            raise UserError(f"bad value for config key {key}: {value!r} (choose from {', '.join(choices)})")
+    for key, minimum in _MINIMUM.items():
+        value = _get_key(cfg, key)
+        if value < minimum:
+            raise UserError(f"bad value for config key {key}: {value!r} (must be >= {minimum})")
+    if not 0.0 <= cfg.DATA.MAX_BAD_FRACTION <= 1.0:
+        raise UserError(f"bad value for config key DATA.MAX_BAD_FRACTION: {cfg.DATA.MAX_BAD_FRACTION!r} "
+                        "(must be between 0 and 1)")
+
+
+def get_config(args: Any) -> CN:
+    """Build the frozen configuration of a run from an argparse namespace (``cfg``, ``opts``, flags)."""
+    cfg = get_default_config()
+    update_config(cfg, args)
+    cfg.freeze()
+    return cfg
+
+
+def scale_learning_rates(cfg: CN, world_size: int) -> CN:
+    """Return a frozen copy whose learning rates are scaled linearly by the total batch over 512.
+
+    As the official framework: lr = BASE_LR * BATCH_SIZE * world_size / 512 (WARMUP_LR and MIN_LR
+    likewise), times ACCUMULATION_STEPS when gradients are accumulated.
+    """
+    factor = cfg.DATA.BATCH_SIZE * world_size / 512.0 * cfg.TRAIN.ACCUMULATION_STEPS
+    scaled = cfg.clone()
+    scaled.defrost()
+    scaled.TRAIN.BASE_LR = cfg.TRAIN.BASE_LR * factor
+    scaled.TRAIN.WARMUP_LR = cfg.TRAIN.WARMUP_LR * factor
+    scaled.TRAIN.MIN_LR = cfg.TRAIN.MIN_LR * factor
+    scaled.freeze()
+    return scaled

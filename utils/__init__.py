@@ -1,0 +1,1 @@
+"""Support code for the training loop: distributed setup, checkpoints, mixed precision, errors."""
