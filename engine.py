@@ -1,0 +1,187 @@
+"""One epoch of training, exact evaluation and throughput timing, as plain functions.
+
+The log lines are the official framework's (``Train: [e/E][i/N] ...``, `` * Acc@1 x Acc@5 y``,
+``batch_size B throughput X``) so that existing log parsers keep working.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from timm.utils import AverageMeter
+
+from utils.distributed import all_reduce_sum
+
+
+@dataclass
+class TrainContext:
+    """What every training step needs besides the batch: built once in main.py."""
+    model: torch.nn.Module
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_scaler: Any
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # None: full precision
+    mixup_fn: Optional[Callable] = None
+    model_ema: Any = None
+    tb_writer: Any = None
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """Mixed-precision context for ``device``, or a no-op for full precision."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MB: GPU memory allocated on CUDA, resident set size on CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _no_sync(model: torch.nn.Module, accumulating: bool):
+    """Skip DDP's gradient all-reduce on the steps that only accumulate."""
+    if accumulating and hasattr(model, 'no_sync'):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int,
+                    logger: logging.Logger) -> dict[str, float]:
+    """Train for one epoch; returns the epoch's mean loss, grad norm and images per second."""
+    ctx.model.train()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    num_steps = len(data_loader)
+    meters = {name: AverageMeter() for name in ('time', 'loss', 'grad_norm', 'loss_scale')}
+    start = end = time.time()
+    images = 0
+    for idx, (samples, targets) in enumerate(data_loader):
+        samples = samples.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if ctx.mixup_fn is not None:
+            samples, targets = ctx.mixup_fn(samples, targets)
+        update = (idx + 1) % accum == 0
+        with _no_sync(ctx.model, not update):
+            with autocast(ctx.device, ctx.amp_dtype):
+                outputs = ctx.model(samples)
+                loss = ctx.criterion(outputs, targets)
+            grad_norm = ctx.loss_scaler(loss / accum, ctx.optimizer, clip_grad=config.TRAIN.CLIP_GRAD or None,
+                                        parameters=ctx.model.parameters(), update_grad=update)
+        if update:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            ctx.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
+            if ctx.model_ema is not None:
+                ctx.model_ema.update(ctx.model, step=(epoch * num_steps + idx) // accum)
+        images += samples.shape[0]
+        _update_meters(meters, loss, grad_norm, ctx.loss_scaler, samples.shape[0], time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            _log_train_step(config, ctx, meters, epoch, idx, num_steps, logger)
+    epoch_time = time.time() - start
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+    return {'loss': meters['loss'].avg, 'grad_norm': meters['grad_norm'].avg,
+            'images_per_second': images / max(epoch_time, 1e-9)}
+
+
+def _update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, batch: int, step_time: float):
+    meters['loss'].update(loss.item(), batch)
+    if grad_norm is not None:
+        meters['grad_norm'].update(float(grad_norm))
+    scale = loss_scaler.state_dict().get('scale') if hasattr(loss_scaler, 'state_dict') else None
+    meters['loss_scale'].update(float(scale) if scale is not None else 1.0)
+    meters['time'].update(step_time)
+
+
+def _log_train_step(config, ctx: TrainContext, meters: dict, epoch: int, idx: int, num_steps: int,
+                    logger: logging.Logger) -> None:
+    lr = ctx.optimizer.param_groups[0]['lr']
+    wd = ctx.optimizer.param_groups[0]['weight_decay']
+    eta = meters['time'].avg * (num_steps - idx - 1)
+    t, loss, norm, scale = meters['time'], meters['loss'], meters['grad_norm'], meters['loss_scale']
+    logger.info(
+        f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
+        f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t'
+        f'time {t.val:.4f} ({t.avg:.4f})\t'
+        f'loss {loss.val:.4f} ({loss.avg:.4f})\t'
+        f'grad_norm {norm.val:.4f} ({norm.avg:.4f})\t'
+        f'loss_scale {scale.val:.4f} ({scale.avg:.4f})\t'
+        f'mem {memory_mb(ctx.device):.0f}MB')
+    if ctx.tb_writer is not None:
+        step = epoch * num_steps + idx
+        ctx.tb_writer.add_scalar('train/loss', loss.val, step)
+        ctx.tb_writer.add_scalar('train/lr', lr, step)
+        ctx.tb_writer.add_scalar('train/grad_norm', norm.val, step)
+
+
+@torch.no_grad()
+def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger) -> tuple[float, float, float]:
+    """Top-1, top-5 (percent) and mean loss over the whole validation set.
+
+    Each rank counts its own shard; the sums are added across ranks, so every image counts once
+    and the result does not depend on the number of processes.
+    """
+    model.eval()
+    criterion = torch.nn.CrossEntropyLoss(reduction='sum')
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
+    num_steps = len(data_loader)
+    end = time.time()
+    for idx, (images, targets) in enumerate(data_loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices
+        hits = top5.eq(targets[:, None])
+        batch = torch.stack([hits[:, :1].sum(), hits.sum(), criterion(output, targets), torch.tensor(
+            len(targets), device=device)]).to(torch.float64)
+        totals += batch
+        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            n = max(totals[3].item(), 1.0)
+            logger.info(f'Test: [{idx}/{num_steps}]\tTime {time.time() - end:.3f}\t'
+                        f'Loss {totals[2].item() / n:.4f}\tAcc@1 {100 * totals[0].item() / n:.3f}\t'
+                        f'Acc@5 {100 * totals[1].item() / n:.3f}\tMem {memory_mb(device):.0f}MB')
+    totals = all_reduce_sum(totals)
+    count = max(totals[3].item(), 1.0)
+    acc1, acc5, loss = 100 * totals[0].item() / count, 100 * totals[1].item() / count, totals[2].item() / count
+    logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
+    return acc1, acc5, loss
+
+
+@torch.no_grad()
+def throughput(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+               amp_dtype: Optional[torch.dtype], logger: logging.Logger, warmup: int = 50,
+               repeats: int = 30) -> float:
+    """Images per second of the forward pass on one batch, after ``warmup`` passes, as the official prints it."""
+    model.eval()
+    images, _ = next(iter(data_loader))
+    images = images.to(device, non_blocking=True)
+    batch_size = images.shape[0]
+    with autocast(device, amp_dtype):
+        for _ in range(warmup):
+            model(images)
+        _synchronize(device)
+        logger.info(f"throughput averaged with {repeats} times")
+        start = time.time()
+        for _ in range(repeats):
+            model(images)
+        _synchronize(device)
+    rate = repeats * batch_size / (time.time() - start)
+    logger.info(f"batch_size {batch_size} throughput {rate}")
+    return rate
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)

@@ -1,0 +1,214 @@
+"""Train, evaluate or time a Swin Transformer: the official framework's command line.
+
+    torchrun --nproc_per_node 8 main.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --data-path DIR
+    python main.py --cfg configs/swin_tiny.yaml --data-path DIR          # one process, CPU or one GPU
+    python main.py --eval --cfg CFG --resume CKPT --data-path DIR
+    python main.py --throughput --cfg CFG --data-path DIR --batch-size 64 --disable_amp
+
+Data flows one way: arguments -> frozen config -> builders -> epoch loop -> checkpoints and logs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from config import get_config, scale_learning_rates
+from data import build_loader
+from engine import TrainContext, throughput, train_one_epoch, validate
+from logger import create_logger, create_tb_writer
+from lr_scheduler import build_scheduler
+from models import build_model
+from models.complexity import count_flops, count_params
+from optimizer import build_optimizer
+from utils.amp import GradScalerWithNorm, resolve_amp
+from utils.checkpoint import auto_resume_helper, load_checkpoint, save_checkpoint
+from utils.distributed import DistEnv, cleanup, init_distributed
+from utils.ema import ModelEma
+from utils.errors import UserError
+
+
+def parse_option(argv: list[str] | None = None):
+    """The official flags, plus a few of ours (marked); returns (args, frozen config)."""
+    parser = argparse.ArgumentParser('Swin Transformer training and evaluation script', add_help=True)
+    parser.add_argument('--cfg', type=str, required=True, metavar="FILE", help='path to config file')
+    parser.add_argument("--opts", help="Modify config options by adding 'KEY VALUE' pairs.", default=None,
+                        nargs='+')
+    parser.add_argument('--batch-size', type=int, help="batch size for single GPU")
+    parser.add_argument('--data-path', type=str, help='path to dataset')
+    parser.add_argument('--zip', action='store_true', help='use zipped dataset instead of folder dataset')
+    parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
+                        help='no: no cache, full: cache all data, part: shard the dataset into pieces '
+                             'and cache only one piece per process')
+    parser.add_argument('--pretrained', help='pretrained weight from checkpoint, could be imagenet22k pretrained')
+    parser.add_argument('--resume', help='resume from checkpoint')
+    parser.add_argument('--accumulation-steps', type=int, help="gradient accumulation steps")
+    parser.add_argument('--use-checkpoint', action='store_true', help="whether to use gradient checkpointing")
+    parser.add_argument('--disable_amp', action='store_true', help='Disable pytorch amp')
+    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                        help='deprecated (apex); O0 disables mixed precision')
+    parser.add_argument('--output', default='output', type=str, metavar='PATH',
+                        help='root of output folder, the full path is <output>/<model_name>/<tag> (default: output)')
+    parser.add_argument('--tag', help='tag of experiment')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--throughput', action='store_true', help='Test throughput only')
+    parser.add_argument('--fused_window_process', action='store_true', help='Fused window shift & partition')
+    parser.add_argument('--fused_layernorm', action='store_true', help='Use fused layernorm.')
+    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam')
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                        help='ignored: the launcher sets LOCAL_RANK')
+    # ours
+    parser.add_argument('--amp-dtype', type=str, choices=['auto', 'float16', 'bfloat16'],
+                        help='(ours) mixed-precision type; auto: float16 on CUDA, bfloat16 on CPU')
+    parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
+    args = parser.parse_args(argv)
+    return args, get_config(args)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def prepare_output(config) -> None:
+    """Create the output folder, or fail with one line if it cannot be written."""
+    try:
+        os.makedirs(config.OUTPUT, exist_ok=True)
+        probe = os.path.join(config.OUTPUT, f'.write_test_{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"output folder {config.OUTPUT} is not writable: {e.strerror}") from None
+
+
+def build_criterion(config, mixup_fn):
+    if mixup_fn is not None:  # mixup/cutmix already smooth the labels
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0.:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return torch.nn.CrossEntropyLoss()
+
+
+def log_model_size(model: torch.nn.Module, config, logger) -> None:
+    logger.info(f"number of params: {count_params(model)}")
+    img_size = config.DATA.IMG_SIZE
+    logger.info(f"number of GFLOPs: {count_flops(model, img_size) / 1e9}")
+
+
+def main(config, env: DistEnv) -> None:
+    logger = create_logger(config.OUTPUT, dist_rank=env.rank, name=f"{config.MODEL.NAME}")
+    if env.is_main:
+        with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
+            f.write(config.dump())  # YAML text under the official file name
+        logger.info(f"Full config saved to {os.path.join(config.OUTPUT, 'config.json')}")
+    logger.info(config.dump())
+    logger.info(json.dumps({'rank': env.rank, 'world_size': env.world_size, 'device': str(env.device)}))
+
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+    logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
+    model = build_model(config)
+    log_model_size(model, config, logger)
+    model.to(env.device)
+    model_without_ddp = model
+    amp_enabled, amp_dtype = resolve_amp(config, env.device)
+    amp_dtype = amp_dtype if amp_enabled else None
+
+    optimizer = build_optimizer(config, model)
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None, broadcast_buffers=False)
+    if config.TRAIN.COMPILE:
+        model = torch.compile(model)
+    loss_scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)
+    n_iter = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
+    lr_scheduler = build_scheduler(config, optimizer, n_iter)
+    model_ema = ModelEma(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+
+    max_accuracy, start_epoch = 0.0, config.TRAIN.START_EPOCH
+    resume = config.MODEL.RESUME
+    # Training: the newest checkpoint in the output folder wins, so a requeued job continues where it
+    # stopped. Evaluation: an explicit --resume wins; without one, the newest checkpoint is evaluated.
+    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and resume):
+        latest = auto_resume_helper(config.OUTPUT, logger)
+        if latest:
+            if resume:
+                logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
+            resume = latest
+    if resume:
+        max_accuracy, start_epoch = load_checkpoint(config, resume, model_without_ddp, optimizer, lr_scheduler,
+                                                    loss_scaler, logger, model_ema=model_ema)
+        acc1, acc5, _ = validate(config, loader_val, model, env.device, amp_dtype, logger)
+        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        if config.EVAL_MODE:
+            return
+    elif config.EVAL_MODE:
+        raise UserError("--eval needs weights: pass --resume CKPT (or MODEL.RESUME)")
+
+    if config.THROUGHPUT_MODE:
+        throughput(loader_val, model, env.device, amp_dtype, logger)
+        return
+
+    ctx = TrainContext(model=model, criterion=build_criterion(config, mixup_fn), optimizer=optimizer,
+                       lr_scheduler=lr_scheduler, loss_scaler=loss_scaler, device=env.device, amp_dtype=amp_dtype,
+                       mixup_fn=mixup_fn, model_ema=model_ema, tb_writer=create_tb_writer(config.OUTPUT, env.rank))
+    train(config, env, ctx, model_without_ddp, loader_train, loader_val, dataset_val, start_epoch, max_accuracy,
+          logger)
+
+
+def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_train, loader_val, dataset_val,
+          start_epoch: int, max_accuracy: float, logger) -> None:
+    """The epoch loop: train, checkpoint (rank 0), evaluate, log."""
+    logger.info("Start training")
+    start_time = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        loader_train.set_epoch(epoch)
+        stats = train_one_epoch(config, ctx, loader_train, epoch, logger)
+        if ctx.tb_writer is not None:
+            ctx.tb_writer.add_scalar('train/throughput', stats['images_per_second'], epoch)
+        acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
+        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        max_accuracy = max(max_accuracy, acc1)
+        logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+        last = epoch == config.TRAIN.EPOCHS - 1
+        if ctx.tb_writer is not None:
+            for name, value in (('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
+                ctx.tb_writer.add_scalar(name, value, epoch)
+            ctx.tb_writer.flush()
+        if env.is_main and (epoch % config.SAVE_FREQ == 0 or last):
+            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
+                            ctx.loss_scaler, logger, model_ema=ctx.model_ema)
+    total_time = time.time() - start_time
+    logger.info(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: user mistakes become one line on stderr and exit status 2, without a traceback."""
+    env = None
+    try:
+        _, config = parse_option(argv)
+        env = init_distributed()
+        config = scale_learning_rates(config, env.world_size)
+        seed_everything(config.SEED + env.rank)
+        prepare_output(config)
+        main(config, env)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if env is not None:
+            cleanup()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())
