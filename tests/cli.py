@@ -1,0 +1,75 @@
+"""Helpers for tests that run main.py as users do: a tiny config, subprocesses, free ports."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG = """\
+MODEL:
+  TYPE: swin
+  NAME: tiny_test
+  NUM_CLASSES: 3
+  DROP_PATH_RATE: 0.1
+  SWIN:
+    PATCH_SIZE: 4
+    EMBED_DIM: 16
+    DEPTHS: [1, 1]
+    NUM_HEADS: [1, 2]
+    WINDOW_SIZE: 4
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 4
+  NUM_WORKERS: 0
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  BASE_LR: 0.01
+PRINT_FREQ: 2
+"""
+
+
+def write_tiny_config(folder: Path, text: str = TINY_CONFIG) -> Path:
+    path = Path(folder) / 'tiny.yaml'
+    path.write_text(text)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = str(REPO)
+    env['OMP_NUM_THREADS'] = '1'
+    env.pop('RANK', None), env.pop('WORLD_SIZE', None), env.pop('LOCAL_RANK', None)
+    return env
+
+
+def run_main(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python main.py ARGS`` in ``cwd``: one process, no launcher."""
+    return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun LAUNCH main.py ARGS`` in ``cwd``."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_torchrun(launch: list[str], args: list[str], cwd: Path) -> subprocess.Popen:
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

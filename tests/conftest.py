@@ -1,0 +1,35 @@
+"""Shared test fixtures: tiny image folders written on the fly (no downloads)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_image_folder(root: str | os.PathLike, num_classes: int = 3, train_per_class: int = 8,
+                       val_per_class: int = 4, size: int = 32, seed: int = 0, ext: str = 'png') -> Path:
+    """Write root/train/<class>/* and root/val/<class>/*: each class a distinct colour plus noise."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(num_classes):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.zeros(3)
+            base[c % 3] = 200
+            base[(c // 3) % 3] += 55
+            for i in range(count):
+                noise = rng.normal(0, 25, size=(size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{split}_{c}_{i}.{ext}')
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / 'data')
