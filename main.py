@@ -126,7 +126,7 @@ def main(config, env: DistEnv) -> None:
     optimizer = build_optimizer(config, model)
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == 'cuda' else None, broadcast_buffers=False)
+            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False)
     if config.TRAIN.COMPILE:
         model = torch.compile(model)
     loss_scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)

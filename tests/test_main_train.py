@@ -23,7 +23,7 @@ def test_training_writes_checkpoints_logs_config_and_tensorboard(tmp_path, image
     assert list(out.rglob('events.out.tfevents.*')), 'no TensorBoard event file'
     log = (out / 'log_rank0.txt').read_text()
     assert re.search(r'number of params: \d+', log) and re.search(r'number of GFLOPs: [\d.]+', log)
-    assert re.search(r'Train: \[1/2\]\[\d+/6\]\teta \S+ lr \S+\t wd \S+\ttime .* loss .* grad_norm .* mem \d+MB', log)
+    assert re.search(r'Train: \[1/2\]\[\d+/6\]\teta \S+ lr \S+\t wd \S+\ttime .*\tloss .*\tgrad_norm .*\tmem \d+MB', log)
     assert re.search(r' \* Acc@1 [\d.]+ Acc@5 [\d.]+', log)
     assert 'Accuracy of the network on the 12 test images' in log
     assert re.search(r'Max accuracy: [\d.]+%', log)

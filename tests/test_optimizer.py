@@ -1,0 +1,130 @@
+"""build_optimizer: no weight decay where the official recipe has none, layer-wise lr decay, optimizer names."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from config import get_default_config
+from lr_scheduler import build_scheduler
+from optimizer import build_optimizer, swin_layer_id
+from utils.errors import UserError
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+
+
+class _Stage(nn.Module):
+    def __init__(self, dim: int, depth: int, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(depth))
+        self.downsample = nn.Sequential() if not downsample else nn.Module()
+        if downsample:
+            self.downsample.reduction = nn.Linear(dim, dim, bias=False)
+
+
+class TinySwinLike(nn.Module):
+    """Parameter names laid out as in the official Swin: patch_embed, layers.i.blocks.j, downsample, norm, head."""
+
+    def __init__(self, dim: int = 8, depths=(1, 2)):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, dim))
+        self.layers = nn.ModuleList(_Stage(dim, d, i < len(depths) - 1) for i, d in enumerate(depths))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def no_weight_decay(self):
+        return {'absolute_pos_embed'}
+
+    def no_weight_decay_keywords(self):
+        return {'relative_position_bias_table'}
+
+
+def _cfg(**train):
+    cfg = get_default_config()
+    cfg.TRAIN.BASE_LR = 1e-3
+    for key, value in train.items():
+        if key == 'NAME':
+            cfg.TRAIN.OPTIMIZER.NAME = value
+        else:
+            setattr(cfg.TRAIN, key, value)
+    cfg.freeze()
+    return cfg
+
+
+def _names(model, group):
+    ids = {id(p) for p in group['params']}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_no_weight_decay_for_norms_biases_and_the_models_skip_lists():
+    model = TinySwinLike()
+    opt = build_optimizer(_cfg(WEIGHT_DECAY=0.05), model)
+    decay, no_decay = opt.param_groups  # the official two groups, in the official order
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+    assert _names(model, decay) == {'patch_embed.weight', 'layers.0.blocks.0.attn.weight',
+                                    'layers.1.blocks.0.attn.weight', 'layers.1.blocks.1.attn.weight',
+                                    'layers.0.downsample.reduction.weight', 'head.weight'}
+    assert {'absolute_pos_embed', 'layers.1.blocks.1.relative_position_bias_table', 'norm.weight',
+            'head.bias', 'layers.0.blocks.0.norm1.weight'} <= _names(model, no_decay)
+
+
+def test_frozen_parameters_are_left_out():
+    model = TinySwinLike()
+    model.head.weight.requires_grad_(False)
+    opt = build_optimizer(_cfg(), model)
+    assert 'head.weight' not in set().union(*(_names(model, g) for g in opt.param_groups))
+
+
+def test_wrapped_model_still_gets_its_skip_lists():
+    model = TinySwinLike()
+    opt = build_optimizer(_cfg(), torch.compile(model))  # compiles lazily: wrapping costs nothing here
+    assert 'absolute_pos_embed' in _names(model, opt.param_groups[1])
+
+
+@pytest.mark.parametrize('name', ['layers.0.blocks.0.attn.weight', 'layers.0.downsample.reduction.weight'])
+def test_downsample_shares_the_layer_of_its_stages_last_block(name):
+    assert swin_layer_id(name, [1, 2]) == 1
+
+
+def test_layer_decay_scales_follow_depth_and_split_decay_groups():
+    model = TinySwinLike(depths=(1, 2))  # num_layers = 1 + 2 + 1 = 4
+    opt = build_optimizer(_cfg(LAYER_DECAY=0.5), model)
+    scale_of = {n: g['lr_scale'] for g in opt.param_groups for n in _names(model, g)}
+    assert scale_of['patch_embed.weight'] == scale_of['absolute_pos_embed'] == 0.5 ** 4
+    assert scale_of['layers.0.blocks.0.attn.weight'] == scale_of['layers.0.downsample.reduction.weight'] == 0.5 ** 3
+    assert scale_of['layers.1.blocks.0.attn.weight'] == 0.5 ** 2
+    assert scale_of['layers.1.blocks.1.attn.bias'] == 0.5 ** 1
+    assert scale_of['head.weight'] == scale_of['norm.weight'] == 1.0
+    for g in opt.param_groups:  # decay and no-decay parameters of one layer sit in separate groups
+        decays = {not (n.endswith('bias') or 'norm' in n or 'relative' in n or n == 'absolute_pos_embed')
+                  for n in _names(model, g)}
+        assert decays == {g['weight_decay'] > 0}
+
+
+def test_scheduler_multiplies_each_groups_lr_by_its_scale():
+    model = TinySwinLike(depths=(1, 2))
+    cfg = _cfg(LAYER_DECAY=0.5, WARMUP_EPOCHS=0, EPOCHS=10, MIN_LR=0.0)
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, n_iter_per_epoch=10)
+    sched.step_update(0)
+    for g in opt.param_groups:
+        assert g['lr'] == pytest.approx(1e-3 * g['lr_scale'])
+
+
+def test_optimizer_names():
+    model = TinySwinLike()
+    adamw = build_optimizer(_cfg(NAME='adamw'), model)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults['foreach'] is True  # CPU parameters
+    assert adamw.defaults['betas'] == (0.9, 0.999) and adamw.defaults['lr'] == 1e-3
+    assert isinstance(build_optimizer(_cfg(NAME='fused_adam'), model), torch.optim.AdamW)
+    sgd = build_optimizer(_cfg(NAME='sgd'), model)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults['nesterov'] and sgd.defaults['momentum'] == 0.9
+    with pytest.raises(UserError, match='lamb'):
+        build_optimizer(_cfg(NAME='lamb'), model)

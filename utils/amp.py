@@ -1,0 +1,104 @@
+"""Mixed precision: which autocast type to use, and the backward/clip/step helper of the official loop.
+
+``resolve_amp`` turns AMP_ENABLE / AMP_DTYPE into (enabled, dtype). Only float16 needs loss scaling;
+bfloat16 and full precision run the same helper with scaling switched off, so the engine has one path.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from utils.errors import UserError
+
+_DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
+           'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
+
+
+def resolve_amp(config, device: torch.device | str) -> tuple[bool, Optional[torch.dtype]]:
+    """(enabled, dtype) from AMP_ENABLE and AMP_DTYPE ('auto': float16 on CUDA, bfloat16 elsewhere)."""
+    if not config.AMP_ENABLE:
+        return False, None
+    device_type = torch.device(device).type
+    name = str(config.get('AMP_DTYPE', 'auto')).lower()
+    if name == 'auto':
+        return True, torch.float16 if device_type == 'cuda' else torch.bfloat16
+    if name not in _DTYPES:
+        raise UserError(f"AMP_DTYPE {name!r} is not supported; choose auto, float16 or bfloat16")
+    dtype = _DTYPES[name]
+    if dtype == torch.float16 and device_type != 'cuda':
+        raise UserError(f"AMP_DTYPE float16 needs a CUDA device (this run is on {device_type}); "
+                        "use bfloat16 or --disable_amp")
+    if dtype == torch.bfloat16 and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise UserError("AMP_DTYPE bfloat16 is not supported by this GPU; use float16")
+    return True, dtype
+
+
+def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Global norm of the gradients (0 when there are none), as one tensor, without a host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+
+
+class GradScalerWithNorm:
+    """Backward, unscale, clip (or measure) the global grad norm, step, update: one call per micro-batch.
+
+    ``enabled`` turns on float16 loss scaling (torch.amp.GradScaler); without it backward is plain.
+    After an update, ``last_step_skipped`` tells whether the optimizer step was skipped because the
+    scaled gradients were not finite, and ``last_grad_finite`` whether the gradients were finite.
+    """
+    state_dict_key = 'amp_scaler'
+
+    def __init__(self, enabled: bool = True, device_type: str = 'cuda') -> None:
+        self._scaler = torch.amp.GradScaler(device_type, enabled=bool(enabled))
+        self.enabled = self._scaler.is_enabled()  # torch turns it off (with a warning) without CUDA
+        self.last_step_skipped = False
+        self._last_norm: Optional[torch.Tensor] = None
+
+    @property
+    def last_grad_finite(self) -> bool:
+        return self._last_norm is None or bool(torch.isfinite(self._last_norm))
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
+                 parameters: Optional[Iterable[torch.Tensor]] = None, create_graph: bool = False,
+                 update_grad: bool = True) -> Optional[torch.Tensor]:
+        """Returns the total grad norm (before clipping) when the optimizer was stepped, else None."""
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        if parameters is None:
+            parameters = [p for group in optimizer.param_groups for p in group['params']]
+        parameters = list(parameters)  # may be a generator, and is used twice
+        self._scaler.unscale_(optimizer)
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        else:
+            norm = grad_norm(parameters)
+        scale_before = self._scaler.get_scale() if self.enabled else None
+        self._scaler.step(optimizer)  # skipped by the scaler when it found inf/NaN (float16 only)
+        self._scaler.update()
+        # The scale only ever shrinks after a step with non-finite gradients.
+        self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
+        self._last_norm = norm.detach()
+        return norm
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()  # {} when scaling is off, as torch's GradScaler
+
+    def load_state_dict(self, state_dict: dict) -> bool:
+        """Load a saved scaler; returns False (and keeps the current state) when there is nothing to load.
+
+        A float16 run resumed from a bfloat16/fp32 checkpoint (empty state) keeps its fresh scale,
+        and a bfloat16 run ignores a float16 checkpoint's scale.
+        """
+        if not self.enabled or not state_dict:
+            return False
+        self._scaler.load_state_dict(state_dict)
+        return True
+
+    def get_scale(self) -> float:
+        """The current loss scale (1.0 when scaling is off)."""
+        return self._scaler.get_scale() if self.enabled else 1.0
+

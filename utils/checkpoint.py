@@ -1,0 +1,338 @@
+"""Training checkpoints: atomic writes, loads that never run code, auto-resume, and strict weight loading.
+
+Files and keys are the official ones: ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` holding 'model',
+'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config' (+ 'model_ema' when EMA is on).
+Differences that protect users:
+
+* a write goes to a temporary file that replaces the old one only once complete and synced, so a
+  crash or a full disk never leaves a truncated checkpoint behind;
+* every load is ``torch.load(weights_only=True)``: tensors and plain data only. Official checkpoints
+  pickle their yacs ``CfgNode`` under 'config'; it is read as plain data through an allow-list entry
+  and turned back into a CfgNode, so no code from the file ever runs;
+* 'config' is saved as YAML text (``config.dump()``), which any loader can read.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import uuid
+import zipfile
+from collections import OrderedDict
+from typing import Any, Iterable, Optional
+
+import torch
+
+from utils.distributed import unwrap_model
+from utils.errors import UserError
+
+CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+# Buffers the model recomputes from its architecture: absent or stale in old files, never an error.
+TOLERATED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+_STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema')
+_URL_PREFIXES = ('http://', 'https://', 'file://')
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename durable; not possible on every platform (Windows), where it is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    On any failure the previous file at ``path`` is untouched and the temporary file is removed; an
+    OSError (disk full, permissions) becomes a UserError naming the path.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        # os.open with 0o666 lets the umask decide the mode, as a plain open() would.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: could not write checkpoint: {e.strerror or e}") from None
+        raise
+    _fsync_dir(folder)
+
+
+def _allow_official_config():
+    # weights_only refuses dict subclasses such as CfgNode even when allow-listed, so the pickle's
+    # reference to yacs.config.CfgNode is mapped to OrderedDict: same items, no code from yacs runs.
+    return torch.serialization.safe_globals([(OrderedDict, 'yacs.config.CfgNode')])
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """A torch.save zip archive, or a legacy torch.save file (a pickle: first byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(1) == b'\x80'
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The one informative line of torch's weights_only error text."""
+    boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation',
+                   '(1)', '(2)', 'In PyTorch 2.6')
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            line = line.replace('WeightsUnpickler error:', '').strip()
+            return line.split(' Please use')[0] if line else 'unsupported content'
+    return 'unsupported content'
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _as_config(record: Any) -> Any:
+    """An official checkpoint's config (read as nested OrderedDicts) as a yacs CfgNode again."""
+    if not isinstance(record, OrderedDict) or '__immutable__' not in vars(record):
+        return record
+    from yacs.config import CfgNode
+
+    def plain(node):
+        return {k: plain(v) for k, v in node.items()} if isinstance(node, dict) else node
+    try:
+        return CfgNode(plain(record))
+    except Exception:  # yacs rejects some value types: keep the plain data then
+        return plain(record)
+
+
+def load_file_safe(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint dict on the CPU without running any code from it; UserError naming ``path`` if not."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    if not _looks_like_torch_file(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint (truncated, or not written by torch.save)")
+    try:
+        with _allow_official_config():
+            obj = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            raise UserError(f"{path}: refused to load: {_refusal_reason(e)} "
+                            "(only tensors and plain data are loaded, nothing that runs code)") from None
+        raise UserError(f"{path}: not a readable checkpoint: {_first_line(e)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable checkpoint: {_first_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
+    if 'config' in obj:
+        obj['config'] = _as_config(obj['config'])
+    return obj
+
+
+def _local_path(path: str) -> str:
+    """A URL (as the official MODEL.RESUME allows) is downloaded once into torch.hub's cache."""
+    if not path.startswith(_URL_PREFIXES):
+        return path
+    target = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(path.split('?')[0]))
+    if not os.path.isfile(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(path, target, progress=False)
+        except Exception as e:
+            raise UserError(f"{path}: download failed: {e}") from None
+    return target
+
+
+# ------------------------------------------------------------------------------------- save and find
+
+def _state_or_none(obj: Any) -> Any:
+    return obj.state_dict() if obj is not None else None
+
+
+def checkpoint_files(output_dir: str) -> list[tuple[int, str]]:
+    """(epoch, path) of every ``ckpt_epoch_N.pth`` in ``output_dir``, oldest epoch first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name))
+             for name in os.listdir(output_dir) if (m := CKPT_PATTERN.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str, keep: int, logger=None) -> list[str]:
+    """Delete all but the ``keep`` newest epoch checkpoints (keep <= 0: delete nothing); returns the removed."""
+    if keep <= 0:
+        return []
+    removed = []
+    for _, path in checkpoint_files(output_dir)[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    if removed and logger is not None:
+        logger.info(f"removed old checkpoints (TRAIN.KEEP_CKPTS={keep}): {[os.path.basename(p) for p in removed]}")
+    return removed
+
+
+def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
+                    scaler, logger, model_ema=None, extra: Optional[dict] = None) -> str:
+    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path."""
+    state = {
+        'model': unwrap_model(model).state_dict(),
+        'optimizer': _state_or_none(optimizer),
+        'lr_scheduler': _state_or_none(lr_scheduler),
+        'max_accuracy': float(max_accuracy),
+        'scaler': _state_or_none(scaler),
+        'epoch': int(epoch),
+        'config': config.dump(),
+    }
+    if model_ema is not None:
+        state['model_ema'] = model_ema.state_dict()
+    if extra:
+        clash = set(extra) & set(_STANDARD_KEYS)
+        if clash:
+            raise ValueError(f"extra checkpoint entries may not replace standard ones: {sorted(clash)}")
+        state.update(extra)
+    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}.pth')
+    logger.info(f"{path} saving......")
+    save_file_atomic(state, path)
+    logger.info(f"{path} saved !!!")
+    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger)
+    return path
+
+
+def auto_resume_helper(output_dir: str, logger=None) -> Optional[str]:
+    """The newest readable ``ckpt_epoch_N.pth`` (by N) in ``output_dir``; unreadable ones are skipped."""
+    found = checkpoint_files(output_dir)
+    if logger is not None:
+        logger.info(f"All checkpoints found in {output_dir}: {[os.path.basename(p) for _, p in found]}")
+    for _, path in reversed(found):
+        try:
+            # mmap: only the pickle is read, the tensors stay on disk until the real load.
+            if 'model' not in load_file_safe(path, mmap=True):
+                raise UserError(f"{path}: no 'model' entry")
+        except UserError as e:
+            if logger is not None:
+                logger.warning(f"auto-resume skips an unreadable checkpoint: {e}")
+            continue
+        if logger is not None:
+            logger.info(f"The latest checkpoint found: {path}")
+        return path
+    return None
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _is_tolerated(key: str) -> bool:
+    return any(name in key for name in TOLERATED_BUFFERS)
+
+
+def _strip_wrapper_prefixes(state: dict) -> dict:
+    """Keys saved from a DDP- or compile-wrapped model carry 'module.' / '_orig_mod.' prefixes."""
+    for prefix in ('module.', '_orig_mod.'):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _model_state(ckpt: dict, path: str) -> dict:
+    for key in ('model', 'state_dict'):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt  # a bare state dict
+    raise UserError(f"{path}: no 'model' entry (found keys: {sorted(ckpt)[:8]})")
+
+
+def _first(keys: Iterable[str], n: int = 3) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ''
+    return ', '.join(keys[:n]) + more
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str) -> str:
+    """Strict load except for recomputable buffers; UserError naming the first mismatching keys/shapes."""
+    state = {k: v for k, v in _strip_wrapper_prefixes(state).items() if not _is_tolerated(k)}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not _is_tolerated(k))
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = [f"{k} checkpoint {list(v.shape)} vs model {list(own[k].shape)}" for k, v in state.items()
+              if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
+    problems = []
+    if shapes:
+        problems.append(f"shape {_first(shapes)}")
+    if missing:
+        problems.append(f"missing {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_first(unexpected)}")
+    if problems:
+        raise UserError(f"{path}: weights do not match the model (another architecture?): {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)
+    return f"loaded {len(state)} tensors from {path} ({len(own) - len(state)} buffers recomputed)"
+
+
+def _load_training_state(ckpt: dict, path: str, optimizer, lr_scheduler, scaler, logger) -> None:
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: its optimizer state does not fit this optimizer "
+                        f"(different parameter groups or TRAIN.OPTIMIZER?): {e}") from None
+    if lr_scheduler is not None and ckpt.get('lr_scheduler') is not None:
+        lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+    if scaler is not None and ckpt.get('scaler'):
+        if hasattr(scaler, 'enabled') and not scaler.enabled:
+            logger.info("loss scaler state in the checkpoint ignored: this run does not scale the loss")
+        scaler.load_state_dict(ckpt['scaler'])
+
+
+def _load_ema(ckpt: dict, path: str, model: torch.nn.Module, model_ema, logger) -> None:
+    if 'model_ema' in ckpt:
+        load_model_state(model_ema.module, ckpt['model_ema'], path)
+    else:
+        model_ema.set(model)
+        logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
+
+
+def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler, logger,
+                    model_ema=None, *, extra_out: Optional[dict] = None) -> tuple[float, int]:
+    """Resume from ``path`` (usually MODEL.RESUME or auto-resume's pick); returns (max_accuracy, start_epoch).
+
+    EVAL_MODE, or a weights-only file: only the model is loaded, and (0.0, TRAIN.START_EPOCH) comes
+    back. ``extra_out``, if given, receives the checkpoint's non-standard entries (e.g. RNG states).
+    """
+    logger.info(f"==============> Resuming from {path}....................")
+    ckpt = load_file_safe(_local_path(str(path)))
+    model = unwrap_model(model)
+    logger.info(load_model_state(model, _model_state(ckpt, path), path))
+    if extra_out is not None:
+        extra_out.update({k: v for k, v in ckpt.items() if k not in _STANDARD_KEYS})
+    start_epoch = config.TRAIN.START_EPOCH
+    if config.EVAL_MODE:
+        return 0.0, start_epoch
+    if not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')) or ckpt['optimizer'] is None:
+        logger.warning(f"{path} holds weights only: training starts at epoch {start_epoch} with a fresh optimizer")
+        if model_ema is not None:
+            model_ema.set(model)
+        return 0.0, start_epoch
+    _load_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+    if model_ema is not None:
+        _load_ema(ckpt, path, model, model_ema, logger)
+    logger.info(f"=> loaded successfully '{path}' (epoch {ckpt['epoch']})")
+    max_accuracy, epoch = float(ckpt.get('max_accuracy', 0.0)), int(ckpt['epoch'])
+    del ckpt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return max_accuracy, epoch + 1
