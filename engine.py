@@ -17,6 +17,7 @@ import torch
 from timm.utils import AverageMeter
 
 from utils.distributed import all_reduce_sum
+from utils.errors import UserError
 
 
 @dataclass
@@ -55,17 +56,22 @@ def _no_sync(model: torch.nn.Module, accumulating: bool):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int,
-                    logger: logging.Logger) -> dict[str, float]:
-    """Train for one epoch; returns the epoch's mean loss, grad norm and images per second."""
+def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int, logger: logging.Logger,
+                    start_step: int = 0, preemption=None) -> dict[str, Any]:
+    """Train one epoch from batch ``start_step`` on.
+
+    Returns the mean loss, grad norm and images per second, and ``stopped_at``: the number of batches
+    done when a stop signal ended the epoch early (None when it ran to the end).
+    """
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = len(data_loader)
     meters = {name: AverageMeter() for name in ('time', 'loss', 'grad_norm', 'loss_scale')}
+    guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, ctx.device)
     start = end = time.time()
-    images = 0
-    for idx, (samples, targets) in enumerate(data_loader):
+    images, stopped_at = 0, None
+    for idx, (samples, targets) in enumerate(data_loader, start=start_step):
         samples = samples.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
         if ctx.mixup_fn is not None:
@@ -73,11 +79,14 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
         update = (idx + 1) % accum == 0
         with _no_sync(ctx.model, not update):
             with autocast(ctx.device, ctx.amp_dtype):
-                outputs = ctx.model(samples)
-                loss = ctx.criterion(outputs, targets)
+                loss = ctx.criterion(ctx.model(samples), targets)
+            if guard.skip_loss(loss, epoch, idx, logger):
+                ctx.optimizer.zero_grad(set_to_none=True)
+                continue
             grad_norm = ctx.loss_scaler(loss / accum, ctx.optimizer, clip_grad=config.TRAIN.CLIP_GRAD or None,
                                         parameters=ctx.model.parameters(), update_grad=update)
         if update:
+            guard.check_step(ctx.loss_scaler.last_step_skipped, epoch, idx, logger)
             ctx.optimizer.zero_grad(set_to_none=True)
             ctx.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
             if ctx.model_ema is not None:
@@ -87,18 +96,52 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
         end = time.time()
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
             _log_train_step(config, ctx, meters, epoch, idx, num_steps, logger)
+        if update and preemption is not None and preemption.should_stop(ctx.device):
+            stopped_at = idx + 1
+            logger.warning(f"stop signal received: epoch {epoch} stops after step {idx}")
+            break
     epoch_time = time.time() - start
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
     return {'loss': meters['loss'].avg, 'grad_norm': meters['grad_norm'].avg,
-            'images_per_second': images / max(epoch_time, 1e-9)}
+            'images_per_second': images / max(epoch_time, 1e-9), 'stopped_at': stopped_at}
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss or gradients are inf/NaN; too many in a row stop the run with a UserError.
+
+    The loss check is agreed across ranks, so every rank skips the same micro-batch and DDP stays in step.
+    """
+
+    def __init__(self, max_consecutive: int, device: torch.device):
+        self.max_consecutive, self.device, self.in_a_row = max_consecutive, device, 0
+
+    def skip_loss(self, loss: torch.Tensor, epoch: int, idx: int, logger: logging.Logger) -> bool:
+        bad = all_reduce_sum(torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1))
+        if bad.item() == 0:
+            return False
+        self._count(f"non-finite loss at epoch {epoch} step {idx}", logger)
+        return True
+
+    def check_step(self, skipped: bool, epoch: int, idx: int, logger: logging.Logger) -> None:
+        if skipped:
+            self._count(f"non-finite gradients at epoch {epoch} step {idx}", logger)
+        else:
+            self.in_a_row = 0
+
+    def _count(self, what: str, logger: logging.Logger) -> None:
+        self.in_a_row += 1
+        logger.warning(f"{what}: step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row > self.max_consecutive:
+            raise UserError(f"{what}: {self.in_a_row} steps in a row had inf/NaN loss or gradients "
+                            f"(TRAIN.MAX_NONFINITE_STEPS={self.max_consecutive}); the last good checkpoint "
+                            f"is kept; lower TRAIN.BASE_LR or check the data")
 
 
 def _update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, batch: int, step_time: float):
     meters['loss'].update(loss.item(), batch)
-    if grad_norm is not None:
+    if grad_norm is not None and torch.isfinite(grad_norm):
         meters['grad_norm'].update(float(grad_norm))
-    scale = loss_scaler.state_dict().get('scale') if hasattr(loss_scaler, 'state_dict') else None
-    meters['loss_scale'].update(float(scale) if scale is not None else 1.0)
+    meters['loss_scale'].update(loss_scaler.get_scale())
     meters['time'].update(step_time)
 
 

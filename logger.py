@@ -61,7 +61,24 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> loggin
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(_PLAIN_FORMAT, datefmt=_DATE_FORMAT))
     logger.addHandler(file_handler)
+    _route_library_logs(logger.handlers)
     return logger
+
+
+# Our packages log through logging.getLogger(__name__) (e.g. the data loader naming unreadable
+# images); their records go to the run's console and files too.
+_LIBRARY_LOGGERS = ('data', 'models', 'utils', 'optimizer', 'lr_scheduler', 'engine')
+
+
+def _route_library_logs(handlers: list) -> None:
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for handler in [h for h in library.handlers if getattr(h, _OURS, False)]:
+            library.removeHandler(handler)
+        for handler in handlers:
+            library.addHandler(handler)
+        library.setLevel(logging.INFO)
+        library.propagate = False
 
 
 def create_tb_writer(output_dir: str, dist_rank: int):

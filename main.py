@@ -13,16 +13,17 @@ import argparse
 import datetime
 import json
 import os
-import random
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
-import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from config import get_config, scale_learning_rates
 from data import build_loader
+from data.samplers import mix_seed
 from engine import TrainContext, throughput, train_one_epoch, validate
 from logger import create_logger, create_tb_writer
 from lr_scheduler import build_scheduler
@@ -31,9 +32,11 @@ from models.complexity import count_flops, count_params
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
 from utils.checkpoint import auto_resume_helper, load_checkpoint, save_checkpoint
-from utils.distributed import DistEnv, cleanup, init_distributed
+from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
 from utils.errors import UserError
+from utils.preemption import PreemptionHandler
+from utils.rng import capture_rng_state, restore_rng_state, seed_process
 
 
 def parse_option(argv: list[str] | None = None):
@@ -71,12 +74,6 @@ def parse_option(argv: list[str] | None = None):
     parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
     args = parser.parse_args(argv)
     return args, get_config(args)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def prepare_output(config) -> None:
@@ -134,19 +131,11 @@ def main(config, env: DistEnv) -> None:
     lr_scheduler = build_scheduler(config, optimizer, n_iter)
     model_ema = ModelEma(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
 
-    max_accuracy, start_epoch = 0.0, config.TRAIN.START_EPOCH
-    resume = config.MODEL.RESUME
-    # Training: the newest checkpoint in the output folder wins, so a requeued job continues where it
-    # stopped. Evaluation: an explicit --resume wins; without one, the newest checkpoint is evaluated.
-    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and resume):
-        latest = auto_resume_helper(config.OUTPUT, logger)
-        if latest:
-            if resume:
-                logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
-            resume = latest
+    resume = pick_resume_file(config, logger)
+    max_accuracy, start_epoch, resumed = 0.0, config.TRAIN.START_EPOCH, {}
     if resume:
         max_accuracy, start_epoch = load_checkpoint(config, resume, model_without_ddp, optimizer, lr_scheduler,
-                                                    loss_scaler, logger, model_ema=model_ema)
+                                                    loss_scaler, logger, model_ema=model_ema, extra_out=resumed)
         acc1, acc5, _ = validate(config, loader_val, model, env.device, amp_dtype, logger)
         logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
         if config.EVAL_MODE:
@@ -161,34 +150,81 @@ def main(config, env: DistEnv) -> None:
     ctx = TrainContext(model=model, criterion=build_criterion(config, mixup_fn), optimizer=optimizer,
                        lr_scheduler=lr_scheduler, loss_scaler=loss_scaler, device=env.device, amp_dtype=amp_dtype,
                        mixup_fn=mixup_fn, model_ema=model_ema, tb_writer=create_tb_writer(config.OUTPUT, env.rank))
-    train(config, env, ctx, model_without_ddp, loader_train, loader_val, dataset_val, start_epoch, max_accuracy,
-          logger)
+    with PreemptionHandler() as preemption:
+        train(config, env, ctx, model_without_ddp, loader_train, loader_val, len(dataset_val),
+              Progress(start_epoch, resumed.get('step', 0), max_accuracy, resumed.get('rng_states')),
+              preemption, logger)
 
 
-def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_train, loader_val, dataset_val,
-          start_epoch: int, max_accuracy: float, logger) -> None:
-    """The epoch loop: train, checkpoint (rank 0), evaluate, log."""
+def pick_resume_file(config, logger) -> str:
+    """Training: the newest checkpoint in the output folder wins, so a requeued job continues where it
+    stopped. Evaluation: an explicit --resume wins; without one, the newest checkpoint is evaluated."""
+    resume = config.MODEL.RESUME
+    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and resume):
+        latest = auto_resume_helper(config.OUTPUT, logger)
+        if latest:
+            if resume:
+                logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
+            resume = latest
+    return resume
+
+
+@dataclass
+class Progress:
+    """Where training (re)starts: epoch, batches already done in it, best accuracy, saved RNG states."""
+    epoch: int
+    step: int = 0
+    max_accuracy: float = 0.0
+    rng_states: Optional[list] = None
+
+
+def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_train, loader_val, num_val: int,
+          progress: Progress, preemption: PreemptionHandler, logger) -> None:
+    """The epoch loop: train, evaluate, checkpoint (rank 0), log. A stop signal ends it after a checkpoint."""
     logger.info("Start training")
     start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        loader_train.set_epoch(epoch)
-        stats = train_one_epoch(config, ctx, loader_train, epoch, logger)
+    max_accuracy = progress.max_accuracy
+    for epoch in range(progress.epoch, config.TRAIN.EPOCHS):
+        # Each epoch's random draws (mixup, drop path) depend only on (seed, epoch, rank), so an epoch
+        # resumed from a checkpoint repeats exactly; a mid-epoch stop saved the exact states instead.
+        seed_process(mix_seed(config.SEED, epoch, env.rank))
+        start_step = progress.step if epoch == progress.epoch else 0
+        if start_step and progress.rng_states:
+            restore_rng_state(progress.rng_states[env.rank])
+        loader_train.set_epoch(epoch, start_step)
+        stats = train_one_epoch(config, ctx, loader_train, epoch, logger, start_step, preemption)
+        if stats['stopped_at'] is not None:
+            save_stopped_run(config, env, ctx, model_without_ddp, epoch, stats['stopped_at'], max_accuracy, logger)
+            return
         if ctx.tb_writer is not None:
             ctx.tb_writer.add_scalar('train/throughput', stats['images_per_second'], epoch)
         acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
-        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
         max_accuracy = max(max_accuracy, acc1)
         logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-        last = epoch == config.TRAIN.EPOCHS - 1
         if ctx.tb_writer is not None:
             for name, value in (('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
                 ctx.tb_writer.add_scalar(name, value, epoch)
             ctx.tb_writer.flush()
-        if env.is_main and (epoch % config.SAVE_FREQ == 0 or last):
+        if env.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
                             ctx.loss_scaler, logger, model_ema=ctx.model_ema)
-    total_time = time.time() - start_time
-    logger.info(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+def save_stopped_run(config, env: DistEnv, ctx: TrainContext, model_without_ddp, epoch: int, step: int,
+                     max_accuracy: float, logger) -> None:
+    """After a stop signal: rank 0 writes a checkpoint that resumes after ``step`` batches of ``epoch``."""
+    rng_states = [capture_rng_state()]
+    if env.distributed:
+        rng_states = [None] * env.world_size
+        torch.distributed.all_gather_object(rng_states, capture_rng_state())
+    if env.is_main:
+        save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
+                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, extra={'rng_states': rng_states},
+                        step=step)
+    barrier()
+    logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -198,7 +234,7 @@ def run(argv: list[str] | None = None) -> int:
         _, config = parse_option(argv)
         env = init_distributed()
         config = scale_learning_rates(config, env.world_size)
-        seed_everything(config.SEED + env.rank)
+        seed_process(config.SEED + env.rank)
         prepare_output(config)
         main(config, env)
     except UserError as e:

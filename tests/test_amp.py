@@ -99,3 +99,13 @@ def test_float16_scaler_skips_a_step_with_inf_gradients_and_round_trips():
     assert scaler.get_scale() == 2.0 ** 15  # halved from 2**16
     fresh = GradScalerWithNorm(enabled=True)
     assert fresh.load_state_dict(scaler.state_dict()) and fresh.get_scale() == 2.0 ** 15
+
+
+def test_without_loss_scaling_a_step_with_nan_gradients_is_not_applied():
+    model, opt, x, y = _setup()
+    before = model.weight.detach().clone()
+    scaler = GradScalerWithNorm(enabled=False)
+    loss = ((model(x) - y) ** 2).mean() * float('nan')
+    norm = scaler(loss, opt)
+    assert not torch.isfinite(norm) and scaler.last_step_skipped
+    assert torch.equal(model.weight, before)

@@ -61,3 +61,12 @@ def test_tensorboard_writer_only_on_rank0(tmp_path):
     writer.add_scalar('train/loss', 1.0, 0)
     writer.close()
     assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_messages_of_our_packages_reach_the_run_log(tmp_path):
+    import logging
+    create_logger(str(tmp_path), dist_rank=0, name='route_test')
+    logging.getLogger('data.loader').warning('unreadable image skipped: x.jpg')
+    for handler in logging.getLogger('route_test').handlers:
+        handler.flush()
+    assert 'unreadable image skipped: x.jpg' in (tmp_path / 'log_rank0.txt').read_text()

@@ -76,11 +76,17 @@ class GradScalerWithNorm:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = grad_norm(parameters)
-        scale_before = self._scaler.get_scale() if self.enabled else None
-        self._scaler.step(optimizer)  # skipped by the scaler when it found inf/NaN (float16 only)
-        self._scaler.update()
-        # The scale only ever shrinks after a step with non-finite gradients.
-        self.last_step_skipped = self.enabled and self._scaler.get_scale() < scale_before
+        if self.enabled:
+            scale_before = self._scaler.get_scale()
+            self._scaler.step(optimizer)  # skipped by the scaler when it found inf/NaN
+            self._scaler.update()
+            # The scale only ever shrinks after a step with non-finite gradients.
+            self.last_step_skipped = self._scaler.get_scale() < scale_before
+        else:
+            # Without loss scaling nobody else guards the weights: an inf/NaN step is not applied.
+            self.last_step_skipped = not bool(torch.isfinite(norm))
+            if not self.last_step_skipped:
+                optimizer.step()
         self._last_norm = norm.detach()
         return norm
 

@@ -27,10 +27,13 @@ import torch
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 
-CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+# ckpt_epoch_{N}.pth after a whole epoch; ckpt_epoch_{N}_step_{S}.pth when a run was stopped after
+# step S of epoch N (preemption), which resumes mid-epoch.
+CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
 # Buffers the model recomputes from its architecture: absent or stale in old files, never an error.
 TOLERATED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
-_STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema')
+_STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema',
+                  'step')
 _URL_PREFIXES = ('http://', 'https://', 'file://')
 
 
@@ -164,13 +167,21 @@ def _state_or_none(obj: Any) -> Any:
     return obj.state_dict() if obj is not None else None
 
 
-def checkpoint_files(output_dir: str) -> list[tuple[int, str]]:
-    """(epoch, path) of every ``ckpt_epoch_N.pth`` in ``output_dir``, oldest epoch first."""
+def _progress(match: re.Match) -> tuple[int, float]:
+    """(epoch, steps done in it): a whole-epoch file counts as further on than any of its step files."""
+    step = match.group(2)
+    return int(match.group(1)), float(step) if step is not None else float('inf')
+
+
+def checkpoint_files(output_dir: str, whole_epochs_only: bool = False) -> list[tuple[int, str]]:
+    """(epoch, path) of every checkpoint in ``output_dir``, least progress first."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(output_dir, name))
+    found = [(_progress(m), os.path.join(output_dir, name))
              for name in os.listdir(output_dir) if (m := CKPT_PATTERN.match(name))]
-    return sorted(found)
+    if whole_epochs_only:
+        found = [item for item in found if item[0][1] == float('inf')]
+    return [(progress[0], path) for progress, path in sorted(found)]
 
 
 def prune_checkpoints(output_dir: str, keep: int, logger=None) -> list[str]:
@@ -178,7 +189,7 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None) -> list[str]:
     if keep <= 0:
         return []
     removed = []
-    for _, path in checkpoint_files(output_dir)[:-keep]:
+    for _, path in checkpoint_files(output_dir, whole_epochs_only=True)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
             removed.append(path)
@@ -188,8 +199,13 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None) -> list[str]:
 
 
 def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
-                    scaler, logger, model_ema=None, extra: Optional[dict] = None) -> str:
-    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path."""
+                    scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
+    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
+
+    With ``step`` (a run stopped after ``step`` batches of ``epoch``) the file is
+    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; such files are removed once a
+    whole-epoch checkpoint at or after their epoch is written.
+    """
     state = {
         'model': unwrap_model(model).state_dict(),
         'optimizer': _state_or_none(optimizer),
@@ -206,12 +222,26 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
         if clash:
             raise ValueError(f"extra checkpoint entries may not replace standard ones: {sorted(clash)}")
         state.update(extra)
-    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}.pth')
+    suffix = '' if step is None else f'_step_{step}'
+    if step is not None:
+        state['step'] = int(step)
+    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}{suffix}.pth')
     logger.info(f"{path} saving......")
     save_file_atomic(state, path)
     logger.info(f"{path} saved !!!")
+    if step is None:
+        _remove_step_files(config.OUTPUT, up_to_epoch=epoch)
     prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger)
     return path
+
+
+def _remove_step_files(output_dir: str, up_to_epoch: int) -> None:
+    """Mid-epoch checkpoints are superseded by a whole-epoch one of the same or a later epoch."""
+    for name in os.listdir(output_dir):
+        m = CKPT_PATTERN.match(name)
+        if m and m.group(2) is not None and int(m.group(1)) <= up_to_epoch:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))
 
 
 def auto_resume_helper(output_dir: str, logger=None) -> Optional[str]:
@@ -310,6 +340,8 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
                     model_ema=None, *, extra_out: Optional[dict] = None) -> tuple[float, int]:
     """Resume from ``path`` (usually MODEL.RESUME or auto-resume's pick); returns (max_accuracy, start_epoch).
 
+    For a mid-epoch checkpoint start_epoch is its own epoch and ``extra_out['step']`` the batches done.
+
     EVAL_MODE, or a weights-only file: only the model is loaded, and (0.0, TRAIN.START_EPOCH) comes
     back. ``extra_out``, if given, receives the checkpoint's non-standard entries (e.g. RNG states).
     """
@@ -332,7 +364,11 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
         _load_ema(ckpt, path, model, model_ema, logger)
     logger.info(f"=> loaded successfully '{path}' (epoch {ckpt['epoch']})")
     max_accuracy, epoch = float(ckpt.get('max_accuracy', 0.0)), int(ckpt['epoch'])
+    step = ckpt.get('step')
+    if extra_out is not None and step is not None:
+        extra_out['step'] = int(step)
     del ckpt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return max_accuracy, epoch + 1
+    # A mid-epoch checkpoint continues its own epoch (at extra_out['step']); a whole-epoch one the next.
+    return max_accuracy, epoch if step is not None else epoch + 1
