@@ -1,0 +1,65 @@
+"""engine.py: non-finite steps are skipped and too many stop the run; validation counts exactly."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from config import get_default_config
+from engine import TrainContext, train_one_epoch, validate
+from utils.amp import GradScalerWithNorm
+from utils.errors import UserError
+
+
+class _Scheduler:
+    def step_update(self, num_updates: int) -> None:
+        pass
+
+
+def _ctx(model: torch.nn.Module) -> TrainContext:
+    return TrainContext(model=model, criterion=torch.nn.CrossEntropyLoss(),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lr_scheduler=_Scheduler(),
+                        loss_scaler=GradScalerWithNorm(enabled=False), device=torch.device('cpu'), amp_dtype=None)
+
+
+def _config(max_nonfinite: int = 2):
+    cfg = get_default_config()
+    cfg.TRAIN.MAX_NONFINITE_STEPS = max_nonfinite
+    cfg.PRINT_FREQ = 100
+    cfg.freeze()
+    return cfg
+
+
+def _batches(n: int, poison: set[int]) -> list:
+    out = []
+    for i in range(n):
+        x = torch.randn(4, 3)
+        if i in poison:
+            x[0, 0] = float('nan')
+        out.append((x, torch.tensor([0, 1, 2, 0])))
+    return out
+
+
+def test_a_nan_batch_is_skipped_and_leaves_the_weights_finite():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    stats = train_one_epoch(_config(), _ctx(model), _batches(4, poison={1}), 0, logging.getLogger('t'))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert stats['stopped_at'] is None and torch.isfinite(torch.tensor(stats['grad_norm']))
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error():
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(UserError, match='epoch 0 step 2.*TRAIN.MAX_NONFINITE_STEPS=2'):
+        train_one_epoch(_config(2), _ctx(model), _batches(5, poison={0, 1, 2}), 0, logging.getLogger('t'))
+
+
+def test_validate_returns_exact_percentages_and_loss():
+    model = torch.nn.Identity()
+    logits = torch.tensor([[3., 2., 1.], [1., 3., 2.], [1., 2., 3.]])
+    targets = torch.tensor([0, 2, 1])  # top-1 right once; top-2 right for all
+    acc1, acc5, loss = validate(_config(), [(logits, targets)], model, torch.device('cpu'), None,
+                                logging.getLogger('t'))
+    assert acc1 == pytest.approx(100 / 3) and acc5 == pytest.approx(100.0)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
