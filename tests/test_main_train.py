@@ -58,3 +58,19 @@ def test_accumulation_and_full_precision_train(tmp_path, image_folder):
     result, out = _train(tmp_path, image_folder, '--accumulation-steps', '2', '--disable_amp',
                          '--opts', 'TRAIN.EPOCHS', '1')
     assert (out / 'ckpt_epoch_0.pth').is_file()
+
+
+def test_an_official_training_checkpoint_resumes_at_the_next_epoch(tmp_path, image_folder):
+    """Official checkpoints pickle a yacs CfgNode and timm's CosineLRScheduler state; they load safely."""
+    from yacs.config import CfgNode
+
+    _, out = _train(tmp_path, image_folder, '--opts', 'TRAIN.EPOCHS', '1')
+    ours = torch.load(out / 'ckpt_epoch_0.pth', weights_only=True)
+    official = dict(ours, config=CfgNode({'MODEL': {'NAME': 'tiny_test'}, 'TRAIN': {'EPOCHS': 2}}),
+                    max_accuracy=12.5)
+    official_path = tmp_path / 'official_ckpt_epoch_0.pth'
+    torch.save(official, official_path)  # a full pickle, as the official framework writes
+    result, _ = _train(tmp_path, image_folder, '--resume', str(official_path), '--tag', 'from_official')
+    log = result.stdout + result.stderr
+    assert 'Train: [1/2]' in log and 'Train: [0/2]' not in log
+    assert 'Max accuracy' in log
