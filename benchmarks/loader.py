@@ -1,0 +1,146 @@
+"""Training-loader throughput: ours (fast and plain paths) against timm's ``create_loader``.
+
+Writes a folder of a few hundred distinct ImageNet-sized JPEGs (300-500 px) cut from the two real
+photos that ship with scikit-learn (no download), then times each loader on it with the same recipe
+(RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 pixel, bicubic, 224 px), the same batch size
+and worker count, in the same run, alternating the loaders to spread out machine noise. Prints the
+images per second of each and the ratio ours / timm.
+
+    .venv/bin/python benchmarks/loader.py --workers 2 --rounds 3
+
+Two numbers per loader: images per second from the first batch of an epoch to its last (worker
+start-up excluded for every loader alike), and CPU milliseconds per image over the whole epoch
+(main process and workers), which other load on a shared machine disturbs far less. timm's loader
+returns float batches here (``use_prefetcher=False``: its prefetcher targets a GPU); its posterize
+op is pointed at our safe version, or it would crash on Pillow 13. Workers are not persistent for
+any loader (ours restarts them each epoch to seed them from the epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import get_default_config  # noqa: E402
+from data import build_loader, use_safe_posterize  # noqa: E402
+
+RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
+              color_jitter=0.4, interpolation='bicubic')
+
+
+def write_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
+    """``root/{train,val}/class_k/*.jpg``: random crops, flips and rescales of scikit-learn's photos."""
+    from sklearn.datasets import load_sample_images
+    marker = root / f'.done_{count}_{classes}_{seed}'
+    if marker.exists():
+        return root
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', count), ('val', max(classes, count // 10))):
+        for i in range(n):
+            photo = photos[i % len(photos)]
+            w, h = photo.size
+            cw, ch = int(w * rng.uniform(0.45, 1.0)), int(h * rng.uniform(0.45, 1.0))
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            img = photo.crop((left, top, left + cw, top + ch))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            long_side = int(rng.integers(300, 501))
+            scale = long_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+            folder = root / split / f'class_{i % classes}'
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f'{split}_{i:05d}.jpg', quality=int(rng.integers(85, 96)))
+    marker.touch()
+    return root
+
+
+def timm_loader(root: Path, batch_size: int, workers: int):
+    from timm.data import ImageDataset, create_loader
+    loader = create_loader(ImageDataset(str(root / 'train')), input_size=(3, 224, 224), batch_size=batch_size,
+                           is_training=True, use_prefetcher=False, num_workers=workers, pin_memory=False,
+                           persistent_workers=False, device=torch.device('cpu'), **RECIPE)
+    assert use_safe_posterize(loader.dataset.transform) > 0
+    return loader
+
+
+def our_loader(root: Path, batch_size: int, workers: int, fast: bool):
+    cfg = get_default_config()
+    cfg.DATA.DATA_PATH, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = str(root), batch_size, workers
+    cfg.DATA.IMG_SIZE, cfg.DATA.INTERPOLATION, cfg.DATA.PIN_MEMORY = 224, RECIPE['interpolation'], False
+    cfg.DATA.FAST_LOADER = fast
+    cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER = RECIPE['auto_augment'], RECIPE['color_jitter']
+    cfg.AUG.REPROB, cfg.AUG.REMODE, cfg.AUG.RECOUNT = RECIPE['re_prob'], RECIPE['re_mode'], RECIPE['re_count']
+    cfg.MODEL.NUM_CLASSES = 8
+    cfg.freeze()
+    return build_loader(cfg)[2]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the epoch's loader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure_epoch(loader, epoch: int) -> tuple[float, float]:
+    """``(images per second, CPU milliseconds per image)`` for one epoch.
+
+    The rate runs from the first batch to the last (worker start-up excluded); the CPU cost covers
+    the whole epoch, workers included, and is far less sensitive to other load on the machine.
+    """
+    if hasattr(loader, 'set_epoch'):
+        loader.set_epoch(epoch)
+    images, total, start, cpu0 = 0, 0, None, _cpu_seconds()
+    for samples, _ in loader:
+        assert samples.dtype == torch.float32
+        total += samples.shape[0]
+        if start is None:
+            start = time.perf_counter()
+        else:
+            images += samples.shape[0]
+    rate = images / (time.perf_counter() - start)
+    return rate, 1e3 * (_cpu_seconds() - cpu0) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--root', default='/tmp/swin_loader_bench')
+    parser.add_argument('--images', type=int, default=1280)
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=3)
+    args = parser.parse_args()
+    root = write_jpegs(Path(args.root), args.images)
+    loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers),
+               'ours fast': our_loader(root, args.batch_size, args.workers, fast=True),
+               'ours plain': our_loader(root, args.batch_size, args.workers, fast=False)}
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    costs: dict[str, list[float]] = {name: [] for name in loaders}
+    for epoch in range(args.rounds):
+        for name, loader in loaders.items():
+            rate, cost = measure_epoch(loader, epoch)
+            rates[name].append(rate)
+            costs[name].append(cost)
+            print(f'round {epoch}: {name:20s} {rate:7.1f} img/s  {cost:5.2f} CPU ms/img', flush=True)
+    print(f'\n{args.images} JPEGs 300-500 px, batch {args.batch_size}, {args.workers} workers, '
+          f'{os.cpu_count()} CPUs; median of {args.rounds} rounds:')
+    base_rate = statistics.median(rates['timm create_loader'])
+    base_cost = statistics.median(costs['timm create_loader'])
+    for name in loaders:
+        rate, cost = statistics.median(rates[name]), statistics.median(costs[name])
+        print(f'  {name:20s} {rate:7.1f} img/s ({rate / base_rate:.2f}x timm)   '
+              f'{cost:5.2f} CPU ms/img ({base_cost / cost:.2f}x timm\'s images per CPU second)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,165 @@
+"""``build_loader(config)``: datasets, samplers, loaders and mixup from the config.
+
+The only module of ``data/`` that reads config keys (DATA.*, AUG.*, TEST.*, MODEL.NUM_CLASSES,
+MODEL.LABEL_SMOOTHING, SEED, EVAL_MODE); everything it builds takes plain arguments. Returns what the
+official ``build_loader`` returns, with these differences users may notice:
+
+* the number of classes comes from the data and is checked against MODEL.NUM_CLASSES (more is a
+  ``UserError``, fewer a warning) instead of being fixed at 1000 / 21841;
+* validation is sharded without padding (rank r takes images r, r + world, ...): every image is
+  evaluated once whatever the world size; TEST.SHUFFLE shuffles within a shard, TEST.SEQUENTIAL is
+  not needed (and ignored) since shards are always exact;
+* the config is never modified.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import torch.distributed as dist
+from timm.data import Mixup
+
+from utils.errors import UserError
+
+from .datasets import ImageFolderDataset, ImageListDataset, ImageNet22KDataset, ZipMapDataset
+from .loader import EpochLoader
+from .samplers import (DistributedShuffleSampler, RepeatedAugSampler, SeededBatchSampler, ShardShuffleSampler,
+                       ValShardSampler)
+from .transforms import build_eval_transform, build_train_transform
+
+_logger = logging.getLogger(__name__)
+
+IN22K_PREFIX = 'ILSVRC2011fall_whole'
+CACHE_MODES = ('no', 'full', 'part')
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the process group, or ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_loader(config) -> tuple[ImageListDataset, ImageListDataset, EpochLoader, EpochLoader, Optional[Mixup]]:
+    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``."""
+    rank, world = dist_info()
+    mixup_fn = build_mixup(config)  # first: its config errors should not wait for a cache to fill
+    dataset_train, finish_train = build_dataset(True, config, rank, world)
+    dataset_val, finish_val = build_dataset(False, config, rank, world, classes=dataset_train.classes
+                                            if isinstance(dataset_train, ImageFolderDataset) else None)
+    check_num_classes(config, dataset_train, dataset_val)
+    sampler_train = build_train_sampler(config, dataset_train, rank, world)
+    loader_train = _epoch_loader(config, dataset_train, sampler_train, finish_train, rank, train=True)
+    sampler_val = ValShardSampler(len(dataset_val), rank, world, shuffle=config.TEST.SHUFFLE, seed=config.SEED)
+    loader_val = _epoch_loader(config, dataset_val, sampler_val, finish_val, rank, train=False)
+    if not config.EVAL_MODE and len(loader_train) == 0:
+        raise UserError(f'the training set ({len(dataset_train)} images, {len(sampler_train)} per rank) is smaller '
+                        f'than one batch of DATA.BATCH_SIZE={config.DATA.BATCH_SIZE}')
+    return dataset_train, dataset_val, loader_train, loader_val, mixup_fn
+
+
+def _epoch_loader(config, dataset, sampler, finish, rank: int, train: bool) -> EpochLoader:
+    """Training drops the last partial batch (mixup pairs samples) and bounds unreadable images."""
+    batches = SeededBatchSampler(sampler, config.DATA.BATCH_SIZE, drop_last=train, seed=config.SEED, rank=rank)
+    return EpochLoader(dataset, batches, num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,
+                       finish=finish, seed=config.SEED, rank=rank,
+                       max_bad_fraction=config.DATA.MAX_BAD_FRACTION if train else None)
+
+
+def build_transform(is_train: bool, config):
+    """``(transform, decoder, batch_finish)`` for the split, from DATA.*, AUG.* and TEST.*."""
+    if is_train:
+        return build_train_transform(
+            config.DATA.IMG_SIZE, interpolation=config.DATA.INTERPOLATION, color_jitter=config.AUG.COLOR_JITTER,
+            auto_augment=config.AUG.AUTO_AUGMENT, re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE,
+            re_count=config.AUG.RECOUNT, fast=config.DATA.FAST_LOADER)
+    return build_eval_transform(config.DATA.IMG_SIZE, interpolation=config.DATA.INTERPOLATION,
+                                crop=config.TEST.CROP, fast=config.DATA.FAST_LOADER)
+
+
+def _check_data_path(path: str) -> None:
+    if not path:
+        raise UserError('DATA.DATA_PATH is not set (use --data-path)')
+    if not os.path.isdir(path):
+        raise UserError(f'DATA.DATA_PATH not found: {path}')
+    if not os.listdir(path):
+        raise UserError(f'DATA.DATA_PATH is empty: {path}')
+
+
+def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes: Optional[list] = None):
+    """``(dataset, batch_finish)`` for one split in the layout the config names.
+
+    In EVAL_MODE the training set is built lazily (files listed on first use) and uncached.
+    """
+    path = config.DATA.DATA_PATH
+    _check_data_path(path)
+    transform, decoder, finish = build_transform(is_train, config)
+    common = dict(transform=transform, decoder=decoder, on_bad='replace' if is_train else 'blank',
+                  blank_size=config.DATA.IMG_SIZE, lazy=is_train and config.EVAL_MODE)
+    split = 'train' if is_train else 'val'
+    if config.DATA.DATASET == 'imagenet22K':
+        dataset = ImageNet22KDataset(path, f'{IN22K_PREFIX}_map_{split}.txt', **common)
+    elif config.DATA.ZIP_MODE:
+        dataset = ZipMapDataset(path, split, cache_mode=_cache_mode(config, is_train), rank=rank,
+                                world_size=world, **common)
+    else:
+        folder = os.path.join(path, split)
+        if not os.path.isdir(folder):
+            raise UserError(f'{split} folder not found: {folder} (expected DATA_PATH/{split}/<class>/<images>)')
+        dataset = ImageFolderDataset(folder, classes=classes, **common)
+    if not common['lazy']:
+        _logger.info(f'{split} set: {len(dataset)} images, {dataset.num_classes} classes ({type(dataset).__name__})')
+    return dataset, finish
+
+
+def _cache_mode(config, is_train: bool) -> str:
+    mode = config.DATA.CACHE_MODE
+    if mode not in CACHE_MODES:
+        raise UserError(f'DATA.CACHE_MODE must be one of {CACHE_MODES}, got {mode!r}')
+    if is_train and config.EVAL_MODE:
+        return 'no'  # an evaluation never reads the training images: do not cache them
+    return mode
+
+
+def check_num_classes(config, dataset_train: ImageListDataset, dataset_val: ImageListDataset) -> int:
+    """The number of classes in the data; a ``UserError`` when it exceeds MODEL.NUM_CLASSES."""
+    found = max(dataset_val.num_classes, dataset_train.known_num_classes() or 0)
+    expected = config.MODEL.NUM_CLASSES
+    if found > expected:
+        raise UserError(f'the data in {config.DATA.DATA_PATH} has {found} classes but MODEL.NUM_CLASSES is '
+                        f'{expected}: set MODEL.NUM_CLASSES {found} (with --opts)')
+    if found < expected:
+        _logger.warning(f'the data in {config.DATA.DATA_PATH} has {found} classes, fewer than '
+                        f'MODEL.NUM_CLASSES={expected}; the extra outputs are never a target')
+    return found
+
+
+def build_train_sampler(config, dataset: ImageListDataset, rank: int, world: int):
+    """Shard sampler for the zip ``part`` cache, else repeated-augmentation or plain distributed shuffle."""
+    repeats = config.AUG.REPEATED_AUG
+    if repeats < 0 or repeats == 1:
+        raise UserError(f'AUG.REPEATED_AUG must be 0 (off) or at least 2, got {repeats}')
+    if isinstance(dataset, ZipMapDataset) and dataset.cache_mode == 'part':
+        if repeats:
+            raise UserError('AUG.REPEATED_AUG needs DATA.CACHE_MODE full or no: with part, '
+                            'each rank only holds its own images')
+        return ShardShuffleSampler(range(rank, len(dataset), world), math.ceil(len(dataset) / world),
+                                   seed=config.SEED, rank=rank)
+    if repeats:
+        return RepeatedAugSampler(dataset.__len__, rank, world, seed=config.SEED, repeats=repeats)
+    return DistributedShuffleSampler(dataset.__len__, rank, world, seed=config.SEED)
+
+
+def build_mixup(config) -> Optional[Mixup]:
+    """timm's Mixup/CutMix from AUG.*, or None when both are off."""
+    aug = config.AUG
+    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    if config.DATA.BATCH_SIZE % 2:
+        raise UserError(f'DATA.BATCH_SIZE must be even with mixup/cutmix on (it pairs samples), '
+                        f'got {config.DATA.BATCH_SIZE}')
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)

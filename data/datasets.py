@@ -1,0 +1,332 @@
+"""The three on-disk layouts of the official framework, as datasets of (image, target) pairs.
+
+* :class:`ImageFolderDataset`: ``root/<class>/<image>``; classes are the sorted sub-folder names.
+* :class:`ZipMapDataset`: ``<split>.zip`` with ``<split>_map.txt`` (``relative/path<TAB>label``
+  per line), optionally with the compressed bytes cached in memory (``full``, or ``part``: only the
+  indices ``i % world == rank``).
+* :class:`ImageNet22KDataset`: a JSON list of ``[relative_path, label]`` (``ILSVRC2011fall_whole_map_*``).
+
+All three share :class:`ImageListDataset`: a list of (location, target), bytes read by the layout,
+decoded by a decoder from ``data.decode``, then transformed. Indexing with an ``int`` behaves like
+any torchvision dataset and raises on an unreadable file. Our loaders index with a
+:class:`~data.samplers.SampleKey` instead, and get a :class:`LoadedSample`: the sample's randomness
+is seeded from the key, and an unreadable file is replaced by another sample (training) or by a
+black image with its own label (validation), and ``bad`` lists the ``(location, reason)`` pairs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+
+from .decode import blank_image, decode_pil
+from .samplers import SampleKey, seeded_rngs
+from .zipreader import ZipReader
+
+_logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+class LoadedSample(NamedTuple):
+    """What indexing with a :class:`SampleKey` returns."""
+    image: Any
+    target: int
+    bad: list  # (location, reason) of each unreadable file met while producing this sample
+    seed: int
+
+
+class UnreadableDataError(RuntimeError):
+    """Raised in a worker when no readable replacement turns up after many attempts."""
+
+
+class ImageListDataset(Dataset):
+    """Base of the layouts: subclasses implement ``_list()`` and ``_read(index)``.
+
+    Args:
+        transform: applied to the decoded image.
+        decoder: bytes -> image (``decode_pil`` or ``decode_tensor``).
+        on_bad: ``'replace'`` (draw another sample) or ``'blank'`` (black image, own label).
+        blank_size: side of the black stand-in image.
+        lazy: list the files on first use rather than now (cheap construction for eval runs).
+    """
+
+    max_attempts = 50
+
+    def __init__(self, transform: Optional[Callable] = None, decoder: Callable = decode_pil,
+                 on_bad: str = 'replace', blank_size: int = 224, lazy: bool = False):
+        self.transform, self.decoder = transform, decoder
+        self.on_bad, self.blank_size = on_bad, blank_size
+        self.replacement_pool: Optional[Sequence[int]] = None  # indices replacements are drawn from
+        self._samples: Optional[list[tuple[str, int]]] = None
+        self._classes: Optional[list[str]] = None
+        if not lazy:
+            self._ensure_listed()
+
+    # -- what a layout provides ------------------------------------------------------------------
+    def _list(self) -> tuple[list[tuple[str, int]], Optional[list[str]]]:
+        """Return ``(samples, class names or None)``."""
+        raise NotImplementedError
+
+    def _read(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def location(self, index: int) -> str:
+        """Where sample ``index`` lives, as shown in logs."""
+        return self.samples[index][0]
+
+    # -- listing ---------------------------------------------------------------------------------
+    def _ensure_listed(self) -> None:
+        if self._samples is None:
+            self._samples, self._classes = self._list()
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        self._ensure_listed()
+        return self._samples
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        """Class names where the layout has them (folders, or zip paths grouped by label), else None."""
+        if self._classes is None:
+            self._ensure_listed()
+        return self._classes
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the data defines: named classes, or the largest label plus one."""
+        if self.classes is not None:
+            return len(self.classes)
+        return max(self.targets, default=-1) + 1
+
+    def known_num_classes(self) -> Optional[int]:
+        """``num_classes`` if known without listing the files (lazy datasets), else None."""
+        if self._classes is None and self._samples is None:
+            return None
+        return self.num_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def __getitem__(self, key: Any):
+        if isinstance(key, SampleKey):
+            return self.load(key)
+        image = self.decoder(self._read(key))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.samples[key][1]
+
+    def load(self, key: SampleKey) -> 'LoadedSample':
+        """The sample for a loader key, with its unreadable files; see the module docstring."""
+        with seeded_rngs(key.seed):
+            image, target, bad = self._decode_robust(key.index)
+            if self.transform is not None:
+                image = self.transform(image)
+        return LoadedSample(image, target, bad, key.seed)
+
+    def _decode_robust(self, index: int) -> tuple[Any, int, list[tuple[str, str]]]:
+        bad: list[tuple[str, str]] = []
+        candidate = index
+        for _ in range(self.max_attempts):
+            try:
+                image = self.decoder(self._read(candidate))
+            except Exception as err:  # any failure to read or decode makes the file unreadable
+                bad.append((self.location(candidate), f'{type(err).__name__}: {err}'))
+            else:
+                return image, self.samples[candidate][1], bad
+            if self.on_bad == 'blank':
+                return blank_image(self.decoder, self.blank_size), self.samples[index][1], bad
+            candidate = self._replacement()
+        raise UnreadableDataError(f'{len(bad)} unreadable images in a row, e.g. {bad[0][0]} ({bad[0][1]})')
+
+    def _replacement(self) -> int:
+        # Drawn from the sample's own seeded stream, so the substitute is reproducible too.
+        pool = self.replacement_pool
+        if pool is not None:
+            return pool[random.randrange(len(pool))]
+        return random.randrange(len(self))
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def find_classes(root: str) -> list[str]:
+    """Sorted names of the sub-folders of ``root`` (one per class)."""
+    if not os.path.isdir(root):
+        raise UserError(f'image folder not found: {root}')
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+class ImageFolderDataset(ImageListDataset):
+    """``root/<class>/**/<image>``. Pass the training set's ``classes`` when building the validation set,
+    so that labels agree even where a validation folder lacks a class."""
+
+    def __init__(self, root: str, classes: Optional[Sequence[str]] = None, **kwargs):
+        self.root = root
+        self._folders = find_classes(root)
+        # Known without listing the files (a directory listing), so lazy datasets stay cheap.
+        self._given_classes = list(classes) if classes is not None else self._folders
+        super().__init__(**kwargs)
+        self._classes = self._given_classes
+
+    def _list(self):
+        found, classes = self._folders, self._given_classes
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(f'{self.root} has class folders absent from the training set: {unknown[:5]}')
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        samples = []
+        for name in found:
+            for folder, _, files in sorted(os.walk(os.path.join(self.root, name), followlinks=True)):
+                samples += [(os.path.join(folder, f), class_to_idx[name])
+                            for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        if not samples:
+            raise UserError(f'no images ({", ".join(IMG_EXTENSIONS)}) found in class folders of {self.root}')
+        return samples, classes
+
+    def _read(self, index: int) -> bytes:
+        return _read_file(self.samples[index][0])
+
+
+def _names_by_label(samples: Sequence[tuple[str, int]]) -> Optional[list[str]]:
+    """Class names from the first path component, when each label has exactly one such folder."""
+    names: dict[int, str] = {}
+    for path, label in samples:
+        head = path.strip('/').split('/')[0] if '/' in path.strip('/') else None
+        if head is None or names.setdefault(label, head) != head:
+            return None
+    if sorted(names) != list(range(len(names))) or len(set(names.values())) != len(names):
+        return None
+    return [names[i] for i in range(len(names))]
+
+
+class _ByteCache:
+    """Compressed image bytes held in one NumPy buffer (not a list of ``bytes`` objects).
+
+    One buffer has no per-item Python objects, so forked workers never touch its pages through
+    reference counting and the memory stays shared copy-on-write instead of being duplicated.
+    """
+
+    def __init__(self, zip_path: str, members: Sequence[str], indices: Sequence[int]):
+        sizes = ZipReader.member_sizes(zip_path)
+        cached = [i for i in indices if members[i] in sizes]  # a missing member stays unreadable
+        self.slot = np.full(len(members), -1, dtype=np.int64)  # index -> position in offsets, or -1
+        self.slot[cached] = np.arange(len(cached))
+        self.offsets = np.zeros(len(cached) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum([sizes[members[i]] for i in cached])
+        self.buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        for k, index in enumerate(cached):
+            data = ZipReader.read_member(zip_path, members[index])
+            self.buffer[self.offsets[k]:self.offsets[k + 1]] = np.frombuffer(data, dtype=np.uint8)
+
+    def cached_indices(self) -> list[int]:
+        return np.flatnonzero(self.slot >= 0).tolist()
+
+    def get(self, index: int) -> Optional[memoryview]:
+        k = self.slot[index]
+        if k < 0:
+            return None
+        return memoryview(self.buffer[self.offsets[k]:self.offsets[k + 1]])
+
+
+class ZipMapDataset(ImageListDataset):
+    """``<root>/<split>.zip`` + ``<root>/<split>_map.txt``, official zip layout.
+
+    Args:
+        cache_mode: ``'no'`` (read the archive each time), ``'full'`` (every rank caches all bytes) or
+            ``'part'`` (rank r caches indices ``i % world_size == r``; replacements for unreadable
+            images are then drawn from that shard too).
+    """
+
+    def __init__(self, root: str, split: str, cache_mode: str = 'no', rank: int = 0, world_size: int = 1,
+                 **kwargs):
+        self.root, self.split = root, split
+        self.zip_path = os.path.join(root, f'{split}.zip')
+        self.map_path = os.path.join(root, f'{split}_map.txt')
+        for path in (self.zip_path, self.map_path):
+            if not os.path.isfile(path):
+                raise UserError(f'zip layout file not found: {path}')
+        self.cache_mode, self.rank, self.world_size = cache_mode, rank, world_size
+        self._cache: Optional[_ByteCache] = None
+        super().__init__(**kwargs)
+        if cache_mode != 'no':
+            self._build_cache()
+
+    def _list(self):
+        samples = []
+        with open(self.map_path, encoding='utf-8') as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip('\r\n').split('\t')
+                if len(parts) < 2 or not parts[1].strip().lstrip('-').isdigit():
+                    raise UserError(f'{self.map_path}:{lineno}: expected "relative/path<TAB>label", '
+                                    f'got {line.strip()!r}')
+                samples.append((parts[0].strip('/'), int(parts[1])))
+        if not samples:
+            raise UserError(f'no entries in {self.map_path}')
+        return samples, _names_by_label(samples)
+
+    def _build_cache(self) -> None:
+        start = time.time()
+        if self.cache_mode == 'part':
+            indices = range(self.rank, len(self), self.world_size)
+            self.replacement_pool = list(indices)
+        else:
+            indices = range(len(self))
+        members = [path for path, _ in self.samples]
+        self._cache = _ByteCache(self.zip_path, members, indices)
+        _logger.info(f'cached {len(self._cache.offsets) - 1} images ({self._cache.buffer.nbytes / 2**20:.1f} MiB) '
+                     f'of {self.zip_path} ({self.cache_mode}) in {time.time() - start:.1f}s')
+
+    def location(self, index: int) -> str:
+        return f'{self.zip_path}@/{self.samples[index][0]}'
+
+    def _read(self, index: int) -> bytes:
+        if self._cache is not None:
+            data = self._cache.get(index)
+            if data is not None:
+                return data
+        return ZipReader.read_member(self.zip_path, self.samples[index][0])
+
+
+class ImageNet22KDataset(ImageListDataset):
+    """``<root>/<ann_file>``: a JSON list of ``[path relative to root, label]`` (official 22K layout)."""
+
+    def __init__(self, root: str, ann_file: str, **kwargs):
+        self.root, self.ann_path = root, os.path.join(root, ann_file)
+        if not os.path.isfile(self.ann_path):
+            raise UserError(f'ImageNet-22K map file not found: {self.ann_path}')
+        super().__init__(**kwargs)
+
+    def _list(self):
+        try:
+            with open(self.ann_path, encoding='utf-8') as f:
+                entries = json.load(f)
+            samples = [(str(path), int(label)) for path, label in entries]
+        except (ValueError, TypeError) as err:
+            raise UserError(f'{self.ann_path}: expected a JSON list of [relative_path, label] ({err})') from None
+        if not samples:
+            raise UserError(f'no entries in {self.ann_path}')
+        return samples, None
+
+    def location(self, index: int) -> str:
+        return os.path.join(self.root, self.samples[index][0].lstrip('/'))
+
+    def _read(self, index: int) -> bytes:
+        return _read_file(self.location(index))

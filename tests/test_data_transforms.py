@@ -1,0 +1,112 @@
+"""The official recipe through timm on today's Pillow, the fast path's equivalence, batch finishing."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from timm.data.auto_augment import AugmentOp, RandAugment, rand_augment_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+
+from data import build_loader, safe_posterize, use_safe_posterize
+from data.transforms import BatchRandomErasing, TensorRandomResizedCrop, build_eval_transform, build_train_transform
+from test_data_common import data_config, jpeg_folder
+
+
+def _photo(size=(40, 30), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_timm_posterize_at_top_magnitude_raises_on_this_pillow_and_ours_gives_black():
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # inc1 at magnitude 10 -> keep 0 bits
+    with pytest.raises(ValueError, match='bits must be between'):
+        op(_photo())
+    assert use_safe_posterize(op) == 1
+    assert not np.asarray(op(_photo())).any()  # Pillow <= 12's answer: every bit dropped
+
+
+@pytest.mark.parametrize('bits', range(1, 9))
+def test_safe_posterize_matches_pillow_where_pillow_accepts_the_bits(bits):
+    image = _photo()
+    assert np.array_equal(np.asarray(safe_posterize(image, bits)), np.asarray(ImageOps.posterize(image, bits)))
+
+
+def test_official_randaugment_reaches_the_zero_bit_case():
+    ra = rand_augment_transform('rand-m9-mstd0.5-inc1', {})
+    op = next(o for o in ra.ops if o.name == 'PosterizeIncreasing')
+    assert op.magnitude_std == 0.5 and op.level_fn(10, op.hparams) == (0,)  # m9 + noise clips to 10
+
+
+def _force_zero_bit_posterize(transform) -> None:
+    """Make RandAugment apply only posterize at magnitude 10, every time."""
+    ra = next(t for t in transform.secondary.transforms if isinstance(t, RandAugment))
+    ra.ops = [op for op in ra.ops if op.name == 'PosterizeIncreasing']
+    ra.ops[0].prob, ra.ops[0].magnitude, ra.ops[0].magnitude_std = 1.0, 10, 0
+
+
+def test_full_official_recipe_loads_batches_in_workers_despite_zero_bit_posterize(tmp_path):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=4, val_per_class=1)
+    dataset_train, _, loader_train, _, mixup_fn = build_loader(data_config(root, **{'DATA.NUM_WORKERS': 1}))
+    _force_zero_bit_posterize(dataset_train.transform)
+    loader_train.set_epoch(0)
+    samples, targets = next(iter(loader_train))
+    samples, soft_targets = mixup_fn(samples, targets)
+    assert samples.shape == (4, 3, 32, 32) and soft_targets.shape == (4, 3)
+
+
+def test_random_resized_crop_on_tensors_matches_pils_bicubic_resize():
+    image = _photo((120, 90), seed=1)
+    whole = dict(scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90))  # the crop box is the whole image
+    ours = TensorRandomResizedCrop(48, **whole)(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    pil = RandomResizedCropAndInterpolation(48, interpolation='bicubic', **whole)(image)
+    diff = (ours.permute(1, 2, 0).int() - torch.from_numpy(np.array(pil)).int()).abs().float()
+    assert ours.shape == (3, 48, 48) and ours.dtype == torch.uint8 and diff.mean() < 3
+
+
+def test_both_paths_build_the_same_augmentations():
+    plain, _, plain_finish = build_train_transform(224, fast=False)
+    fast, _, finish = build_train_transform(224, fast=True)
+    assert plain_finish is None and finish.erasing.probability == 0.25 and finish.erasing.mode == 'pixel'
+    assert repr(plain.transforms[2]) == repr(fast.secondary.transforms[0])  # the same RandAugment ops
+    jitter_only, _, _ = build_train_transform(224, auto_augment='none', fast=True)
+    assert 'ColorJitter' in repr(jitter_only.secondary)  # colour jitter only replaces RandAugment, as in timm
+
+
+def test_small_images_use_a_padded_random_crop_on_both_paths():
+    plain, _, _ = build_train_transform(32, fast=False)
+    fast, _, _ = build_train_transform(32, fast=True)
+    assert 'RandomCrop(size=(32, 32), padding=4)' in repr(plain.transforms[0])
+    assert 'padding=[4, 4, 4, 4]' in repr(fast.crop)
+
+
+def test_eval_resizes_to_256_over_224_then_centre_crops():
+    transform, _, _ = build_eval_transform(224, fast=False)
+    out = transform(_photo((400, 300)))
+    assert out.shape == (3, 224, 224)
+    assert 'size=256' in repr(transform.transforms[0]) and 'CenterCrop' in repr(transform.transforms[1])
+
+
+def test_fast_and_plain_evaluation_batches_are_bitwise_identical(tmp_path):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=2, val_per_class=3)
+    runs = [list(build_loader(data_config(root, **{'DATA.IMG_SIZE': 40, 'DATA.FAST_LOADER': fast}))[3])
+            for fast in (True, False)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(*runs)) and len(runs[0]) == 3
+
+
+def test_batch_random_erasing_is_reproducible_from_its_seed_and_erases():
+    erase = BatchRandomErasing(probability=1.0, mode='pixel')
+    batch = torch.zeros(4, 3, 32, 32)
+    first, second, other = erase(batch.clone(), 7), erase(batch.clone(), 7), erase(batch.clone(), 8)
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    assert all((img != 0).any() for img in first)  # probability 1: every image has an erased patch
+
+
+def test_batch_random_erasing_draws_the_same_rectangles_as_timms_random_erasing():
+    from timm.data.random_erasing import RandomErasing
+    batch = torch.ones(16, 3, 32, 32)
+    random.seed(11)  # timm draws its rectangles from the global stream; ours from Random(seed)
+    theirs = RandomErasing(probability=0.5, mode='const', max_count=2, device='cpu')(batch.clone())
+    ours = BatchRandomErasing(probability=0.5, mode='const', max_count=2)(batch.clone(), 11)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, batch)
