@@ -1,0 +1,14 @@
+"""The Swin model family: Swin Transformer V1 and V2, Swin-MLP, their builder and a variant registry.
+
+``build_model(config)`` builds from a config; ``create_model(name, **kwargs)`` builds a registered
+variant by name (``list_models()`` lists them); the classes take plain constructor arguments.
+"""
+from .build import build_model
+from .complexity import count_flops, count_params
+from .registry import create_model, is_model, list_models, register_model
+from .swin_mlp import SwinMLP
+from .swin_transformer import SwinTransformer
+from .swin_transformer_v2 import SwinTransformerV2
+
+__all__ = ['build_model', 'create_model', 'list_models', 'is_model', 'register_model', 'count_flops',
+           'count_params', 'SwinTransformer', 'SwinTransformerV2', 'SwinMLP']

@@ -1,0 +1,57 @@
+"""Turn a config into a model: the only place in models/ that reads config keys."""
+from __future__ import annotations
+
+from torch import nn
+
+from utils.errors import UserError
+from .swin_mlp import SwinMLP
+from .swin_transformer import SwinTransformer
+from .swin_transformer_v2 import SwinTransformerV2
+
+__all__ = ['build_model']
+
+
+def _common_args(config, sub) -> dict:
+    """Constructor arguments every family shares, from MODEL.* and the family's sub-section."""
+    return dict(img_size=config.DATA.IMG_SIZE, patch_size=sub.PATCH_SIZE, in_chans=sub.IN_CHANS,
+                num_classes=config.MODEL.NUM_CLASSES, embed_dim=sub.EMBED_DIM, depths=list(sub.DEPTHS),
+                num_heads=list(sub.NUM_HEADS), window_size=sub.WINDOW_SIZE, mlp_ratio=sub.MLP_RATIO,
+                drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=sub.APE,
+                patch_norm=sub.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+
+
+def _build(model_type: str, config) -> nn.Module:
+    if model_type == 'swin':
+        sub = config.MODEL.SWIN
+        # FUSED_WINDOW_PROCESS is accepted and ignored: the plain roll + partition path is used.
+        return SwinTransformer(**_common_args(config, sub), qkv_bias=sub.QKV_BIAS, qk_scale=sub.QK_SCALE,
+                               fused_window_process=config.FUSED_WINDOW_PROCESS)
+    if model_type == 'swinv2':
+        sub = config.MODEL.SWINV2
+        pretrained = list(sub.PRETRAINED_WINDOW_SIZES)
+        if not any(pretrained):  # the all-zero default fits any number of stages
+            pretrained = [0] * len(sub.DEPTHS)
+        return SwinTransformerV2(**_common_args(config, sub), qkv_bias=sub.QKV_BIAS,
+                                 pretrained_window_sizes=pretrained)
+    if model_type == 'swin_mlp':
+        return SwinMLP(**_common_args(config, config.MODEL.SWIN_MLP))
+    if model_type == 'swin_moe':
+        raise UserError("MODEL.TYPE 'swin_moe': Swin-MoE needs the tutel library and is not supported")
+    raise UserError(f"unknown MODEL.TYPE {model_type!r} (choose from swin, swinv2, swin_mlp)")
+
+
+def build_model(config, is_pretrain: bool = False) -> nn.Module:
+    """Build the classifier described by ``config.MODEL`` (TYPE picks the family) at DATA.IMG_SIZE.
+
+    ``is_pretrain`` (SimMIM pre-training) is not implemented yet. A size or shape that the
+    architecture cannot take is a UserError naming the keys involved.
+    """
+    if is_pretrain:
+        raise NotImplementedError("SimMIM pre-training models (is_pretrain=True) are not implemented yet")
+    model_type = config.MODEL.TYPE
+    try:
+        return _build(model_type, config)
+    except ValueError as e:
+        section = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP'}[model_type]
+        raise UserError(f"cannot build MODEL.TYPE {model_type!r} with DATA.IMG_SIZE {config.DATA.IMG_SIZE} and "
+                        f"MODEL.{section}.* as given: {e}") from None

@@ -1,0 +1,327 @@
+"""Pieces shared by the Swin family: patch embedding, patch merging, windows, masks, MLP, stages.
+
+Tokens travel between modules as ``(B, L, C)`` with ``L = H * W`` in row-major order, as in the
+official implementation; each block knows its ``input_resolution`` to fold them back to ``(B, H, W, C)``.
+Window attention itself goes through :func:`window_attention`, the one place a faster kernel plugs in.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.layers import DropPath
+
+__all__ = [
+    'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
+    'window_partition', 'window_reverse', 'clip_window', 'shifted_window_mask', 'relative_position_index',
+    'window_attention', 'shifted_window_attention', 'drop_path_rates', 'check_resolution', 'init_weights',
+    'DerivedBuffersMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced',
+]
+
+# The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
+MASK_VALUE = -100.0
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """Normal(0, std) truncated to [-2, 2] (official init), in place; a no-op on the meta device,
+    where there are no values to set and the op-by-op emulation is slow."""
+    if tensor.is_meta:
+        return tensor
+    return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
+
+
+def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """``7 -> (7, 7)``; a pair stays a pair."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class DerivedBuffersMixin:
+    """Drops keys of buffers we recompute (``_derived_buffers``) from a state dict being loaded.
+
+    Our derived buffers are non-persistent, but official checkpoints carry them; dropping them here
+    keeps ``load_state_dict(sd, strict=True)`` strict for every other key.
+    """
+
+    _derived_buffers: Tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._derived_buffers:
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None,
+                 out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a strided convolution (``proj``), then an optional LayerNorm (``norm``).
+
+    The input must have exactly ``img_size``: the windows, masks and position tables of the
+    stages after it are built for that size (as in the official model).
+    """
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: Union[int, Sequence[int]] = 4,
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Optional[type] = None):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.patches_resolution = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        if (h, w) != self.img_size:
+            raise ValueError(f"input image size {h}x{w} does not match the model's img_size "
+                             f"{self.img_size[0]}x{self.img_size[1]} (resize the images, or build the model "
+                             "for this size)")
+        x = self.proj(x).flatten(2).transpose(1, 2)  # B, Ph*Pw, C
+        return self.norm(x) if self.norm is not None else x
+
+    def flops(self) -> int:
+        ho, wo = self.patches_resolution
+        flops = ho * wo * self.embed_dim * self.in_chans * self.patch_size[0] * self.patch_size[1]
+        if self.norm is not None:
+            flops += ho * wo * self.embed_dim
+        return flops
+
+
+class PatchMerging(nn.Module):
+    """Halve the resolution and double the width: 2x2 neighbours concatenated, ``norm``, ``reduction``.
+
+    The concatenation order (top-left, bottom-left, top-right, bottom-right) is the official one,
+    which released ``reduction`` weights depend on.
+    """
+
+    def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = nn.LayerNorm):
+        super().__init__()
+        self.input_resolution = tuple(input_resolution)
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(self._norm_dim())
+
+    def _norm_dim(self) -> int:
+        return 4 * self.dim
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H*W, C) -> (B, H/2*W/2, 4C)``."""
+        h, w = self.input_resolution
+        b, _, c = x.shape
+        x = x.view(b, h, w, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return x.view(b, -1, 4 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(self.merge(x)))
+
+    def flops(self) -> int:
+        h, w = self.input_resolution
+        return h * w * self.dim + (h // 2) * (w // 2) * 4 * self.dim * 2 * self.dim
+
+
+class BasicLayer(nn.Module):
+    """One stage: a list of ``blocks``, then an optional ``downsample`` at the END (official layout).
+
+    With ``use_checkpoint`` each block's activations are recomputed in the backward pass.
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], downsample: Optional[nn.Module] = None,
+                 use_checkpoint: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+    def flops(self) -> int:
+        flops = sum(blk.flops() for blk in self.blocks)
+        if self.downsample is not None:
+            flops += self.downsample.flops()
+        return flops
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """``(B, H, W, C) -> (B * nW, ws, ws, C)``, windows in row-major order within each image."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, ws, ws, C) -> (B, H, W, C)``."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)
+
+
+def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
+    """Official rule: a stage no larger than the window gets one window of its size and no shift."""
+    if min(input_resolution) <= window_size:
+        return min(input_resolution), 0
+    return window_size, shift_size
+
+
+def check_resolution(img_size: Tuple[int, int], patch_size: Tuple[int, int], num_layers: int,
+                     window_size: int) -> None:
+    """Raise ValueError unless every stage can be cut into whole windows and merged by 2x2."""
+    res = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+    if res[0] * patch_size[0] != img_size[0] or res[1] * patch_size[1] != img_size[1]:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    for i in range(num_layers):
+        ws, _ = clip_window(res, window_size, 0)
+        if res[0] % ws or res[1] % ws:
+            raise ValueError(f"img_size {img_size}: stage {i} has {res[0]}x{res[1]} tokens, which window_size "
+                             f"{ws} does not divide (choose an img_size/window_size pair that tiles every stage)")
+        if i < num_layers - 1:
+            if res[0] % 2 or res[1] % 2:
+                raise ValueError(f"img_size {img_size}: stage {i} has {res[0]}x{res[1]} tokens, "
+                                 "which patch merging cannot halve (must be even)")
+            res = (res[0] // 2, res[1] // 2)
+
+
+def derived_buffer(fn):
+    """Decorator for the builders of derived buffers: compute once per argument set on the CPU, then
+    return a copy on ``device`` (default: the current default device, e.g. inside ``torch.device('meta')``).
+
+    Dozens of blocks share the same few tables; building each op by op on the meta device is slow.
+    """
+    signature = inspect.signature(fn)
+    cached = functools.lru_cache(maxsize=None)(lambda *args: fn(*args, device='cpu'))
+
+    @functools.wraps(fn)
+    def wrapper(*args, device=None, **kwargs) -> torch.Tensor:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        bound.arguments.pop('device', None)
+        key = tuple(tuple(a) if isinstance(a, list) else a for a in bound.arguments.values())
+        target = torch.device(device) if device is not None else torch.empty(0).device
+        return cached(*key).to(target, copy=True)
+    return wrapper
+
+
+@derived_buffer
+def shifted_window_mask(input_resolution: Tuple[int, int], window_size: int, shift_size: int,
+                        device=None) -> torch.Tensor:
+    """Additive mask ``(nW, N, N)`` for shifted windows: 0 within a region, ``MASK_VALUE`` across.
+
+    After the cyclic shift, the last row/column of windows holds pieces from opposite borders;
+    the mask stops tokens of different pieces (regions) from attending to each other.
+    """
+    h, w = input_resolution
+    region = torch.zeros(1, h, w, 1, device=device)
+    cuts = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    label = 0
+    for hs in cuts:
+        for ws in cuts:
+            region[:, hs, ws, :] = label
+            label += 1
+    region = window_partition(region, window_size).view(-1, window_size * window_size)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+
+
+@derived_buffer
+def relative_position_index(window_size: Tuple[int, int], device=None) -> torch.Tensor:
+    """``(N, N)`` index into a ``(2Wh-1)*(2Ww-1)`` table of relative offsets (official ordering)."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing='ij')).flatten(1)  # 2, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(scale * q k^T + bias + mask) v for all windows of a batch.
+
+    q, k, v: ``(B * nW, nH, N, d)``; bias: ``(nH, N, N)``; mask: ``(nW, N, N)`` or None.
+    Returns ``(B * nW, nH, N, d)``. With a mask the batch is viewed as ``(B, nW)`` so the mask
+    broadcasts over images instead of being copied per image.
+    """
+    bw, nh, n, d = q.shape
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype),
+                                              dropout_p=dropout_p, scale=scale)
+    nw = mask.shape[0]
+    attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)  # nW, nH, N, N
+    q, k, v = (t.reshape(bw // nw, nw, nh, n, d) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return out.reshape(bw, nh, n, d)
+
+
+def shifted_window_attention(x: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
+                             shift_size: int, attn: nn.Module, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cyclic shift, partition, ``attn(windows, mask)``, merge, shift back: ``(B, L, C) -> (B, L, C)``."""
+    h, w = input_resolution
+    b, _, c = x.shape
+    x = x.view(b, h, w, c)
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    windows = window_partition(x, window_size).view(-1, window_size * window_size, c)
+    windows = attn(windows, mask=mask).view(-1, window_size, window_size, c)
+    x = window_reverse(windows, window_size, h, w)
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    return x.reshape(b, h * w, c)
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list:
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over all blocks (plain floats:
+    no tensor is made, so building on the meta device works)."""
+    n = sum(depths)
+    if n <= 1:
+        return [0.0] * n
+    return [drop_path_rate * i / (n - 1) for i in range(n)]
+
+
+def init_weights(m: nn.Module) -> None:
+    """Official initialisation: Linear weights N(0, 0.02) truncated, biases 0; LayerNorm 1 and 0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def log_spaced(x: torch.Tensor) -> torch.Tensor:
+    """SwinV2's log-spaced coordinates: ``sign(x) * log2(|x| + 1) / log2(8)``."""
+    return torch.sign(x) * torch.log2(torch.abs(x) + 1.0) / math.log2(8)

@@ -1,0 +1,199 @@
+"""Swin-MLP: the Swin layout with window attention replaced by a per-head spatial MLP.
+
+Each window's tokens are mixed by a grouped 1x1 convolution over the ``N = ws * ws`` positions
+(``spatial_mlp``, one group per head). The shifted variant pads the map with zeros, ``ws - s`` on the
+top/left and ``s`` on the bottom/right, instead of rolling it, so windows never wrap around the
+border and no mask is needed. Names follow the official release.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (BasicLayer, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution, clip_window,
+                     drop_path_rates, init_weights, to_2tuple, trunc_normal_, window_partition, window_reverse)
+from .registry import register_model
+
+__all__ = ['SwinMLPBlock', 'SwinMLP']
+
+
+class SwinMLPBlock(nn.Module):
+    """Pre-norm block: (shifted-padded) window spatial MLP, then a channel MLP, both residual."""
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: type = nn.GELU, norm_layer: type = nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
+        if not 0 <= self.shift_size < self.window_size:
+            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        # left, right, top, bottom zero padding that realises the shift
+        self.padding = (self.window_size - self.shift_size, self.shift_size,
+                        self.window_size - self.shift_size, self.shift_size)
+        self.norm1 = norm_layer(dim)
+        n = num_heads * self.window_size ** 2
+        self.spatial_mlp = nn.Conv1d(n, n, kernel_size=1, groups=num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def spatial_mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``: mix positions within each (padded, shifted) window."""
+        b, h, w, c = x.shape
+        ws, nh = self.window_size, self.num_heads
+        if self.shift_size > 0:
+            left, right, top, bottom = self.padding
+            x = F.pad(x, (0, 0, left, right, top, bottom))
+        hp, wp = x.shape[1], x.shape[2]
+        win = window_partition(x, ws).view(-1, ws * ws, nh, c // nh).transpose(1, 2)  # B*nW, nH, N, C/nH
+        win = self.spatial_mlp(win.reshape(-1, nh * ws * ws, c // nh))
+        win = win.view(-1, nh, ws * ws, c // nh).transpose(1, 2).reshape(-1, ws, ws, c)
+        x = window_reverse(win, ws, hp, wp)
+        if self.shift_size > 0:
+            x = x[:, top:top + h, left:left + w, :]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_resolution
+        b, length, c = x.shape
+        if length != h * w:
+            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {length}")
+        y = self.spatial_mix(self.norm1(x).view(b, h, w, c)).reshape(b, h * w, c)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def flops(self) -> int:
+        """Multiply-adds by the official formula."""
+        h, w = self.input_resolution
+        ws = self.window_size
+        if self.shift_size > 0:
+            num_windows = (h / ws + 1) * (w / ws + 1)
+        else:
+            num_windows = h * w / ws / ws
+        flops = 2 * self.dim * h * w + num_windows * self.dim * ws * ws * ws * ws
+        return int(flops + 2 * h * w * self.dim * self.dim * self.mlp_ratio)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+
+class SwinMLP(nn.Module):
+    """Swin-MLP classifier: the Swin V1 layout (patch embedding, 4 stages with patch merging at the end
+    of the first three, LayerNorm, average pooling, ``head``) built from :class:`SwinMLPBlock`."""
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False):
+        super().__init__()
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer=norm_layer if patch_norm else None)
+        self.patches_resolution = self.patch_embed.patches_resolution
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = drop_path_rates(drop_path_rate, depths)
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            dim = int(embed_dim * 2 ** i)
+            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            first = sum(depths[:i])
+            blocks = [SwinMLPBlock(dim, res, num_heads[i], window_size=window_size,
+                                   shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
+                                   drop=drop_rate, drop_path=dpr[first + j], norm_layer=norm_layer)
+                      for j in range(depth)]
+            downsample = PatchMerging(res, dim, norm_layer) if i < self.num_layers - 1 else None
+            self.layers.append(BasicLayer(blocks, downsample, use_checkpoint=use_checkpoint))
+
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        init_weights(m)
+        if isinstance(m, nn.Conv1d):  # the spatial MLPs start like linear layers
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> Set[str]:
+        return {'relative_position_bias_table'}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self) -> int:
+        """Multiply-adds by the official formula."""
+        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
+        return flops + self.num_features * self.num_classes
+
+
+def _swin_mlp(name: str, img_size: int, window_size: int, **defaults):
+    """Register ``name`` as a SwinMLP with these defaults (any argument can be overridden)."""
+    def fn(**kwargs) -> SwinMLP:
+        return SwinMLP(**{'img_size': img_size, 'window_size': window_size, **defaults, **kwargs})
+    fn.__name__ = name
+    fn.__doc__ = f"Swin-MLP {name} (official configuration; keyword arguments override it)."
+    return register_model(fn)
+
+
+_swin_mlp('swin_mlp_base_patch4_window7_224', 224, 7, embed_dim=128, depths=(2, 2, 18, 2),
+          num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+for _c, _heads in ((24, (4, 8, 16, 32)), (12, (8, 16, 32, 64)), (6, (16, 32, 64, 128))):
+    # c{N}: N channels per head in the first stage (96 / heads)
+    _swin_mlp(f'swin_mlp_tiny_c{_c}_patch4_window8_256', 256, 8, embed_dim=96, depths=(2, 2, 6, 2),
+              num_heads=_heads, drop_path_rate=0.2)

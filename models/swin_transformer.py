@@ -1,0 +1,232 @@
+"""Swin Transformer (V1): hierarchical vision transformer with shifted windows.
+
+Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021.
+Parameter and buffer names follow the official release, so its checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Set, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution,
+                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_attention,
+                     shifted_window_mask, to_2tuple, trunc_normal_, window_attention)
+from .registry import register_model
+
+__all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
+
+
+class WindowAttention(DerivedBuffersMixin, nn.Module):
+    """Multi-head self-attention inside each window, plus a learned relative position bias.
+
+    The bias comes from ``relative_position_bias_table`` ((2Wh-1)*(2Ww-1) offsets x heads), looked up
+    through the derived buffer ``relative_position_index``.
+    """
+
+    _derived_buffers = ('relative_position_index',)
+
+    def __init__(self, dim: int, window_size: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(self.window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """``(nH, N, N)`` bias added to the attention logits of every window."""
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = window_attention(q, k, v, self.relative_position_bias(), mask, self.scale,
+                             self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
+
+    def flops(self, n: int) -> int:
+        """Multiply-adds for one window of ``n`` tokens (official formula)."""
+        return (n * self.dim * 3 * self.dim + 2 * self.num_heads * n * (self.dim // self.num_heads) * n
+                + n * self.dim * self.dim)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}'
+
+
+class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
+    """Pre-norm block: (shifted) window attention, then an MLP, each in a residual branch.
+
+    Where the stage is no larger than ``window_size`` the window shrinks to the stage and the shift is
+    dropped (official rule). ``attn_mask`` (shifted blocks only) is derived, not saved.
+    """
+
+    _derived_buffers = ('attn_mask',)
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
+                 norm_layer: type = nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
+        if not 0 <= self.shift_size < self.window_size:
+            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
+                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
+                if self.shift_size > 0 else None)
+        self.register_buffer('attn_mask', mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_resolution
+        if x.shape[1] != h * w:
+            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
+        y = shifted_window_attention(self.norm1(x), self.input_resolution, self.window_size, self.shift_size,
+                                     self.attn, self.attn_mask)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def flops(self) -> int:
+        h, w = self.input_resolution
+        num_windows = h * w // (self.window_size * self.window_size)
+        return (2 * self.dim * h * w + num_windows * self.attn.flops(self.window_size * self.window_size)
+                + int(2 * h * w * self.dim * self.dim * self.mlp_ratio))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer classifier: patch embedding, 4 stages (patch merging at the end of the first
+    three), final LayerNorm, average pooling, linear ``head``.
+
+    Arguments keep the official names. ``fused_window_process`` is accepted for compatibility with
+    official configs and ignored (the fused CUDA kernel is not shipped; the plain path is equivalent).
+    """
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
+                 fused_window_process: bool = False):
+        super().__init__()
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer=norm_layer if patch_norm else None)
+        self.patches_resolution = self.patch_embed.patches_resolution
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = drop_path_rates(drop_path_rate, depths)
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            dim = int(embed_dim * 2 ** i)
+            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            first = sum(depths[:i])
+            blocks = [SwinTransformerBlock(dim, res, num_heads[i], window_size=window_size,
+                                           shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
+                                           qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                                           attn_drop=attn_drop_rate, drop_path=dpr[first + j], norm_layer=norm_layer)
+                      for j in range(depth)]
+            downsample = PatchMerging(res, dim, norm_layer) if i < self.num_layers - 1 else None
+            self.layers.append(BasicLayer(blocks, downsample, use_checkpoint=use_checkpoint))
+
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> Set[str]:
+        return {'relative_position_bias_table'}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self) -> int:
+        """Multiply-adds by the official formula (attention matmuls, linears, norms, head)."""
+        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
+        return flops + self.num_features * self.num_classes
+
+
+def _swin(name: str, default_img_size: int, **defaults):
+    """Register ``name`` as a SwinTransformer with these defaults (any argument can be overridden)."""
+    def fn(**kwargs) -> SwinTransformer:
+        return SwinTransformer(**{'img_size': default_img_size, **defaults, **kwargs})
+    fn.__name__ = name
+    fn.__doc__ = f"Swin Transformer {name} (official configuration; keyword arguments override it)."
+    return register_model(fn)
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2)
+for _size, _arch in (('tiny', _T), ('small', _S), ('base', _B), ('large', _L)):
+    _swin(f'swin_{_size}_patch4_window7_224', 224, window_size=7, **_arch)
+    _swin(f'swin_{_size}_patch4_window12_384', 384, window_size=12, **_arch)
+    _swin(f'swin_{_size}_patch4_window7_224_22k', 224, window_size=7, num_classes=21841,
+          **{**_arch, 'drop_path_rate': 0.1 if _size == 'tiny' else 0.2})

@@ -1,0 +1,299 @@
+"""Swin Transformer V2: scaled cosine attention, log-spaced continuous position bias, post-norm.
+
+Liu et al., "Swin Transformer V2: Scaling Up Capacity and Resolution", CVPR 2022.
+The position bias is an MLP (``cpb_mlp``) of log-spaced relative coordinates, so its weights do not
+depend on the window size: a model built for another window loads them unchanged. Coordinates are
+normalised by ``pretrained_window_size - 1`` when given (fine-tuning at a larger window), else by
+``window_size - 1``. Names follow the official release.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, check_resolution, clip_window,
+                     derived_buffer, drop_path_rates, init_weights, log_spaced, relative_position_index, shifted_window_attention,
+                     shifted_window_mask, to_2tuple, trunc_normal_, window_attention)
+from .registry import register_model
+
+__all__ = ['WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'SwinTransformerV2', 'relative_coords_table']
+
+# Upper bound of the learned per-head temperature: exp(logit_scale) <= 1 / 0.01.
+_MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
+
+
+@derived_buffer
+def relative_coords_table(window_size: Tuple[int, int], pretrained_window_size: Tuple[int, int] = (0, 0),
+                          device=None) -> torch.Tensor:
+    """``(1, 2Wh-1, 2Ww-1, 2)`` log-spaced relative offsets, the input of ``cpb_mlp``.
+
+    Offsets are divided by ``pretrained_window_size - 1`` (or ``window_size - 1`` when that is 0),
+    scaled to [-8, 8], then log-spaced. ``max(.., 1)`` avoids 0/0 for a 1-token window.
+    """
+    wh, ww = window_size
+    ref = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
+    dh = torch.arange(-(wh - 1), wh, dtype=torch.float32, device=device) / max(ref[0] - 1, 1)
+    dw = torch.arange(-(ww - 1), ww, dtype=torch.float32, device=device) / max(ref[1] - 1, 1)
+    table = torch.stack(torch.meshgrid(dh, dw, indexing='ij'), dim=-1).unsqueeze(0)
+    return log_spaced(table * 8)
+
+
+class WindowAttention(DerivedBuffersMixin, nn.Module):
+    """Window attention with cosine similarity scaled per head (``logit_scale``) and a continuous
+    relative position bias ``16 * sigmoid(cpb_mlp(relative_coords_table))``.
+
+    The qkv projection has biases for q and v only (``q_bias``, ``v_bias``), as in the official model.
+    """
+
+    _derived_buffers = ('relative_position_index', 'relative_coords_table')
+
+    def __init__(self, dim: int, window_size: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, pretrained_window_size: Tuple[int, int] = (0, 0)):
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.pretrained_window_size = to_2tuple(pretrained_window_size)
+        self.num_heads = num_heads
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        self.register_buffer('relative_coords_table',
+                             relative_coords_table(self.window_size, self.pretrained_window_size), persistent=False)
+        self.register_buffer('relative_position_index', relative_position_index(self.window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """``(nH, N, N)`` bias in (0, 16) from the continuous position MLP."""
+        n = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
+        bw, n, c = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Cosine attention: unit q and k; the per-head temperature is folded into q.
+        scale = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
+        # (autocast may run the normalisation in float32; SDPA wants one dtype)
+        q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
+        k = F.normalize(k, dim=-1).to(v.dtype)
+        x = window_attention(q, k, v, self.relative_position_bias(), mask, 1.0,
+                             self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
+
+    def flops(self, n: int) -> int:
+        """Multiply-adds for one window of ``n`` tokens (official formula; the bias MLP is not counted)."""
+        return (n * self.dim * 3 * self.dim + 2 * self.num_heads * n * (self.dim // self.num_heads) * n
+                + n * self.dim * self.dim)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, '
+                f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
+
+
+class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
+    """Res-post-norm block: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``.
+
+    Window clipping and the derived ``attn_mask`` work as in V1.
+    """
+
+    _derived_buffers = ('attn_mask',)
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
+                 norm_layer: type = nn.LayerNorm, pretrained_window_size: int = 0):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
+        if not 0 <= self.shift_size < self.window_size:
+            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop, proj_drop=drop,
+                                    pretrained_window_size=to_2tuple(pretrained_window_size))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
+                if self.shift_size > 0 else None)
+        self.register_buffer('attn_mask', mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_resolution
+        if x.shape[1] != h * w:
+            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
+        y = shifted_window_attention(x, self.input_resolution, self.window_size, self.shift_size,
+                                     self.attn, self.attn_mask)
+        x = x + self.drop_path(self.norm1(y))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+    def init_respostnorm(self) -> None:
+        """Zero the post-norms so every residual branch starts as the identity (official init)."""
+        for norm in (self.norm1, self.norm2):
+            nn.init.constant_(norm.bias, 0)
+            nn.init.constant_(norm.weight, 0)
+
+    def flops(self) -> int:
+        h, w = self.input_resolution
+        num_windows = h * w // (self.window_size * self.window_size)
+        return (2 * self.dim * h * w + num_windows * self.attn.flops(self.window_size * self.window_size)
+                + int(2 * h * w * self.dim * self.dim * self.mlp_ratio))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+
+class PatchMerging(layers.PatchMerging):
+    """V2 patch merging: ``reduction`` first, then ``norm`` over the 2C outputs (post-norm)."""
+
+    def _norm_dim(self) -> int:
+        return 2 * self.dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(self.merge(x)))
+
+    def flops(self) -> int:
+        h, w = self.input_resolution
+        return (h // 2) * (w // 2) * 4 * self.dim * 2 * self.dim + h * w * self.dim // 2
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2 classifier; same layout and arguments as V1 (no ``qk_scale``: attention is
+    cosine) plus ``pretrained_window_sizes``, one per stage (0: not fine-tuned from another window)."""
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm, ape: bool = False,
+                 patch_norm: bool = True, use_checkpoint: bool = False,
+                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
+        super().__init__()
+        if not len(depths) == len(num_heads) == len(pretrained_window_sizes):
+            raise ValueError(f"depths {list(depths)}, num_heads {list(num_heads)} and pretrained_window_sizes "
+                             f"{list(pretrained_window_sizes)} must have one entry per stage")
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer=norm_layer if patch_norm else None)
+        self.patches_resolution = self.patch_embed.patches_resolution
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = drop_path_rates(drop_path_rate, depths)
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            dim = int(embed_dim * 2 ** i)
+            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            first = sum(depths[:i])
+            blocks = [SwinTransformerBlock(dim, res, num_heads[i], window_size=window_size,
+                                           shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
+                                           qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                                           drop_path=dpr[first + j], norm_layer=norm_layer,
+                                           pretrained_window_size=pretrained_window_sizes[i])
+                      for j in range(depth)]
+            downsample = PatchMerging(res, dim, norm_layer) if i < self.num_layers - 1 else None
+            self.layers.append(BasicLayer(blocks, downsample, use_checkpoint=use_checkpoint))
+
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+        for layer in self.layers:
+            for blk in layer.blocks:
+                blk.init_respostnorm()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> Set[str]:
+        return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self) -> int:
+        """Multiply-adds by the official formula."""
+        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
+        return flops + self.num_features * self.num_classes
+
+
+def _swinv2(name: str, img_size: int, window_size: int, **defaults):
+    """Register ``name`` as a SwinTransformerV2 with these defaults (any argument can be overridden)."""
+    def fn(**kwargs) -> SwinTransformerV2:
+        return SwinTransformerV2(**{'img_size': img_size, 'window_size': window_size, **defaults, **kwargs})
+    fn.__name__ = name
+    fn.__doc__ = f"Swin Transformer V2 {name} (official configuration; keyword arguments override it)."
+    return register_model(fn)
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2)
+for _size, _arch in (('tiny', _T), ('small', _S), ('base', _B)):
+    for _ws in (8, 16):
+        _swinv2(f'swinv2_{_size}_patch4_window{_ws}_256', 256, _ws, **_arch)
+for _size, _arch in (('base', _B), ('large', _L)):
+    _ft = {**_arch, 'drop_path_rate': 0.2, 'pretrained_window_sizes': (12, 12, 12, 6)}
+    _swinv2(f'swinv2_{_size}_patch4_window12_192_22k', 192, 12, num_classes=21841, **{**_arch, 'drop_path_rate': 0.2})
+    _swinv2(f'swinv2_{_size}_patch4_window12to16_192to256_22kto1k_ft', 256, 16, **_ft)
+    _swinv2(f'swinv2_{_size}_patch4_window12to24_192to384_22kto1k_ft', 384, 24, **_ft)

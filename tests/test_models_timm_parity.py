@@ -1,0 +1,39 @@
+"""Our models compute what the paper's models compute: official-layout state dicts, converted by timm's
+own checkpoint converter, load strictly into timm's implementation and give the same logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.model_parity import make_pair, max_logit_diff
+
+SMALL = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=10)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(window_size=4),                              # shifted stages 0-1, stage 2 exactly one window, stage 3 clipped
+    dict(window_size=8, ape=True),                    # absolute position embedding; stages 1-3 clipped
+    dict(window_size=4, qkv_bias=False, mlp_ratio=2.0),
+    dict(img_size=32, window_size=2, depths=(2, 2, 4, 2)),  # shift 1; stage 3 is a 1-token window
+], ids=['w4', 'w8-ape', 'no-qkv-bias', 'w2'])
+def test_swin_matches_timm(kwargs):
+    ours, twin = make_pair('swin', **{**SMALL, **kwargs})
+    assert max_logit_diff(ours, twin) < 1e-4
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(window_size=4),
+    dict(window_size=8, pretrained_window_sizes=(4, 4, 4, 2)),  # coordinates normalised by the pre-training windows
+    dict(window_size=4, qkv_bias=False),
+], ids=['w4', 'w8-pretrained-w4', 'no-qkv-bias'])
+def test_swinv2_matches_timm(kwargs):
+    ours, twin = make_pair('swinv2', **{**SMALL, **kwargs})
+    assert max_logit_diff(ours, twin) < 1e-4
+
+
+def test_the_check_detects_a_wrong_weight():
+    ours, twin = make_pair('swin', **SMALL, window_size=4)
+    with torch.no_grad():
+        table = ours.layers[0].blocks[1].attn.relative_position_bias_table
+        table.add_(torch.randn_like(table))
+    assert max_logit_diff(ours, twin) > 1e-3
