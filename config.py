@@ -350,6 +350,9 @@ def update_config(cfg: CN, args: Any) -> None:
         cfg.AMP_OPT_LEVEL = args.amp_opt_level
         if args.amp_opt_level == 'O0':
             cfg.AMP_ENABLE = False
+    if cfg.DATA.DATASET == 'imagenet22K' and cfg.MODEL.NUM_CLASSES == _C.MODEL.NUM_CLASSES:
+        # The official 22K configs leave NUM_CLASSES at 1000 and rely on the loader forcing 21841.
+        cfg.MODEL.NUM_CLASSES = 21841
     cfg.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', cfg.LOCAL_RANK)))
     cfg.OUTPUT = os.path.join(cfg.OUTPUT or 'output', cfg.MODEL.NAME, cfg.TAG)
     _check_values(cfg)

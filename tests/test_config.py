@@ -95,3 +95,10 @@ def test_learning_rates_scale_with_total_batch_over_512(tmp_path):
     scaled = scale_learning_rates(get_config(_args(f)), world_size=4)
     assert scaled.TRAIN.BASE_LR == pytest.approx(5e-4 * 128 * 4 / 512 * 2)
     assert scaled.TRAIN.MIN_LR == pytest.approx(5e-6 * 2) and scaled.is_frozen()
+
+
+def test_official_22k_configs_get_the_22k_class_count():
+    c = get_config(_args('configs/swin/swin_base_patch4_window7_224_22k.yaml'))
+    assert c.MODEL.NUM_CLASSES == 21841
+    c = get_config(_args('configs/swin/swin_base_patch4_window7_224_22k.yaml', opts=['MODEL.NUM_CLASSES', '100']))
+    assert c.MODEL.NUM_CLASSES == 100
