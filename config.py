@@ -42,6 +42,7 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
+_C.MODEL.PRETRAINED_CLASS_MAP = ''  # (ours) file of class indices (one a line) picking head rows from --pretrained
 _C.MODEL.RESUME = ''
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0

@@ -36,6 +36,7 @@ from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
 from utils.errors import UserError
 from utils.preemption import PreemptionHandler
+from utils.pretrained import load_pretrained
 from utils.rng import capture_rng_state, restore_rng_state, seed_process
 
 
@@ -120,6 +121,14 @@ def main(config, env: DistEnv) -> None:
     amp_enabled, amp_dtype = resolve_amp(config, env.device)
     amp_dtype = amp_dtype if amp_enabled else None
 
+    resume = pick_resume_file(config, logger)
+    if config.MODEL.PRETRAINED and not resume:  # fine-tuning starts from them; a resume supersedes them
+        load_pretrained(config, model_without_ddp, logger)
+        acc1, _, _ = validate(config, loader_val, model, env.device, amp_dtype, logger)
+        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        if config.EVAL_MODE:  # --eval --pretrained: evaluate released weights, adapted to this model
+            return
+
     optimizer = build_optimizer(config, model)
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -131,7 +140,6 @@ def main(config, env: DistEnv) -> None:
     lr_scheduler = build_scheduler(config, optimizer, n_iter)
     model_ema = ModelEma(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
 
-    resume = pick_resume_file(config, logger)
     max_accuracy, start_epoch, resumed = 0.0, config.TRAIN.START_EPOCH, {}
     if resume:
         max_accuracy, start_epoch = load_checkpoint(config, resume, model_without_ddp, optimizer, lr_scheduler,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from utils.errors import UserError
+from .simmim import SimMIM
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
@@ -43,11 +44,14 @@ def _build(model_type: str, config) -> nn.Module:
 def build_model(config, is_pretrain: bool = False) -> nn.Module:
     """Build the classifier described by ``config.MODEL`` (TYPE picks the family) at DATA.IMG_SIZE.
 
-    ``is_pretrain`` (SimMIM pre-training) is not implemented yet. A size or shape that the
-    architecture cannot take is a UserError naming the keys involved.
+    ``is_pretrain``: the SimMIM pre-training model around a headless backbone (MODEL.SIMMIM.*).
+    A size or shape that the architecture cannot take is a UserError naming the keys involved.
     """
     if is_pretrain:
-        raise NotImplementedError("SimMIM pre-training models (is_pretrain=True) are not implemented yet")
+        encoder = build_model(config)
+        encoder.reset_classifier(0)
+        target = config.MODEL.SIMMIM.NORM_TARGET
+        return SimMIM(encoder, norm_target_patch_size=target.PATCH_SIZE if target.ENABLE else 0)
     model_type = config.MODEL.TYPE
     try:
         return _build(model_type, config)

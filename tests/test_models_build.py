@@ -111,11 +111,6 @@ def test_image_size_the_windows_cannot_tile_names_the_keys():
         build_model(_cfg(DATA__IMG_SIZE=200))
 
 
-def test_simmim_pretraining_models_are_not_implemented_yet():
-    with pytest.raises(NotImplementedError):
-        build_model(_tiny_swin(), is_pretrain=True)
-
-
 def test_registry_lists_and_creates_variants():
     names = list_models()
     for expected in ('swin_tiny_patch4_window7_224', 'swin_large_patch4_window12_384',

@@ -1,0 +1,188 @@
+"""Classify image files with a trained or released model: the top-5 classes and their probabilities.
+
+    python predict.py --weights output/swin_tiny_patch4_window7_224/default/ckpt_epoch_299.pth photo.jpg
+    python predict.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml \\
+        --weights swin_tiny_patch4_window7_224.pth --device cpu photos/
+
+The model comes from ``--cfg`` (and ``--opts``), or, for checkpoints written by main.py, from the
+config saved inside them. Class names: the sub-folders of ``--data-path`` (its ``train`` folder when it
+has one, as in training), else the data path saved in our checkpoint, else the ImageNet-1K names for a
+1000-class model, else ``class <i>``. Folders are searched recursively for images.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+import torch
+import yaml
+
+from config import get_default_config, merge_opts, merge_yaml
+from data.datasets import IMG_EXTENSIONS, find_classes
+from data.decode import decode_pil
+from data.transforms import build_eval_transform
+from models import build_model
+from utils.checkpoint import _local_path, load_file_safe, load_model_state
+from utils.errors import UserError
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser('Swin Transformer prediction', add_help=True)
+    parser.add_argument('images', nargs='+', help='image files or folders of images')
+    parser.add_argument('--weights', '--resume', '--pretrained', dest='weights', required=True, metavar='CKPT',
+                        help="checkpoint: ours (ckpt_epoch_N.pth) or a released {'model': ...} file")
+    parser.add_argument('--cfg', metavar='FILE', help="model config (default: the one saved in the checkpoint)")
+    parser.add_argument('--opts', nargs='+', default=None, help="override config options: KEY VALUE pairs")
+    parser.add_argument('--data-path', help='training data folder whose sub-folders name the classes')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--topk', type=int, default=5)
+    parser.add_argument('--batch-size', type=int, default=32)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def _merge_saved(cfg, saved) -> None:
+    """Merge a config saved in a checkpoint: YAML text (ours) or a mapping (official CfgNode)."""
+    data = saved if isinstance(saved, str) else yaml.safe_dump(_plain(saved))
+    with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
+        f.write(data)
+    try:
+        merge_yaml(cfg, f.name)
+    finally:
+        os.remove(f.name)
+
+
+def _plain(node):
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    return list(node) if isinstance(node, tuple) else node
+
+
+def build_config(args: argparse.Namespace, ckpt: dict):
+    """The model's config: --cfg, else the checkpoint's own; then --opts."""
+    cfg = get_default_config()
+    if args.cfg:
+        merge_yaml(cfg, args.cfg)
+    elif ckpt.get('config') is not None:
+        try:
+            _merge_saved(cfg, ckpt['config'])
+        except UserError as e:
+            raise UserError(f"{args.weights}: its saved config does not load ({e}); pass --cfg") from None
+    else:
+        raise UserError(f"{args.weights} holds no config: pass the model's --cfg")
+    if args.opts:
+        merge_opts(cfg, list(args.opts))
+    cfg.freeze()
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ classes
+
+def class_names(cfg, data_path: Optional[str]) -> list[str]:
+    """Names of the model's classes (see the module docstring for where they come from)."""
+    for root in (data_path, cfg.DATA.DATA_PATH):
+        if root and os.path.isdir(root):
+            train = os.path.join(root, 'train')
+            names = find_classes(train if os.path.isdir(train) else root)
+            if names:
+                return names + [f'class {i}' for i in range(len(names), cfg.MODEL.NUM_CLASSES)]
+        elif root == data_path and root:
+            raise UserError(f"--data-path not found: {root}")
+    if cfg.MODEL.NUM_CLASSES == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo('imagenet-1k')
+        return [info.index_to_description(i) for i in range(1000)]
+    return [f'class {i}' for i in range(cfg.MODEL.NUM_CLASSES)]
+
+
+# ------------------------------------------------------------------------------------------ images
+
+def image_files(paths: Iterable[str]) -> list[str]:
+    """The files given, plus every image under the folders given (sorted); UserError for a missing path."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, _, files in sorted(os.walk(path)):
+                found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise UserError(f"no such image or folder: {path}")
+    if not found:
+        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {', '.join(paths)}")
+    return found
+
+
+def _load_images(files: Sequence[str], transform) -> tuple[list[str], list[torch.Tensor]]:
+    kept, tensors = [], []
+    for path in files:
+        try:
+            with open(path, 'rb') as f:
+                image = decode_pil(f.read())
+        except Exception as e:  # any unreadable file is reported and skipped
+            print(f"{path}: unreadable ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        kept.append(path)
+        tensors.append(transform(image))
+    return kept, tensors
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, files: Sequence[str], transform, device: torch.device, topk: int = 5,
+            batch_size: int = 32) -> Iterable[tuple[str, list[tuple[int, float]]]]:
+    """Yield ``(path, [(class index, probability), ...])`` for each readable image, best class first."""
+    model.eval()
+    for start in range(0, len(files), batch_size):
+        kept, tensors = _load_images(files[start:start + batch_size], transform)
+        if not tensors:
+            continue
+        probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
+        values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+        for path, v, i in zip(kept, values.tolist(), indices.tolist()):
+            yield path, list(zip(i, v))
+
+
+def _device(name: str) -> torch.device:
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def main(args: argparse.Namespace) -> None:
+    ckpt = load_file_safe(_local_path(args.weights))
+    cfg = build_config(args, ckpt)
+    model = build_model(cfg)
+    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
+    if any(k.startswith('decoder.') for k in state):
+        raise UserError(f"{args.weights} is a SimMIM pre-training checkpoint (no classifier): fine-tune it "
+                        "first with main_simmim_ft.py --pretrained")
+    load_model_state(model, state, args.weights)
+    device = _device(args.device)
+    model.to(device)
+    names = class_names(cfg, args.data_path)
+    transform, _, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION,
+                                           crop=cfg.TEST.CROP, fast=False)
+    for path, top in predict(model, image_files(args.images), transform, device, args.topk, args.batch_size):
+        print(path)
+        for index, prob in top:
+            print(f"  {100 * prob:6.2f}%  {names[index]}")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: user mistakes are one line on stderr and exit status 2."""
+    try:
+        main(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())
