@@ -168,11 +168,12 @@ def _log_train_step(config, ctx: TrainContext, meters: dict, epoch: int, idx: in
 
 @torch.no_grad()
 def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype], logger: logging.Logger) -> tuple[float, float, float]:
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '') -> tuple[float, float, float]:
     """Top-1, top-5 (percent) and mean loss over the whole validation set.
 
     Each rank counts its own shard; the sums are added across ranks, so every image counts once
-    and the result does not depend on the number of processes.
+    and the result does not depend on the number of processes. ``label`` (e.g. 'EMA ') goes before
+    'Acc@1' in the summary line, so parsers of the official line see only the main model's.
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
@@ -198,7 +199,7 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
     totals = all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
     acc1, acc5, loss = 100 * totals[0].item() / count, 100 * totals[1].item() / count, totals[2].item() / count
-    logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
+    logger.info(f' * {label}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
     return acc1, acc5, loss
 
 
@@ -206,11 +207,17 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
 def throughput(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
                amp_dtype: Optional[torch.dtype], logger: logging.Logger, warmup: int = 50,
                repeats: int = 30) -> float:
-    """Images per second of the forward pass on one batch, after ``warmup`` passes, as the official prints it."""
+    """Images per second of the forward pass on one batch, after ``warmup`` passes, as the official prints it.
+
+    A second line adds what ``benchmarks/speed.py`` reports besides the rate: the precision, the
+    seconds per batch and the peak memory of the process (GPU memory allocated on CUDA, RSS on CPU).
+    """
     model.eval()
     images, _ = next(iter(data_loader))
     images = images.to(device, non_blocking=True)
     batch_size = images.shape[0]
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     with autocast(device, amp_dtype):
         for _ in range(warmup):
             model(images)
@@ -220,8 +227,12 @@ def throughput(data_loader: Iterable, model: torch.nn.Module, device: torch.devi
         for _ in range(repeats):
             model(images)
         _synchronize(device)
-    rate = repeats * batch_size / (time.time() - start)
+    elapsed = time.time() - start
+    rate = repeats * batch_size / elapsed
     logger.info(f"batch_size {batch_size} throughput {rate}")
+    precision = str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'float32'
+    logger.info(f"throughput: {precision} on {device.type}, {elapsed / repeats * 1000:.1f} ms per batch, "
+                f"peak memory {memory_mb(device):.0f} MB")
     return rate
 
 

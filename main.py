@@ -210,8 +210,12 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
         logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
         max_accuracy = max(max_accuracy, acc1)
         logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+        scalars = {'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': loss}
+        if ctx.model_ema is not None:
+            scalars['val/ema_acc1'], scalars['val/ema_acc5'], _ = validate(
+                config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
         if ctx.tb_writer is not None:
-            for name, value in (('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
+            for name, value in scalars.items():
                 ctx.tb_writer.add_scalar(name, value, epoch)
             ctx.tb_writer.flush()
         if env.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):

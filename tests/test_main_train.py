@@ -54,10 +54,14 @@ def test_throughput_prints_the_official_line(tmp_path, image_folder):
     assert re.search(r'batch_size 4 throughput [\d.]+', result.stdout + result.stderr)
 
 
-def test_accumulation_and_full_precision_train(tmp_path, image_folder):
+def test_accumulation_full_precision_and_ema_train(tmp_path, image_folder):
     result, out = _train(tmp_path, image_folder, '--accumulation-steps', '2', '--disable_amp',
-                         '--opts', 'TRAIN.EPOCHS', '1')
-    assert (out / 'ckpt_epoch_0.pth').is_file()
+                         '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.EMA.ENABLE', 'True')
+    log = result.stdout + result.stderr
+    assert re.search(r' \* EMA Acc@1 [\d.]+ Acc@5 [\d.]+', log) and re.search(r' \* Acc@1 [\d.]+', log)
+    ckpt = torch.load(out / 'ckpt_epoch_0.pth', weights_only=True)
+    assert set(ckpt['model_ema']) == set(ckpt['model'])
+    assert any(not torch.equal(ckpt['model_ema'][k], v) for k, v in ckpt['model'].items() if v.is_floating_point())
 
 
 def test_an_official_training_checkpoint_resumes_at_the_next_epoch(tmp_path, image_folder):
