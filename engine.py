@@ -33,6 +33,21 @@ class TrainContext:
     mixup_fn: Optional[Callable] = None
     model_ema: Any = None
     tb_writer: Any = None
+    # (ctx, batch) -> (loss, batch size): classification by default; SimMIM passes its own.
+    loss_fn: Callable = None
+
+    def __post_init__(self):
+        if self.loss_fn is None:
+            self.loss_fn = classification_loss
+
+
+def classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of a (samples, targets) batch, after mixup/cutmix when on."""
+    samples, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
+    if ctx.mixup_fn is not None:
+        samples, targets = ctx.mixup_fn(samples, targets)
+    with autocast(ctx.device, ctx.amp_dtype):
+        return ctx.criterion(ctx.model(samples), targets), samples.shape[0]
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -49,7 +64,7 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _no_sync(model: torch.nn.Module, accumulating: bool):
+def no_sync(model: torch.nn.Module, accumulating: bool):
     """Skip DDP's gradient all-reduce on the steps that only accumulate."""
     if accumulating and hasattr(model, 'no_sync'):
         return model.no_sync()
@@ -71,15 +86,10 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
     guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, ctx.device)
     start = end = time.time()
     images, stopped_at = 0, None
-    for idx, (samples, targets) in enumerate(data_loader, start=start_step):
-        samples = samples.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if ctx.mixup_fn is not None:
-            samples, targets = ctx.mixup_fn(samples, targets)
+    for idx, batch in enumerate(data_loader, start=start_step):
         update = (idx + 1) % accum == 0
-        with _no_sync(ctx.model, not update):
-            with autocast(ctx.device, ctx.amp_dtype):
-                loss = ctx.criterion(ctx.model(samples), targets)
+        with no_sync(ctx.model, not update):
+            loss, batch_size = ctx.loss_fn(ctx, batch)
             if guard.skip_loss(loss, epoch, idx, logger):
                 ctx.optimizer.zero_grad(set_to_none=True)
                 continue
@@ -91,11 +101,11 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
             ctx.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
             if ctx.model_ema is not None:
                 ctx.model_ema.update(ctx.model, step=(epoch * num_steps + idx) // accum)
-        images += samples.shape[0]
-        _update_meters(meters, loss, grad_norm, ctx.loss_scaler, samples.shape[0], time.time() - end)
+        images += batch_size
+        update_meters(meters, loss, grad_norm, ctx.loss_scaler, batch_size, time.time() - end)
         end = time.time()
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            _log_train_step(config, ctx, meters, epoch, idx, num_steps, logger)
+            log_train_step(config, ctx, meters, epoch, idx, num_steps, logger)
         if update and preemption is not None and preemption.should_stop(ctx.device):
             stopped_at = idx + 1
             logger.warning(f"stop signal received: epoch {epoch} stops after step {idx}")
@@ -137,7 +147,7 @@ class NonFiniteGuard:
                             f"is kept; lower TRAIN.BASE_LR or check the data")
 
 
-def _update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, batch: int, step_time: float):
+def update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, batch: int, step_time: float):
     meters['loss'].update(loss.item(), batch)
     if grad_norm is not None and torch.isfinite(grad_norm):
         meters['grad_norm'].update(float(grad_norm))
@@ -145,7 +155,7 @@ def _update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, bat
     meters['time'].update(step_time)
 
 
-def _log_train_step(config, ctx: TrainContext, meters: dict, epoch: int, idx: int, num_steps: int,
+def log_train_step(config, ctx: TrainContext, meters: dict, epoch: int, idx: int, num_steps: int,
                     logger: logging.Logger) -> None:
     lr = ctx.optimizer.param_groups[0]['lr']
     wd = ctx.optimizer.param_groups[0]['weight_decay']

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -103,7 +103,8 @@ def log_model_size(model: torch.nn.Module, config, logger) -> None:
     logger.info(f"number of GFLOPs: {count_flops(model, img_size) / 1e9}")
 
 
-def main(config, env: DistEnv) -> None:
+def open_run_log(config, env: DistEnv):
+    """The run's logger; rank 0 also writes the full config to OUTPUT/config.json."""
     logger = create_logger(config.OUTPUT, dist_rank=env.rank, name=f"{config.MODEL.NAME}")
     if env.is_main:
         with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
@@ -111,7 +112,21 @@ def main(config, env: DistEnv) -> None:
         logger.info(f"Full config saved to {os.path.join(config.OUTPUT, 'config.json')}")
     logger.info(config.dump())
     logger.info(json.dumps({'rank': env.rank, 'world_size': env.world_size, 'device': str(env.device)}))
+    return logger
 
+
+def wrap_model(config, env: DistEnv, model: torch.nn.Module) -> torch.nn.Module:
+    """DDP across processes (after the optimizer is built on the plain model), then torch.compile if asked."""
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False)
+    if config.TRAIN.COMPILE:
+        model = torch.compile(model)
+    return model
+
+
+def main(config, env: DistEnv) -> None:
+    logger = open_run_log(config, env)
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
     model = build_model(config)
@@ -130,11 +145,7 @@ def main(config, env: DistEnv) -> None:
             return
 
     optimizer = build_optimizer(config, model)
-    if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False)
-    if config.TRAIN.COMPILE:
-        model = torch.compile(model)
+    model = wrap_model(config, env, model)
     loss_scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)
     n_iter = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
     lr_scheduler = build_scheduler(config, optimizer, n_iter)
@@ -188,7 +199,10 @@ class Progress:
 
 def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_train, loader_val, num_val: int,
           progress: Progress, preemption: PreemptionHandler, logger) -> None:
-    """The epoch loop: train, evaluate, checkpoint (rank 0), log. A stop signal ends it after a checkpoint."""
+    """The epoch loop: train, evaluate (unless ``loader_val`` is None), checkpoint (rank 0), log.
+
+    A stop signal ends it after a checkpoint that resumes mid-epoch.
+    """
     logger.info("Start training")
     start_time = time.time()
     max_accuracy = progress.max_accuracy
@@ -204,14 +218,14 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
         if stats['stopped_at'] is not None:
             save_stopped_run(config, env, ctx, model_without_ddp, epoch, stats['stopped_at'], max_accuracy, logger)
             return
-        if ctx.tb_writer is not None:
-            ctx.tb_writer.add_scalar('train/throughput', stats['images_per_second'], epoch)
-        acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
-        logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
-        max_accuracy = max(max_accuracy, acc1)
-        logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-        scalars = {'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': loss}
-        if ctx.model_ema is not None:
+        scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
+        if loader_val is not None:
+            acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
+            logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
+            max_accuracy = max(max_accuracy, acc1)
+            logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+            scalars.update({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': loss})
+        if ctx.model_ema is not None and loader_val is not None:
             scalars['val/ema_acc1'], scalars['val/ema_acc5'], _ = validate(
                 config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
         if ctx.tb_writer is not None:
@@ -239,16 +253,20 @@ def save_stopped_run(config, env: DistEnv, ctx: TrainContext, model_without_ddp,
     logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Entry point: user mistakes become one line on stderr and exit status 2, without a traceback."""
+def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Optional[Callable] = None) -> int:
+    """Entry point: user mistakes become one line on stderr and exit status 2, without a traceback.
+
+    ``parse(argv) -> (args, config)`` and ``entry(config, env)`` default to this script's; the SimMIM
+    scripts pass their own.
+    """
     env = None
     try:
-        _, config = parse_option(argv)
+        _, config = parse(argv)
         env = init_distributed()
         config = scale_learning_rates(config, env.world_size)
         seed_process(config.SEED + env.rank)
         prepare_output(config)
-        main(config, env)
+        (entry or main)(config, env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
