@@ -1,12 +1,15 @@
-"""Training-loader throughput: ours (fast and plain paths) against timm's ``create_loader``.
+"""Loader throughput: ours (fast and plain paths) against timm's ``create_loader``, in one run.
 
-Writes a folder of a few hundred distinct ImageNet-sized JPEGs (300-500 px) cut from the two real
-photos that ship with scikit-learn (no download), then times each loader on it with the same recipe
-(RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 pixel, bicubic, 224 px), the same batch size
-and worker count, in the same run, alternating the loaders to spread out machine noise. Prints the
-images per second of each and the ratio ours / timm.
+Writes a folder of distinct JPEGs cut from the two real photos that ship with scikit-learn (no
+download): ImageNet-sized by default (longer side 300-500 px), or large photos with ``--large``
+(shorter side 1000-1500 px, upscaled: fine for timing). Then times each loader on it with the same
+recipe (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 pixel, bicubic, 224 px), the same batch
+size and worker count, alternating the loaders to spread out machine noise. Prints the Pillow build
+(stock or SIMD), images per second of each loader and the ratio ours / timm.
 
     .venv/bin/python benchmarks/loader.py --workers 2 --rounds 3
+    .venv/bin/python benchmarks/loader.py --large            # + ours without reduced JPEG decoding
+    .venv/bin/python benchmarks/loader.py --eval [--large]   # validation loaders instead
 
 Two numbers per loader: images per second from the first batch of an epoch to its last (worker
 start-up excluded for every loader alike), and CPU milliseconds per image over the whole epoch
@@ -33,20 +36,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import get_default_config  # noqa: E402
 from data import build_loader, use_safe_posterize  # noqa: E402
+from data.decode import pillow_build  # noqa: E402
 
 RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
               color_jitter=0.4, interpolation='bicubic')
 
 
-def write_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
-    """``root/{train,val}/class_k/*.jpg``: random crops, flips and rescales of scikit-learn's photos."""
+def write_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0, large: bool = False,
+                val_count: int = 0) -> Path:
+    """``root/{train,val}/class_k/*.jpg``: random crops, flips and rescales of scikit-learn's photos.
+
+    Longer side 300-500 px, or shorter side 1000-1500 px when ``large``; ``val_count`` validation
+    images (default a tenth of ``count``).
+    """
     from sklearn.datasets import load_sample_images
-    marker = root / f'.done_{count}_{classes}_{seed}'
+    val_count = val_count or max(classes, count // 10)
+    marker = root / f'.done_{count}_{val_count}_{classes}_{seed}_{int(large)}'
     if marker.exists():
         return root
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     rng = np.random.default_rng(seed)
-    for split, n in (('train', count), ('val', max(classes, count // 10))):
+    for split, n in (('train', count), ('val', val_count)):
         for i in range(n):
             photo = photos[i % len(photos)]
             w, h = photo.size
@@ -55,8 +65,10 @@ def write_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path
             img = photo.crop((left, top, left + cw, top + ch))
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            long_side = int(rng.integers(300, 501))
-            scale = long_side / max(img.size)
+            if large:
+                scale = int(rng.integers(1000, 1501)) / min(img.size)
+            else:
+                scale = int(rng.integers(300, 501)) / max(img.size)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
             folder = root / split / f'class_{i % classes}'
             folder.mkdir(parents=True, exist_ok=True)
@@ -65,16 +77,20 @@ def write_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path
     return root
 
 
-def timm_loader(root: Path, batch_size: int, workers: int):
+def timm_loader(root: Path, batch_size: int, workers: int, train: bool = True):
     from timm.data import ImageDataset, create_loader
-    loader = create_loader(ImageDataset(str(root / 'train')), input_size=(3, 224, 224), batch_size=batch_size,
-                           is_training=True, use_prefetcher=False, num_workers=workers, pin_memory=False,
-                           persistent_workers=False, device=torch.device('cpu'), **RECIPE)
-    assert use_safe_posterize(loader.dataset.transform) > 0
+    split = 'train' if train else 'val'
+    recipe = RECIPE if train else dict(interpolation=RECIPE['interpolation'], crop_pct=224 / 256)
+    loader = create_loader(ImageDataset(str(root / split)), input_size=(3, 224, 224), batch_size=batch_size,
+                           is_training=train, use_prefetcher=False, num_workers=workers, pin_memory=False,
+                           persistent_workers=False, device=torch.device('cpu'), **recipe)
+    if train:
+        assert use_safe_posterize(loader.dataset.transform) > 0
     return loader
 
 
-def our_loader(root: Path, batch_size: int, workers: int, fast: bool):
+def our_loader(root: Path, batch_size: int, workers: int, fast: bool, train: bool = True, reduce: bool = True):
+    """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant)."""
     cfg = get_default_config()
     cfg.DATA.DATA_PATH, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = str(root), batch_size, workers
     cfg.DATA.IMG_SIZE, cfg.DATA.INTERPOLATION, cfg.DATA.PIN_MEMORY = 224, RECIPE['interpolation'], False
@@ -83,7 +99,10 @@ def our_loader(root: Path, batch_size: int, workers: int, fast: bool):
     cfg.AUG.REPROB, cfg.AUG.REMODE, cfg.AUG.RECOUNT = RECIPE['re_prob'], RECIPE['re_mode'], RECIPE['re_count']
     cfg.MODEL.NUM_CLASSES = 8
     cfg.freeze()
-    return build_loader(cfg)[2]
+    loader = build_loader(cfg)[2 if train else 3]
+    if not reduce:
+        loader.dataset.decoder.reduce = False
+    return loader
 
 
 def _cpu_seconds() -> float:
@@ -114,16 +133,23 @@ def measure_epoch(loader, epoch: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--root', default='/tmp/swin_loader_bench')
+    parser.add_argument('--root', default=None, help='image folder to write/reuse (default under /tmp)')
     parser.add_argument('--images', type=int, default=1280)
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--large', action='store_true', help='photos with shorter side 1000-1500 px')
+    parser.add_argument('--eval', action='store_true', help='time the validation loaders')
     args = parser.parse_args()
-    root = write_jpegs(Path(args.root), args.images)
-    loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers),
-               'ours fast': our_loader(root, args.batch_size, args.workers, fast=True),
-               'ours plain': our_loader(root, args.batch_size, args.workers, fast=False)}
+    root = Path(args.root or f'/tmp/swin_loader_bench{"_large" if args.large else ""}')
+    root = write_jpegs(root, args.images, large=args.large, val_count=args.images if args.eval else 0)
+    train = not args.eval
+    print(f'PIL: {pillow_build()}', flush=True)
+    loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
+               'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}
+    if args.large and train:
+        loaders['ours fast, full decode'] = our_loader(root, args.batch_size, args.workers, True, train, reduce=False)
+    loaders['ours plain'] = our_loader(root, args.batch_size, args.workers, fast=False, train=train)
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     costs: dict[str, list[float]] = {name: [] for name in loaders}
     for epoch in range(args.rounds):
@@ -131,14 +157,15 @@ def main() -> None:
             rate, cost = measure_epoch(loader, epoch)
             rates[name].append(rate)
             costs[name].append(cost)
-            print(f'round {epoch}: {name:20s} {rate:7.1f} img/s  {cost:5.2f} CPU ms/img', flush=True)
-    print(f'\n{args.images} JPEGs 300-500 px, batch {args.batch_size}, {args.workers} workers, '
-          f'{os.cpu_count()} CPUs; median of {args.rounds} rounds:')
+            print(f'round {epoch}: {name:24s} {rate:7.1f} img/s  {cost:5.2f} CPU ms/img', flush=True)
+    photos = 'JPEGs, shorter side 1000-1500 px' if args.large else 'JPEGs 300-500 px'
+    print(f'\n{pillow_build()}; {"validation" if args.eval else "training"} loaders; {args.images} {photos}, '
+          f'batch {args.batch_size}, {args.workers} workers, {os.cpu_count()} CPUs; median of {args.rounds} rounds:')
     base_rate = statistics.median(rates['timm create_loader'])
     base_cost = statistics.median(costs['timm create_loader'])
     for name in loaders:
         rate, cost = statistics.median(rates[name]), statistics.median(costs[name])
-        print(f'  {name:20s} {rate:7.1f} img/s ({rate / base_rate:.2f}x timm)   '
+        print(f'  {name:24s} {rate:7.1f} img/s ({rate / base_rate:.2f}x timm)   '
               f'{cost:5.2f} CPU ms/img ({base_cost / cost:.2f}x timm\'s images per CPU second)')
 
 

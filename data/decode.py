@@ -1,14 +1,22 @@
-"""Turning the stored bytes of an image into pixels: a PIL decoder and a uint8 tensor decoder.
+"""Turning the stored bytes of an image into pixels: PIL and uint8 tensor decoders, reduced JPEG decoding.
 
-Both decode the whole image at once, so that a truncated or corrupt file fails here, where the
-dataset can count it and substitute another sample, and never later inside a transform. Pillow's
-global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone: a truncated file is unreadable, not grey.
+Every decoder decodes the whole image at once (at full or reduced scale), so that a truncated or
+corrupt file fails here, where the dataset can count it and substitute another sample, and never
+later inside a transform. Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone: a
+truncated file is unreadable, not grey.
+
+Reduced decoding (Pillow's ``draft``) lets libjpeg produce the image at 1/2, 1/4 or 1/8 of its size
+straight from the DCT coefficients, several times faster than a full decode. The transforms use it
+only for training crops that stay at least twice the output size on each side once reduced (see
+``data.transforms.RandomResizedCropDecoder``).
 """
 from __future__ import annotations
 
 import io
 import warnings
+from importlib import metadata
 
+import PIL
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
@@ -19,13 +27,42 @@ except ImportError:  # torchvision >= 0.29 deprecates its decoders; without them
     decode_jpeg = None
 
 _JPEG_MAGIC = b'\xff\xd8\xff'
+JPEG_REDUCTIONS = (8, 4, 2)  # the scales libjpeg can decode at, besides 1
+
+
+def _simd_build() -> bool:
+    """True when the installed PIL package is Pillow-SIMD (its distribution's version is PIL's own)."""
+    for name in ('pillow-simd', 'Pillow-SIMD'):
+        try:
+            if metadata.version(name) == PIL.__version__:
+                return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+PIL_SIMD = _simd_build()
+
+
+def pillow_build() -> str:
+    """``'Pillow-SIMD 12.1.1.post0'`` or ``'Pillow 13.0.0'``: the PIL build in use, for logs and benchmarks."""
+    return f'{"Pillow-SIMD" if PIL_SIMD else "Pillow"} {PIL.__version__}'
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image with its header read and no pixel decoded yet (size, mode and format are known)."""
+    return Image.open(io.BytesIO(data))
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image (raises on a truncated or corrupt file) and return it in RGB."""
+    img.load()
+    return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def decode_pil(data: bytes) -> Image.Image:
     """An RGB PIL image; raises (OSError, SyntaxError, ...) when the bytes are not a full image."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert('RGB')
+    return load_rgb(open_image(data))
 
 
 def decode_tensor(data: bytes) -> torch.Tensor:
@@ -46,6 +83,28 @@ def decode_tensor(data: bytes) -> torch.Tensor:
         except RuntimeError:
             pass
     return pil_to_tensor(decode_pil(data))
+
+
+def jpeg_reduction(img: Image.Image, max_factor: float) -> int:
+    """The largest JPEG decoding reduction (8, 4, 2, or 1 for none) not above ``max_factor``.
+
+    1 for anything but a baseline/progressive JPEG, whose decoder is the only one that can reduce.
+    """
+    if img.format != 'JPEG':
+        return 1
+    return next((k for k in JPEG_REDUCTIONS if k <= max_factor), 1)
+
+
+def draft_reduce(img: Image.Image, factor: int) -> float:
+    """Make an opened JPEG decode at ``1 / factor`` of its size; returns the scale actually set
+    (original pixels per decoded pixel: 1.0 when Pillow declines, e.g. for a multi-tile file)."""
+    if factor <= 1:
+        return 1.0
+    width, height = img.size
+    reduced = img.draft('RGB', (width // factor, height // factor))
+    if not reduced:
+        return 1.0
+    return width / reduced[1][2]  # draft reports where the full image lies in decoded pixels
 
 
 def blank_image(decoder, size: int) -> object:
