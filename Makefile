@@ -7,7 +7,7 @@ STAMP    := $(VENV_DIR)/.swin-requirements
 DEMO_DIR ?= demo_data/digits
 DEMO_OUT ?= output/demo
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test clean-demo pillow-simd
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# Optional: swap Pillow for pillow-simd (needs libjpeg and zlib headers; builds in about a minute).
+pillow-simd: setup
+	$(PYTHON) -m pip uninstall -y pillow
+	$(PYTHON) -m pip install --no-cache-dir -r requirements-fast.txt
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT)
