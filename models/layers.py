@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
     'window_partition', 'window_reverse', 'clip_window', 'shifted_window_mask', 'relative_position_index',
     'window_attention', 'shifted_window_attention', 'drop_path_rates', 'check_resolution', 'init_weights',
-    'DerivedBuffersMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced',
+    'DerivedBuffersMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'window_order_index', 'permute_tokens',
+    'WindowOrder',
 ]
 
 # The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
@@ -150,7 +151,11 @@ class PatchMerging(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: a list of ``blocks``, then an optional ``downsample`` at the END (official layout).
 
-    With ``use_checkpoint`` each block's activations are recomputed in the backward pass.
+    Tokens enter and leave in row-major order. When every block can run on tokens kept in its own
+    window order (it has ``forward_windowed`` and ``window_order``), the stage keeps them that way:
+    one gather per change of shift instead of a roll, a partition and a merge per block
+    (:class:`WindowOrder`). With ``use_checkpoint`` each block's activations are recomputed in the
+    backward pass.
     """
 
     def __init__(self, blocks: Iterable[nn.Module], downsample: Optional[nn.Module] = None,
@@ -159,13 +164,23 @@ class BasicLayer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
         self.use_checkpoint = use_checkpoint
+        windowed = len(self.blocks) > 0 and all(hasattr(b, 'forward_windowed') for b in self.blocks)
+        self.order = WindowOrder([b.window_order() for b in self.blocks]) if windowed else None
+
+    def _run(self, blk: Callable, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        if self.order is None:
+            for blk in self.blocks:
+                x = self._run(blk, x)
+        else:
+            for i, blk in enumerate(self.blocks):
+                x = self.order.enter(x, i)
+                x = self._run(blk.forward_windowed, x)
+            x = self.order.leave(x)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -265,6 +280,85 @@ def relative_position_index(window_size: Tuple[int, int], device=None) -> torch.
                                         indexing='ij')).flatten(1)  # 2, N
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+@derived_buffer
+def window_order_index(input_resolution: Tuple[int, int], window_size: int, shift_size: int,
+                       device=None) -> torch.Tensor:
+    """``(L,)`` row-major position of each token once cyclically shifted by ``-shift_size`` and cut into
+    windows: the order in which :func:`shifted_window_attention` hands tokens to the attention."""
+    h, w = input_resolution
+    grid = torch.arange(h * w, device=device).view(1, h, w, 1)
+    if shift_size > 0:
+        grid = torch.roll(grid, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    return window_partition(grid, window_size).reshape(-1)
+
+
+class _Permute(torch.autograd.Function):
+    """``x[:, index]`` for a permutation ``index``; the backward is the gather by the inverse
+    permutation, which is cheaper than the scatter-add autograd would use for ``index_select``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Reorder the tokens (dim 1) of ``(B, L, C)`` by the permutation ``index`` (``inverse`` undoes it)."""
+    return _Permute.apply(x, index, inverse)
+
+
+class WindowOrder(DerivedBuffersMixin, nn.Module):
+    """Gather indices for a stage whose blocks work on tokens in window order.
+
+    ``orders[i]`` is block i's window order (see :func:`window_order_index`; CPU tensors). ``enter(x, i)`` moves
+    tokens from block i-1's order (row-major before block 0) into block i's; ``leave`` puts them back in
+    row-major order. A step between equal orders (consecutive blocks without shift, or a stage that is
+    one window wide) is skipped. The indices are derived buffers: they follow ``.to()``, stay out of
+    state dicts and are ignored when a state dict carries them.
+    """
+
+    def __init__(self, orders: Sequence[torch.Tensor]):
+        super().__init__()
+        device = torch.empty(0).device  # the default one: buffers go there, the meta device included
+        with torch.device('cpu'):
+            orders = [o.cpu() for o in orders]
+            row_major = torch.arange(orders[0].numel())
+            sequence = [row_major, *orders, row_major]
+            self.steps = [self._register_step(i, src, dst, device)
+                          for i, (src, dst) in enumerate(zip(sequence, sequence[1:]))]
+        self._derived_buffers = tuple(name for name, _ in self.named_buffers())
+
+    @staticmethod
+    def _inverse(order: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+    def _register_step(self, i: int, src: torch.Tensor, dst: torch.Tensor, device: torch.device) -> bool:
+        if torch.equal(src, dst):
+            return False
+        # x_dst[k] = x_row_major[dst[k]] = x_src[inverse(src)[dst[k]]]
+        self.register_buffer(f'index_{i}', self._inverse(src)[dst].to(device), persistent=False)
+        self.register_buffer(f'inverse_{i}', self._inverse(dst)[src].to(device), persistent=False)
+        return True
+
+    def _step(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if not self.steps[i]:
+            return x
+        return permute_tokens(x, getattr(self, f'index_{i}'), getattr(self, f'inverse_{i}'))
+
+    def enter(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Tokens in block ``i-1``'s order (row-major for ``i == 0``) -> block ``i``'s order."""
+        return self._step(x, i)
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens in the last block's order -> row-major."""
+        return self._step(x, len(self.steps) - 1)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

@@ -8,14 +8,25 @@ from __future__ import annotations
 from typing import Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution,
-                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_attention,
-                     shifted_window_mask, to_2tuple, trunc_normal_, window_attention)
+                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask, to_2tuple,
+                     trunc_normal_, window_order_index)
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
+
+
+_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: the autocast dtype where autocast is on, else ``x``'s."""
+    if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class WindowAttention(DerivedBuffersMixin, nn.Module):
@@ -42,6 +53,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache = None  # (key, tensor) of attention_bias() where no gradient is needed
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -50,13 +62,55 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).contiguous()
 
+    def attention_bias(self, mask: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``),
+        in ``dtype`` (default: the table's).
+
+        Where no gradient can reach the table (evaluation, ``torch.no_grad``) the sum is computed once
+        and reused until the table changes (in place, as an optimizer does, or replaced), or the device,
+        dtype or mask changes; otherwise it is rebuilt so that the table gets its gradient.
+        """
+        table = self.relative_position_bias_table
+        dtype = dtype or table.dtype
+        fresh = ((torch.is_grad_enabled() and table.requires_grad) or table.is_meta
+                 or torch.compiler.is_compiling())  # a compiled graph folds the sum itself
+        if fresh:
+            return self._attention_bias(mask).to(dtype)
+        key = (table.data_ptr(), table._version, table.device, dtype, None if mask is None else mask.data_ptr())
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.autocast(table.device.type, enabled=False):
+                self._bias_cache = (key, self._attention_bias(mask).to(dtype))
+        return self._bias_cache[1]
+
+    def _attention_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bias = self.relative_position_bias().unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1)
+
+    def forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, nW * N, C)``, the tokens of each image window after window; attn_bias: from
+        :meth:`attention_bias`. Returns the same layout."""
+        b, l, c = x.shape
+        n, nh = l // num_windows, self.num_heads
+        # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
+        qkv = self.qkv(x).view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
+        qkv[0].mul_(self.scale)  # in place: the products then keep one (3C) buffer for backward, not 4C
+        q, k, v = qkv.unbind(0)
+        attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
+        # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
+        # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32)
+        attn = attn.view(b, num_windows, nh, n, n).add_(attn_bias.to(attn.dtype))  # in place: one big buffer less
+        attn = attn.view(-1, nh, n, n).softmax(dim=-1)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop)
+        x = (attn @ v).transpose(1, 2).reshape(b, l, c)
+        return self.proj_drop(self.proj(x))
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = window_attention(q, k, v, self.relative_position_bias(), mask, self.scale,
-                             self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
+        nw = 1 if mask is None else mask.shape[0]
+        y = self.forward_windows(x.reshape(bw // nw, nw * n, c), nw, self.attention_bias(mask, _compute_dtype(x)))
+        return y.view(bw, n, c)
 
     def flops(self, n: int) -> int:
         """Multiply-adds for one window of ``n`` tokens (official formula)."""
@@ -97,15 +151,26 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
                 if self.shift_size > 0 else None)
         self.register_buffer('attn_mask', mask, persistent=False)
+        self.num_windows = self.input_resolution[0] * self.input_resolution[1] // self.window_size ** 2
+
+    def window_order(self) -> torch.Tensor:
+        """Row-major index of each token in the order this block's windows see them (CPU)."""
+        return window_order_index(self.input_resolution, self.window_size, self.shift_size, device='cpu')
+
+    def forward_windowed(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on tokens already in :meth:`window_order` (what a stage passes); same order out."""
+        bias = self.attn.attention_bias(self.attn_mask, _compute_dtype(x))
+        y = self.attn.forward_windows(self.norm1(x), self.num_windows, bias)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-major tokens ``(B, H*W, C)`` in and out."""
         h, w = self.input_resolution
         if x.shape[1] != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        y = shifted_window_attention(self.norm1(x), self.input_resolution, self.window_size, self.shift_size,
-                                     self.attn, self.attn_mask)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        order = self.window_order().to(x.device)
+        return self.forward_windowed(x[:, order])[:, torch.argsort(order)]
 
     def flops(self) -> int:
         h, w = self.input_resolution
@@ -123,7 +188,9 @@ class SwinTransformer(nn.Module):
     three), final LayerNorm, average pooling, linear ``head``.
 
     Arguments keep the official names. ``fused_window_process`` is accepted for compatibility with
-    official configs and ignored (the fused CUDA kernel is not shipped; the plain path is equivalent).
+    official configs: what the official fused CUDA kernel did (shift and partition in one pass) every
+    stage here does always, on any device, by keeping its tokens in window order
+    (:class:`~models.layers.WindowOrder`); the flag changes nothing.
     """
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
