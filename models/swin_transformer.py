@@ -82,6 +82,12 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
                 self._bias_cache = (key, self._attention_bias(mask).to(dtype))
         return self._bias_cache[1]
 
+    def train(self, mode: bool = True) -> 'WindowAttention':
+        # Fused optimizers (torch's fused AdamW) update the table without bumping its version
+        # counter, so the cache is also dropped at every switch between training and evaluation.
+        self._bias_cache = None
+        return super().train(mode)
+
     def _attention_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bias = self.relative_position_bias().unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)

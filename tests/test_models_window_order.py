@@ -113,3 +113,21 @@ def test_eval_mode_with_gradients_still_reaches_the_bias_table():
         model(torch.randn(1, 3, 32, 32))  # fills the cache
     F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
     assert model.layers[0].blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_evaluation_after_a_fused_adamw_step_sees_the_new_bias_table():
+    # torch's fused AdamW updates parameters without bumping their version counters.
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+                  num_classes=5)
+    model = randomize_(SwinTransformer(**kwargs))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()(x)  # fills the evaluation cache
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    fresh = SwinTransformer(**kwargs).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), fresh(x), atol=1e-5)
