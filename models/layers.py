@@ -61,6 +61,44 @@ class DerivedBuffersMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class HierarchicalClassifierMixin:
+    """What the three hierarchical models share once their modules exist: the classifier methods.
+
+    Expects ``patch_embed``, ``absolute_pos_embed`` (or None), ``pos_drop``, ``layers``, ``norm``,
+    ``head``, ``num_features``, ``num_classes``, ``num_layers`` and ``patches_resolution``.
+    """
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self) -> int:
+        """Multiply-adds by the official formula (attention or spatial MLPs, linears, norms, head)."""
+        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
+        return flops + self.num_features * self.num_classes
+
+
 class Mlp(nn.Module):
     """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
 

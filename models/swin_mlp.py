@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (BasicLayer, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution, clip_window,
+from .layers import (HierarchicalClassifierMixin, BasicLayer, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution, clip_window,
                      drop_path_rates, init_weights, to_2tuple, trunc_normal_, window_partition, window_reverse)
 from .registry import register_model
 
@@ -87,7 +87,7 @@ class SwinMLPBlock(nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
-class SwinMLP(nn.Module):
+class SwinMLP(HierarchicalClassifierMixin, nn.Module):
     """Swin-MLP classifier: the Swin V1 layout (patch embedding, 4 stages with patch merging at the end
     of the first three, LayerNorm, average pooling, ``head``) built from :class:`SwinMLPBlock`."""
 
@@ -150,36 +150,6 @@ class SwinMLP(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
         return {'relative_position_bias_table'}
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def flops(self) -> int:
-        """Multiply-adds by the official formula."""
-        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
-        return flops + self.num_features * self.num_classes
 
 
 def _swin_mlp(name: str, img_size: int, window_size: int, **defaults):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution,
+from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution,
                      clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask, to_2tuple,
                      trunc_normal_, window_order_index)
 from .registry import register_model
@@ -189,7 +189,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
     """Swin Transformer classifier: patch embedding, 4 stages (patch merging at the end of the first
     three), final LayerNorm, average pooling, linear ``head``.
 
@@ -253,36 +253,6 @@ class SwinTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
         return {'relative_position_bias_table'}
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def flops(self) -> int:
-        """Multiply-adds by the official formula (attention matmuls, linears, norms, head)."""
-        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
-        return flops + self.num_features * self.num_classes
 
 
 def _swin(name: str, default_img_size: int, **defaults):

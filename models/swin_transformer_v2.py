@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, check_resolution, clip_window,
+from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, check_resolution, clip_window,
                      derived_buffer, drop_path_rates, init_weights, log_spaced, relative_position_index, shifted_window_attention,
                      shifted_window_mask, to_2tuple, trunc_normal_, window_attention)
 from .registry import register_model
@@ -181,7 +181,7 @@ class PatchMerging(layers.PatchMerging):
         return (h // 2) * (w // 2) * 4 * self.dim * 2 * self.dim + h * w * self.dim // 2
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
     """Swin Transformer V2 classifier; same layout and arguments as V1 (no ``qk_scale``: attention is
     cosine) plus ``pretrained_window_sizes``, one per stage (0: not fine-tuned from another window)."""
 
@@ -244,36 +244,6 @@ class SwinTransformerV2(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
         return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def flops(self) -> int:
-        """Multiply-adds by the official formula."""
-        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
-        return flops + self.num_features * self.num_classes
 
 
 def _swinv2(name: str, img_size: int, window_size: int, **defaults):
