@@ -31,5 +31,15 @@ def write_image_folder(root: str | os.PathLike, num_classes: int = 3, train_per_
 
 
 @pytest.fixture
+def one_torch_thread():
+    """In-process training tests: one torch thread is faster than two threads fighting over busy cores."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / 'data')

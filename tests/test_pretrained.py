@@ -20,13 +20,7 @@ LOG = logging.getLogger('test_pretrained')
 REL = 'layers.0.blocks.0.attn.relative_position_bias_table'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared by many jobs: one thread per test process is much faster than oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def tiny_cfg(model_type: str = 'swin', pretrained: str = '', **keys):

@@ -17,12 +17,7 @@ from models.simmim import norm_targets
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def tiny_cfg(model_type: str = 'swin', norm_target: bool = False):
