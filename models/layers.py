@@ -68,6 +68,28 @@ class HierarchicalClassifierMixin:
     ``head``, ``num_features``, ``num_classes``, ``num_layers`` and ``patches_resolution``.
     """
 
+    def init_stem(self, img_size, patch_size, in_chans: int, num_classes: int, embed_dim: int,
+                  depths: Sequence[int], window_size: int, mlp_ratio: float, drop_rate: float, norm_layer: type,
+                  ape: bool, patch_norm: bool) -> None:
+        """The sizes, patch embedding, optional absolute position embedding and dropout every variant starts with."""
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer=norm_layer if patch_norm else None)
+        self.patches_resolution = self.patch_embed.patches_resolution
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
         self.num_classes = num_classes

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchEmbed, PatchMerging, check_resolution,
-                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask, to_2tuple,
-                     trunc_normal_, window_order_index)
+from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
+                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
+                     to_2tuple, trunc_normal_, window_order_index)
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
@@ -209,24 +209,8 @@ class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.ape = ape
-        self.patch_norm = patch_norm
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.mlp_ratio = mlp_ratio
-        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
-
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer=norm_layer if patch_norm else None)
-        self.patches_resolution = self.patch_embed.patches_resolution
-        if ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
-        else:
-            self.absolute_pos_embed = None
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
+                       drop_rate, norm_layer, ape, patch_norm)
 
         dpr = drop_path_rates(drop_path_rate, depths)
         self.layers = nn.ModuleList()
