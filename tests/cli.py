@@ -64,6 +64,12 @@ def run_main(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_main(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python main.py ARGS`` started in the background (stderr kept), for tests that signal it."""
+    return subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun LAUNCH main.py ARGS`` in ``cwd``."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]

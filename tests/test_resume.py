@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli import REPO, _env, run_main, write_tiny_config
+from cli import run_main, start_main, write_tiny_config
 from conftest import write_image_folder
 
 # The official recipe's random parts on: RandAugment, mixup/cutmix, random erasing, drop path.
@@ -45,11 +44,6 @@ PRINT_FREQ: 1
 
 def _args(cfg: Path, data: Path, out: Path) -> list[str]:
     return ['--cfg', str(cfg), '--data-path', str(data), '--output', str(out)]
-
-
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -88,7 +82,7 @@ def test_sigkill_after_a_checkpoint_then_restart_ends_bit_identical(reference):
     root, cfg, data, expected = reference
     out = root / 'killed'
     args = _args(cfg, data, out)
-    proc = _start(args, root)
+    proc = start_main(args, root)
     _wait_for(lambda: (out / 'resume_test' / 'default' / 'ckpt_epoch_0.pth').exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -103,7 +97,7 @@ def test_sigterm_mid_epoch_writes_a_step_checkpoint_exits_0_and_resumes_bit_iden
     out = root / 'stopped'
     run_dir = out / 'resume_test' / 'default'
     args = _args(cfg, data, out)
-    proc = _start(args, root)
+    proc = start_main(args, root)
     _wait_for(lambda: (run_dir / 'log_rank0.txt').exists() and 'Train: [1/3][2/6]' in
               (run_dir / 'log_rank0.txt').read_text(), proc)
     proc.send_signal(signal.SIGTERM)
