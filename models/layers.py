@@ -17,6 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath
 
+from . import fast_path
+from .fast_path import CastCache
+
 __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
     'window_partition', 'window_reverse', 'clip_window', 'shifted_window_mask', 'relative_position_index',
@@ -122,7 +125,11 @@ class HierarchicalClassifierMixin:
 
 
 class Mlp(nn.Module):
-    """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
+    """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``).
+
+    Where no gradient is needed the weights' low-precision copies are cached and, with the exact GELU,
+    ``fc1`` and the activation run as one fused kernel (:mod:`models.fast_path`).
+    """
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0):
@@ -133,10 +140,20 @@ class Mlp(nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
+        self._fused_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
+        self._cache = CastCache()
+
+    def train(self, mode: bool = True) -> 'Mlp':
+        self._cache.clear()  # see CastCache: fused optimizers leave no trace in the version counter
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
+        if self._fused_gelu:
+            x = fast_path.linear(x, self.fc1, self._cache, 'fc1', gelu=True)
+        else:
+            x = self.act(fast_path.linear(x, self.fc1, self._cache, 'fc1'))
+        x = self.drop(x)
+        return self.drop(fast_path.linear(x, self.fc2, self._cache, 'fc2'))
 
 
 class PatchEmbed(nn.Module):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_path
+from .fast_path import CastCache, compute_dtype, grad_needed
 from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
                      to_2tuple, trunc_normal_, window_order_index)
@@ -18,15 +20,9 @@ from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
 
-
-_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in: the autocast dtype where autocast is on, else ``x``'s."""
-    if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+# Evaluation repeats a shifted block's bias + mask over up to this many bytes' worth of images (see
+# WindowAttention._fused_attention): a batch of 8 at 224 px fits in one call in fp32 and bf16.
+_BIAS_BYTES = 16 << 20
 
 
 class WindowAttention(DerivedBuffersMixin, nn.Module):
@@ -53,7 +49,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache = None  # (key, tensor) of attention_bias() where no gradient is needed
+        self._cache = CastCache()  # what evaluation derives from the weights (see attention_bias)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -63,29 +59,21 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         return bias.permute(2, 0, 1).contiguous()
 
     def attention_bias(self, mask: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``),
-        in ``dtype`` (default: the table's).
+        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``), in
+        ``dtype`` (default: the table's).
 
-        Where no gradient can reach the table (evaluation, ``torch.no_grad``) the sum is computed once
-        and reused until the table changes (in place, as an optimizer does, or replaced), or the device,
-        dtype or mask changes; otherwise it is rebuilt so that the table gets its gradient.
+        Where no gradient can reach the table (evaluation, ``torch.no_grad``) the sum is computed once and
+        reused until the table changes (see :class:`~models.fast_path.CastCache`); otherwise it is rebuilt
+        so that the table gets its gradient.
         """
         table = self.relative_position_bias_table
         dtype = dtype or table.dtype
-        fresh = ((torch.is_grad_enabled() and table.requires_grad) or table.is_meta
-                 or torch.compiler.is_compiling())  # a compiled graph folds the sum itself
-        if fresh:
+        if grad_needed(table) or table.is_meta or torch.compiler.is_compiling():
             return self._attention_bias(mask).to(dtype)
-        key = (table.data_ptr(), table._version, table.device, dtype, None if mask is None else mask.data_ptr())
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            with torch.autocast(table.device.type, enabled=False):
-                self._bias_cache = (key, self._attention_bias(mask).to(dtype))
-        return self._bias_cache[1]
+        return self._cache.get('bias', (table, mask), dtype, lambda: self._attention_bias(mask).to(dtype))
 
     def train(self, mode: bool = True) -> 'WindowAttention':
-        # Fused optimizers (torch's fused AdamW) update the table without bumping its version
-        # counter, so the cache is also dropped at every switch between training and evaluation.
-        self._bias_cache = None
+        self._cache.clear()  # fused optimizers leave no trace in the version counter (see CastCache)
         return super().train(mode)
 
     def _attention_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -95,6 +83,33 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     def forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         """x: ``(B, nW * N, C)``, the tokens of each image window after window; attn_bias: from
         :meth:`attention_bias`. Returns the same layout."""
+        if self.training or grad_needed(self.qkv.weight, x) or torch.compiler.is_compiling():
+            return self._forward_windows_autograd(x, num_windows, attn_bias)
+        b, l, c = x.shape
+        n, nh, d = l // num_windows, self.num_heads, c // self.num_heads
+        # q, k, v as strided (B*nW, nH, N, d) views of the qkv output: no copy in; the fused kernel
+        # writes its output as (B*nW, N, nH, d), which is already the (B, L, C) the projection takes
+        qkv = fast_path.linear(x, self.qkv, self._cache, 'qkv').view(b * num_windows, n, 3, nh, d)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        y = self._fused_attention(q, k, v, attn_bias)
+        return fast_path.linear(y.transpose(1, 2).reshape(b, l, c), self.proj, self._cache, 'proj')
+
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         attn_bias: torch.Tensor) -> torch.Tensor:
+        """SDPA over ``(B*nW, nH, N, d)``. A per-window bias (shifted blocks) must match the leading dim, so it
+        is repeated for a group of images (cached, at most ``_BIAS_BYTES``) and the batch runs group by group."""
+        if attn_bias.shape[0] == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        nw, rows = attn_bias.shape[0], q.shape[0]
+        images = max(1, min(rows // nw, _BIAS_BYTES // (attn_bias.numel() * attn_bias.element_size())))
+        bias = self._cache.get('bias_repeated', (attn_bias,), images, lambda: attn_bias.repeat(images, 1, 1, 1))
+        step = images * nw
+        out = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],
+                                              attn_mask=bias[:min(step, rows - i)], scale=self.scale)
+               for i in range(0, rows, step)]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _forward_windows_autograd(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         b, l, c = x.shape
         n, nh = l // num_windows, self.num_heads
         # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
@@ -115,7 +130,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
         nw = 1 if mask is None else mask.shape[0]
-        y = self.forward_windows(x.reshape(bw // nw, nw * n, c), nw, self.attention_bias(mask, _compute_dtype(x)))
+        y = self.forward_windows(x.reshape(bw // nw, nw * n, c), nw, self.attention_bias(mask, compute_dtype(x)))
         return y.view(bw, n, c)
 
     def flops(self, n: int) -> int:
@@ -165,7 +180,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
 
     def forward_windowed(self, x: torch.Tensor) -> torch.Tensor:
         """The block on tokens already in :meth:`window_order` (what a stage passes); same order out."""
-        bias = self.attn.attention_bias(self.attn_mask, _compute_dtype(x))
+        bias = self.attn.attention_bias(self.attn_mask, compute_dtype(x))
         y = self.attn.forward_windows(self.norm1(x), self.num_windows, bias)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,96 @@
+"""Inference fast paths of the Swin blocks: low-precision weight caches and a fused linear + GELU.
+
+Under autocast every ``nn.Linear`` casts its fp32 weight to bf16/fp16 on every call, and an MLP writes
+its hidden activations twice (the product, then the GELU). Where no gradient is needed (evaluation,
+``torch.no_grad``) the blocks call :func:`linear` instead:
+
+* the weight and bias are cast once and kept (:class:`CastCache`) until the parameter changes;
+* on the CPU, a linear followed by the exact GELU runs as one oneDNN primitive with the GELU as its
+  post-op (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile itself emits for this pair),
+  same results to float rounding.
+
+With gradients on, :func:`linear` is the plain ``F.linear`` (+ GELU): autograd needs the separate ops.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['compute_dtype', 'grad_needed', 'CastCache', 'linear']
+
+_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: the autocast dtype where autocast is on, else ``x``'s."""
+    if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grad_needed(*tensors: torch.Tensor) -> bool:
+    """Whether a result computed now from ``tensors`` must carry a gradient back to them."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _onednn_linear_gelu_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+_ONEDNN_LINEAR_GELU = _onednn_linear_gelu_available()
+
+
+class CastCache:
+    """Values derived from parameters, kept while no gradient is needed and the parameters are unchanged.
+
+    An entry is keyed by a name plus the storage, version counter, device and dtype of the tensors it was
+    computed from, so an in-place optimizer step or a ``.to()`` makes it stale. Fused optimizers (torch's
+    fused AdamW) update parameters without bumping the version counter, so the owner also calls
+    :meth:`clear` at every switch between training and evaluation.
+    """
+
+    def __init__(self):
+        self._entries: Dict[str, Tuple[tuple, object]] = {}
+
+    @staticmethod
+    def _key(tensors, extra) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None) + (extra,)
+
+    def get(self, name: str, tensors, extra, compute):
+        """``compute()``, or what it returned last time for the same ``name``, ``tensors`` and ``extra``."""
+        key = self._key(tensors, extra)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            with torch.autocast(tensors[0].device.type, enabled=False):
+                entry = (key, compute())
+            self._entries[name] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: str):
+    w, b = layer.weight, layer.bias
+    if w.dtype == dtype and (b is None or b.dtype == dtype):
+        return w, b
+    return cache.get(name, (w, b), dtype, lambda: (w.to(dtype), None if b is None else b.to(dtype)))
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, cache: Optional[CastCache] = None, name: str = '',
+           gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, followed by the exact GELU when ``gelu``; the fast path where no gradient is needed."""
+    if cache is None or grad_needed(layer.weight, x) or torch.compiler.is_compiling():
+        y = layer(x)
+        return F.gelu(y) if gelu else y
+    dtype = compute_dtype(x)
+    w, b = _cast_params(layer, dtype, cache, name)
+    x = x.to(dtype)
+    if gelu and _ONEDNN_LINEAR_GELU and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.linear(x, w, b)
+    return F.gelu(y) if gelu else y
