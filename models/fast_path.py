@@ -18,8 +18,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ['compute_dtype', 'grad_needed', 'CastCache', 'linear']
+__all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'linear']
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
 
@@ -34,6 +35,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def grad_needed(*tensors: torch.Tensor) -> bool:
     """Whether a result computed now from ``tensors`` must carry a gradient back to them."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the fast paths may serve a computation on ``tensors``: no gradient is needed, nothing is
+    being compiled (a compiled graph fuses by itself), the tensors hold values (not the meta device) and no
+    dispatch mode (FlopCounterMode, FakeTensorMode) is watching, as those expect the standard ops."""
+    return not (grad_needed(*tensors) or torch.compiler.is_compiling() or any(t.is_meta for t in tensors)
+                or _get_current_dispatch_mode() is not None)
 
 
 def _onednn_linear_gelu_available() -> bool:
@@ -83,7 +92,7 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
 def linear(x: torch.Tensor, layer: nn.Linear, cache: Optional[CastCache] = None, name: str = '',
            gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, followed by the exact GELU when ``gelu``; the fast path where no gradient is needed."""
-    if cache is None or grad_needed(layer.weight, x) or torch.compiler.is_compiling():
+    if cache is None or not applies(layer.weight, x):
         y = layer(x)
         return F.gelu(y) if gelu else y
     dtype = compute_dtype(x)

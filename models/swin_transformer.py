@@ -83,7 +83,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     def forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         """x: ``(B, nW * N, C)``, the tokens of each image window after window; attn_bias: from
         :meth:`attention_bias`. Returns the same layout."""
-        if self.training or grad_needed(self.qkv.weight, x) or torch.compiler.is_compiling():
+        if self.training or not fast_path.applies(self.qkv.weight, x):
             return self._forward_windows_autograd(x, num_windows, attn_bias)
         b, l, c = x.shape
         n, nh, d = l // num_windows, self.num_heads, c // self.num_heads
