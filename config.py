@@ -187,6 +187,7 @@ _C.ENABLE_AMP = False  # SimMIM scripts
 _C.AMP_ENABLE = True
 _C.AMP_OPT_LEVEL = ''  # deprecated (apex)
 _C.AMP_DTYPE = 'auto'  # (ours) auto: float16 on CUDA, bfloat16 on CPU; or float16 / bfloat16
+_C.HOST_MEMORY_CACHE = True  # (ours) keep freed host memory for reuse (glibc malloc), see utils/host_memory.py
 _C.OUTPUT = ''
 _C.TAG = 'default'
 _C.SAVE_FREQ = 1

@@ -34,6 +34,7 @@ from utils.amp import GradScalerWithNorm, resolve_amp
 from utils.checkpoint import auto_resume_helper, load_checkpoint, save_checkpoint
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
+from utils.host_memory import keep_freed_memory
 from utils.errors import UserError
 from utils.preemption import PreemptionHandler
 from utils.pretrained import load_pretrained
@@ -262,6 +263,8 @@ def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Op
     env = None
     try:
         _, config = parse(argv)
+        if config.HOST_MEMORY_CACHE:
+            keep_freed_memory()
         env = init_distributed()
         config = scale_learning_rates(config, env.world_size)
         seed_process(config.SEED + env.rank)

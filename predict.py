@@ -27,6 +27,7 @@ from data.transforms import build_eval_transform
 from models import build_model
 from utils.checkpoint import _local_path, load_file_safe, load_model_state
 from utils.errors import UserError
+from utils.host_memory import keep_freed_memory
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -157,6 +158,8 @@ def _device(name: str) -> torch.device:
 def main(args: argparse.Namespace) -> None:
     ckpt = load_file_safe(_local_path(args.weights))
     cfg = build_config(args, ckpt)
+    if cfg.HOST_MEMORY_CACHE:
+        keep_freed_memory()
     model = build_model(cfg)
     state = ckpt.get('model', ckpt.get('state_dict', ckpt))
     if any(k.startswith('decoder.') for k in state):

@@ -10,14 +10,21 @@ images/s of each model, the ratio ours/peer, and memory:
 * on the CPU: the bytes the training step keeps for backward (activations saved by autograd, counted
   once per storage), which is what separates the implementations' peak memory; inference keeps none.
 
+Each framework runs in a process of its own, set up as its training script sets itself up: ours keeps freed
+host memory for reuse (``HOST_MEMORY_CACHE``, utils/host_memory.py), the peers run with the C library's
+defaults. The parent process alternates them round by round. ``--same-process`` times all models in one
+process with the defaults instead: that isolates what the model code alone is worth.
+
     .venv/bin/python -m benchmarks.speed                       # CPU, 2 threads, batch 8 / 8
     .venv/bin/python -m benchmarks.speed --modes train-bf16 --rounds 7
     .venv/bin/python -m benchmarks.speed --checkpoint          # also ours with activation checkpointing
     .venv/bin/python -m benchmarks.speed --threads 1 --clock cpu   # steadier when other jobs share the CPU
+    .venv/bin/python -m benchmarks.speed --same-process        # model code only, same allocator for all
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -33,30 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import create_model  # noqa: E402
 
-__all__ = ['build_models', 'make_step', 'saved_bytes', 'run']
+__all__ = ['build_model', 'model_names', 'make_step', 'saved_bytes', 'run', 'Runner']
 
 NAME = 'swin_tiny_patch4_window7_224'
 
 
-def build_models(checkpoint: bool = False, peers: bool = True) -> Dict[str, nn.Module]:
-    """Ours, timm's and (if installed) Hugging Face's Swin-T, all with drop path 0.2 (the paper's Swin-T)."""
-    found = {'ours': create_model(NAME, drop_path_rate=0.2)}
-    if checkpoint:
-        found['ours-ckpt'] = create_model(NAME, drop_path_rate=0.2, use_checkpoint=True)
-    if not peers:
-        return found
-    try:
+def build_model(name: str) -> nn.Module:
+    """'ours', 'ours-ckpt' (with activation checkpointing), 'timm' or 'hf' (Hugging Face transformers):
+    Swin-T with drop path 0.2, the paper's."""
+    if name in ('ours', 'ours-ckpt'):
+        return create_model(NAME, drop_path_rate=0.2, use_checkpoint=name == 'ours-ckpt')
+    if name == 'timm':
         import timm
-        found['timm'] = timm.create_model(NAME, drop_path_rate=0.2)
-    except ImportError:
-        pass
-    try:
+        return timm.create_model(NAME, drop_path_rate=0.2)
+    if name == 'hf':
         from transformers import SwinConfig, SwinForImageClassification
-        hf = SwinForImageClassification(SwinConfig(drop_path_rate=0.2, num_labels=1000))
-        found['hf'] = _LogitsOnly(hf)
-    except ImportError:
-        pass
-    return found
+        return _LogitsOnly(SwinForImageClassification(SwinConfig(drop_path_rate=0.2, num_labels=1000)))
+    raise ValueError(f"unknown model {name!r}")
 
 
 class _LogitsOnly(nn.Module):
@@ -156,34 +156,110 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
     return CLOCK() - start
 
 
+class Runner:
+    """Times one model: ``prepare(mode)`` builds its step, warms up and measures memory; ``time(iters)`` times it."""
+
+    def __init__(self, name: str, device: torch.device, threads: int, clock: str, optimizer: str,
+                 framework_setup: bool):
+        global CLOCK
+        CLOCK = time.process_time if clock == 'cpu' else time.perf_counter
+        if device.type != 'cuda':
+            torch.set_num_threads(threads)
+        if framework_setup and name.startswith('ours'):
+            from utils.host_memory import keep_freed_memory
+            keep_freed_memory()
+        torch.manual_seed(0)
+        self.name, self.device, self.optimizer = name, device, optimizer
+        self.model = build_model(name).to(device)
+        self.step: Optional[Callable[[], None]] = None
+
+    def prepare(self, kind: str, dtype: Optional[torch.dtype], batch: int, warmup: int) -> Optional[float]:
+        self.step = None  # the previous mode's buffers go first
+        opt = make_optimizer(self.name, self.model, self.optimizer) if kind == 'train' else None
+        self.step = make_step(self.model, kind, dtype, batch, self.device, opt)
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _time(self.step, warmup, self.device)
+        if self.device.type == 'cuda':
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return saved_bytes(self.model, dtype, batch, self.device) / 2 ** 20 if kind == 'train' else None
+
+    def time(self, iters: int) -> float:
+        return _time(self.step, iters, self.device)
+
+
+def _serve(conn, args: tuple) -> None:
+    """A worker process: one Runner, driven by (method, arguments) messages until None arrives."""
+    runner = Runner(*args)
+    conn.send('ready')
+    for msg in iter(conn.recv, None):
+        method, call_args = msg
+        conn.send(getattr(runner, method)(*call_args))
+
+
+class _RemoteRunner:
+    """A Runner in its own process, with the same two methods."""
+
+    def __init__(self, *args):
+        ctx = multiprocessing.get_context('spawn')
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, args), daemon=True)
+        self.process.start()
+        if self.conn.recv() != 'ready':
+            raise RuntimeError('benchmark worker failed to start')
+
+    def _call(self, method: str, *args):
+        self.conn.send((method, args))
+        return self.conn.recv()
+
+    def prepare(self, *args):
+        return self._call('prepare', *args)
+
+    def time(self, iters: int) -> float:
+        return self._call('time', iters)
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=60)
+
+
+def model_names(checkpoint: bool, peers: bool) -> List[str]:
+    """The models to time: ours (and with activation checkpointing), then the installed peers."""
+    names = ['ours'] + (['ours-ckpt'] if checkpoint else [])
+    if peers:
+        names += [n for n, module in (('timm', 'timm'), ('hf', 'transformers')) if _installed(module)]
+    return names
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
 def run(modes: List[str], batch: Dict[str, int], rounds: int, iters: int, warmup: int, device: torch.device,
-        checkpoint: bool = False, peers: bool = True, optimizer: str = 'framework') -> List[dict]:
+        checkpoint: bool = False, peers: bool = True, optimizer: str = 'framework', same_process: bool = False,
+        threads: int = 2, clock: str = 'wall') -> List[dict]:
     """Time every model in every mode; returns one row per (mode, model)."""
     dtypes = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    models = {k: m.to(device) for k, m in build_models(checkpoint, peers).items()}
+    names = model_names(checkpoint, peers)
+    make = Runner if same_process else _RemoteRunner
+    runners = {k: make(k, device, threads, clock, optimizer, not same_process) for k in names}
     rows = []
-    for mode in modes:
-        kind, prec = mode.split('-')
-        dtype, b = dtypes[prec], batch[kind]
-        steps = {k: make_step(m, kind, dtype, b, device,
-                              make_optimizer(k, m, optimizer) if kind == 'train' else None)
-                 for k, m in models.items()}
-        times: Dict[str, List[float]] = {k: [] for k in models}
-        mem: Dict[str, float] = {}
-        for k, step in steps.items():
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            _time(step, warmup, device)
-            if device.type == 'cuda':
-                mem[k] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            elif kind == 'train':
-                mem[k] = saved_bytes(models[k], dtype, b, device) / 2 ** 20
-        for _ in range(rounds):
-            for k, step in steps.items():  # alternate the models inside every round
-                times[k].append(b * iters / _time(step, iters, device))
-        for k in models:
-            rows.append(dict(mode=mode, model=k, batch=b, img_s=statistics.median(times[k]), mem_mb=mem.get(k)))
-        del steps
+    try:
+        for mode in modes:
+            kind, prec = mode.split('-')
+            dtype, b = dtypes[prec], batch[kind]
+            mem = {k: r.prepare(kind, dtype, b, warmup) for k, r in runners.items()}
+            times: Dict[str, List[float]] = {k: [] for k in runners}
+            for _ in range(rounds):
+                for k, r in runners.items():  # alternate the models inside every round
+                    times[k].append(b * iters / r.time(iters))
+            rows += [dict(mode=mode, model=k, batch=b, img_s=statistics.median(times[k]), mem_mb=mem[k])
+                     for k in runners]
+    finally:
+        for r in runners.values():
+            if isinstance(r, _RemoteRunner):
+                r.close()
     return rows
 
 
@@ -215,9 +291,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--optimizer', choices=['framework', 'fused', 'foreach'], default='framework',
                    help="ours: the framework's AdamW (optimizer.py) or this kernel")
     p.add_argument('--no-peers', action='store_true', help='only our model(s)')
+    p.add_argument('--same-process', action='store_true',
+                   help="all models in this process with the C library's allocator defaults (model code only)")
     args = p.parse_args(argv)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == 'cpu' else time.perf_counter
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
     if not gpu:
@@ -228,10 +304,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     iters = args.iters or (20 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     torch.manual_seed(0)
-    rows = run(modes, batch, args.rounds, iters, warmup, device, args.checkpoint, not args.no_peers, args.optimizer)
+    rows = run(modes, batch, args.rounds, iters, warmup, device, args.checkpoint, not args.no_peers, args.optimizer,
+               args.same_process, args.threads, args.clock)
     name = torch.cuda.get_device_name(device) if gpu else f'CPU, {torch.get_num_threads()} threads'
     print(f"Swin-T 224, {name}, torch {torch.__version__}, median of {args.rounds} rounds x {iters} steps, "
-          f"{args.clock} clock")
+          f"{args.clock} clock, " + ('one process, default allocator' if args.same_process else
+                                     "each framework in its own process with its own set-up"))
     print('memory: ' + ('peak allocated' if gpu else 'training: bytes saved for backward'))
     print(format_rows(rows))
 
