@@ -112,9 +112,10 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     def _forward_windows_autograd(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         b, l, c = x.shape
         n, nh = l // num_windows, self.num_heads
+        # the query scale folded into the (small) weights: no pass over the queries, forward or backward
+        qkv = F.linear(x, *self._scaled_qkv_params())
         # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
-        qkv = self.qkv(x).view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
-        qkv[0].mul_(self.scale)  # in place: the products then keep one (3C) buffer for backward, not 4C
+        qkv = qkv.view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
         q, k, v = qkv.unbind(0)
         attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
         # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
@@ -125,6 +126,12 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
             attn = F.dropout(attn, self.attn_drop)
         x = (attn @ v).transpose(1, 2).reshape(b, l, c)
         return self.proj_drop(self.proj(x))
+
+    def _scaled_qkv_params(self):
+        """``qkv``'s weight and bias with the query rows multiplied by ``scale`` (rounding aside, the same logits)."""
+        w, bias = self.qkv.weight, self.qkv.bias
+        w = torch.cat([w[:self.dim] * self.scale, w[self.dim:]])
+        return w, None if bias is None else torch.cat([bias[:self.dim] * self.scale, bias[self.dim:]])
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
