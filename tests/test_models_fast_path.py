@@ -1,0 +1,117 @@
+"""The evaluation fast path of Swin V1 (fused linear + GELU, SDPA on strided views, cached low-precision
+weights) computes what the autograd path computes, takes the fused kernels, and follows weight changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import profile
+
+import models.swin_transformer as swin
+from models import SwinTransformer
+from models.fast_path import CastCache, applies
+from models.layers import Mlp
+from tools.model_parity import randomize_
+
+KWARGS = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+              num_classes=5)
+
+
+def _model(**overrides) -> SwinTransformer:
+    torch.manual_seed(0)
+    return randomize_(SwinTransformer(**{**KWARGS, **overrides})).eval()
+
+
+def _ops(fn) -> set:
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def _reference(model: SwinTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The autograd path: eval mode, but the input needs a gradient, so no fast path applies."""
+    return model(x.clone().requires_grad_(True)).detach()
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_evaluation_matches_the_autograd_path(dtype):
+    model = _model()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        ref = _reference(model, x)
+        with torch.no_grad():
+            out = model(x)
+    tol = 1e-5 if dtype is None else 0.1
+    assert out.dtype == ref.dtype and torch.allclose(out.float(), ref.float(), atol=tol), (out - ref).abs().max()
+
+
+def test_evaluation_runs_fused_kernels_instead_of_separate_gelu_and_softmax():
+    model = _model()
+    with torch.no_grad():
+        ops = _ops(lambda: model(torch.randn(2, 3, 32, 32)))
+    assert 'mkldnn::_linear_pointwise' in ops and 'aten::gelu' not in ops
+    assert 'aten::scaled_dot_product_attention' in ops and 'aten::_softmax' not in ops
+    ops = _ops(lambda: model(torch.randn(2, 3, 32, 32, requires_grad=True)))  # gradients: the separate ops
+    assert 'aten::gelu' in ops and 'mkldnn::_linear_pointwise' not in ops
+
+
+def test_shifted_windows_split_the_batch_when_the_repeated_bias_would_be_large(monkeypatch):
+    model = _model()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x)
+        blk = model.layers[0].blocks[1]
+        one_image = blk.attn_mask.numel() * blk.attn.num_heads * 4  # bytes of one image's fp32 bias + mask
+        monkeypatch.setattr(swin, '_BIAS_BYTES', 2 * one_image)  # 2 images per call: 3 calls for 5 images
+        model.eval()  # drops the caches
+        split = model(x)
+    assert torch.allclose(whole, split, atol=1e-6)
+    assert torch.allclose(split, _reference(model, x), atol=1e-5)
+
+
+def test_cached_bf16_weights_follow_an_in_place_update():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        before = model(x)
+        for name, p in model.named_parameters():
+            if name.endswith(('mlp.fc1.weight', 'mlp.fc2.weight', 'attn.qkv.weight', 'attn.proj.weight')):
+                p.mul_(-1.5)  # in place, as an optimizer does
+        after = model(x)
+        fresh = SwinTransformer(**KWARGS).eval()
+        fresh.load_state_dict(model.state_dict())
+        expected = fresh(x)
+    assert not torch.allclose(before.float(), after.float(), atol=0.1)
+    assert torch.equal(after, expected)
+
+
+def test_mlp_with_another_activation_keeps_it():
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, act_layer=torch.nn.ReLU).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        out = mlp(x)
+    assert torch.allclose(out, mlp.fc2(torch.relu(mlp.fc1(x))), atol=1e-6)
+
+
+def test_fast_path_stays_off_when_gradients_or_meta_tensors_are_involved():
+    w = torch.nn.Parameter(torch.randn(2))
+    assert not applies(w, torch.randn(2))
+    with torch.no_grad():
+        assert applies(w, torch.randn(2))
+        assert not applies(w, torch.empty(2, device='meta'))
+
+
+def test_cast_cache_recomputes_after_an_in_place_change_and_after_clear():
+    t = torch.ones(3)
+    cache, calls = CastCache(), []
+
+    def compute():
+        calls.append(1)
+        return t.to(torch.bfloat16)
+    cache.get('t', (t,), torch.bfloat16, compute)
+    cache.get('t', (t,), torch.bfloat16, compute)
+    t.add_(1)
+    assert cache.get('t', (t,), torch.bfloat16, compute)[0] == 2
+    cache.clear()
+    cache.get('t', (t,), torch.bfloat16, compute)
+    assert len(calls) == 3
