@@ -66,7 +66,9 @@ class CastCache:
 
     @staticmethod
     def _key(tensors, extra) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors if t is not None) + (extra,)
+        # tensors made under torch.inference_mode have no version counter; nothing outside it can change them
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype)
+                     for t in tensors if t is not None) + (extra,)
 
     def get(self, name: str, tensors, extra, compute):
         """``compute()``, or what it returned last time for the same ``name``, ``tensors`` and ``extra``."""

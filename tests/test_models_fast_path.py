@@ -115,3 +115,13 @@ def test_cast_cache_recomputes_after_an_in_place_change_and_after_clear():
     cache.clear()
     cache.get('t', (t,), torch.bfloat16, compute)
     assert len(calls) == 3
+
+
+def test_evaluation_under_inference_mode_then_no_grad_gives_the_same_logits():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        first = model(x).clone()
+        model(x)  # served from what the first pass cached
+    with torch.no_grad():
+        assert torch.allclose(model(x), first, atol=1e-6)
