@@ -112,10 +112,15 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     def _forward_windows_autograd(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         b, l, c = x.shape
         n, nh = l // num_windows, self.num_heads
-        # the query scale folded into the (small) weights: no pass over the queries, forward or backward
-        qkv = F.linear(x, *self._scaled_qkv_params())
+        folded = compute_dtype(x) != self.qkv.weight.dtype
+        # under autocast the query scale is folded into the (small) weights: no pass over the queries, forward
+        # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway (in fp32 the
+        # scaled copy would be an extra tensor kept, so the queries are scaled in place there)
+        qkv = F.linear(x, *self._scaled_qkv_params()) if folded else self.qkv(x)
         # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
         qkv = qkv.view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
+        if not folded:
+            qkv[0].mul_(self.scale)  # in place: the products then keep one (3C) buffer for backward, not 4C
         q, k, v = qkv.unbind(0)
         attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
         # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
