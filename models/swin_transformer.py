@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast_path
-from .fast_path import CastCache, compute_dtype, grad_needed
+from .fast_path import CastCache, compute_dtype
 from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
                      to_2tuple, trunc_normal_, window_order_index)
@@ -68,7 +68,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         """
         table = self.relative_position_bias_table
         dtype = dtype or table.dtype
-        if grad_needed(table) or table.is_meta or torch.compiler.is_compiling():
+        if not fast_path.applies(table):
             return self._attention_bias(mask).to(dtype)
         return self._cache.get('bias', (table, mask), dtype, lambda: self._attention_bias(mask).to(dtype))
 
