@@ -13,14 +13,14 @@ With gradients on, :func:`linear` is the plain ``F.linear`` (+ GELU): autograd n
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'linear']
+__all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'CastCacheMixin', 'linear']
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
 
@@ -84,6 +84,17 @@ class CastCache:
         self._entries.clear()
 
 
+class CastCacheMixin:
+    """For modules whose fast path keeps a :class:`CastCache` in ``self._cache``: the cache is dropped at every
+    switch between training and evaluation (fused optimizers leave no trace in the version counter)."""
+
+    _cache: CastCache
+
+    def train(self, mode: bool = True):
+        self._cache.clear()
+        return super().train(mode)
+
+
 def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: str):
     w, b = layer.weight, layer.bias
     if w.dtype == dtype and (b is None or b.dtype == dtype):
@@ -91,10 +102,10 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
     return cache.get(name, (w, b), dtype, lambda: (w.to(dtype), None if b is None else b.to(dtype)))
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, cache: Optional[CastCache] = None, name: str = '',
-           gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, followed by the exact GELU when ``gelu``; the fast path where no gradient is needed."""
-    if cache is None or not applies(layer.weight, x):
+def linear(x: torch.Tensor, layer: nn.Linear, cache: CastCache, name: str, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, followed by the exact GELU when ``gelu``; the fast path (weights cast once, kept in
+    ``cache`` under ``name``) where no gradient is needed."""
+    if not applies(layer.weight, x):
         y = layer(x)
         return F.gelu(y) if gelu else y
     dtype = compute_dtype(x)
@@ -102,6 +113,5 @@ def linear(x: torch.Tensor, layer: nn.Linear, cache: Optional[CastCache] = None,
     x = x.to(dtype)
     if gelu and _ONEDNN_LINEAR_GELU and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
-    with torch.autocast(x.device.type, enabled=False):
-        y = F.linear(x, w, b)
+    y = F.linear(x, w, b)  # everything already in the compute dtype: autocast casts nothing
     return F.gelu(y) if gelu else y

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath
 
 from . import fast_path
-from .fast_path import CastCache
+from .fast_path import CastCache, CastCacheMixin
 
 __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
@@ -124,7 +124,7 @@ class HierarchicalClassifierMixin:
         return flops + self.num_features * self.num_classes
 
 
-class Mlp(nn.Module):
+class Mlp(CastCacheMixin, nn.Module):
     """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``).
 
     Where no gradient is needed the weights' low-precision copies are cached and, with the exact GELU,
@@ -142,10 +142,6 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self._fused_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
         self._cache = CastCache()
-
-    def train(self, mode: bool = True) -> 'Mlp':
-        self._cache.clear()  # see CastCache: fused optimizers leave no trace in the version counter
-        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_gelu:

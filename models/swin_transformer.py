@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast_path
-from .fast_path import CastCache, compute_dtype
+from .fast_path import CastCache, CastCacheMixin, compute_dtype
 from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
                      to_2tuple, trunc_normal_, window_order_index)
@@ -25,7 +25,7 @@ __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
 _BIAS_BYTES = 16 << 20
 
 
-class WindowAttention(DerivedBuffersMixin, nn.Module):
+class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
     """Multi-head self-attention inside each window, plus a learned relative position bias.
 
     The bias comes from ``relative_position_bias_table`` ((2Wh-1)*(2Ww-1) offsets x heads), looked up
@@ -72,10 +72,6 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
             return self._attention_bias(mask).to(dtype)
         return self._cache.get('bias', (table, mask), dtype, lambda: self._attention_bias(mask).to(dtype))
 
-    def train(self, mode: bool = True) -> 'WindowAttention':
-        self._cache.clear()  # fused optimizers leave no trace in the version counter (see CastCache)
-        return super().train(mode)
-
     def _attention_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bias = self.relative_position_bias().unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)
@@ -83,7 +79,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     def forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         """x: ``(B, nW * N, C)``, the tokens of each image window after window; attn_bias: from
         :meth:`attention_bias`. Returns the same layout."""
-        if self.training or not fast_path.applies(self.qkv.weight, x):
+        if self.training or not fast_path.applies(self.qkv.weight, x):  # training mode: dropout applies
             return self._forward_windows_autograd(x, num_windows, attn_bias)
         b, l, c = x.shape
         n, nh, d = l // num_windows, self.num_heads, c // self.num_heads

@@ -125,3 +125,18 @@ def test_evaluation_under_inference_mode_then_no_grad_gives_the_same_logits():
         model(x)  # served from what the first pass cached
     with torch.no_grad():
         assert torch.allclose(model(x), first, atol=1e-6)
+
+
+def test_cached_bf16_weights_are_dropped_after_a_fused_adamw_step():
+    # torch's fused AdamW updates parameters without bumping their version counters
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model.eval()(x)  # fills the caches
+    torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    fresh = SwinTransformer(**KWARGS).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(model.eval()(x), fresh(x))
