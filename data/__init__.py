@@ -6,7 +6,7 @@ from .build import build_dataset, build_loader, build_mixup, build_transform
 from .decode import PIL_SIMD, pillow_build
 from .datasets import ImageFolderDataset, ImageListDataset, ImageNet22KDataset, ZipMapDataset
 from .loader import EpochLoader
-from .transforms import safe_posterize, use_safe_posterize
+from .augment_ops import safe_posterize, use_safe_posterize
 
 __all__ = ['build_loader', 'build_dataset', 'build_mixup', 'build_transform', 'EpochLoader',
            'ImageListDataset', 'ImageFolderDataset', 'ZipMapDataset', 'ImageNet22KDataset',

@@ -8,69 +8,37 @@ Two training paths with the same distribution of crops and augmentations:
   needs (:class:`RandomResizedCropDecoder`: reduced JPEG decoding for large boxes, torch's uint8
   resize on stock Pillow, Pillow-SIMD's resize where installed); then the flip and timm's own PIL
   RandAugment / colour jitter (the same objects timm builds; faster on PIL than tensor versions),
-  then a uint8 tensor out. :class:`BatchNormalize` turns the batch into normalised floats and
-  applies random erasing once per batch, in the loader's collate (workers).
+  then a uint8 tensor out. RandAugment's shears and translations run as whole-row (or column)
+  array operations (``data.augment_ops.axis_affine``: PIL's pixels, several times faster).
+  :class:`BatchNormalize` turns the batch into normalised floats and applies random erasing once
+  per batch, in the loader's collate (workers).
 
 A sample's seed gives the same crop box, flip and RandAugment draws on both paths; they differ only
 by resampling noise and in where random erasing draws from (per batch on the fast path).
 
-Both paths rebind timm's posterize to :func:`safe_posterize`, see there.
+Both paths rebind timm's posterize to ``data.augment_ops.safe_posterize``, see there.
 """
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform
-from timm.data import auto_augment as timm_aa
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from .augment_ops import safe_posterize, use_fast_affine, use_safe_posterize  # noqa: F401 (re-exported)
 from .decode import PIL_SIMD, decode_pil, decode_tensor, draft_reduce, jpeg_reduction, load_rgb, open_image
 
 _TENSOR_INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')
-
-
-# ---------------------------------------------------------------------------------- posterize
-def safe_posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """Keep the ``bits_to_keep`` most significant bits of every channel, 0 bits included.
-
-    timm's RandAugment with ``inc1`` maps the top magnitude (m9 + noise, clipped at 10) to 0 bits.
-    Pillow up to 12 posterized that to a black image; Pillow 13 raises "bits must be between or
-    equal to 1 and 8" inside a loader worker, which kills the official recipe in epoch 0. We keep
-    the released behaviour (0 bits -> black) rather than clamping to 1 bit, so the augmentation
-    strength is exactly what the recipe was tuned with; for 1-7 bits this equals ImageOps.posterize.
-    """
-    bits = int(bits_to_keep)
-    if bits >= 8:
-        return img
-    mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
-    return img.point([i & mask for i in range(256)] * len(img.getbands()))
-
-
-def use_safe_posterize(transform: Any) -> int:
-    """Point every timm posterize op inside ``transform`` at :func:`safe_posterize`; return how many.
-
-    Only these op instances change (their ``aug_fn`` attribute): timm's module, and any other
-    transform built from it in the process, stay untouched, unlike a global monkeypatch.
-    """
-    if isinstance(transform, timm_aa.AugmentOp):
-        if transform.aug_fn is timm_aa.posterize:
-            transform.aug_fn = safe_posterize
-            return 1
-        return 0
-    if isinstance(transform, (list, tuple)):
-        return sum(use_safe_posterize(t) for t in transform)
-    return sum(use_safe_posterize(getattr(transform, name)) for name in ('transforms', 'ops', 'policy')
-               if isinstance(getattr(transform, name, None), (list, tuple)))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -217,6 +185,7 @@ def build_train_transform(img_size: int, interpolation: str = 'bicubic', color_j
         return transform, decode_pil, None
     primary, secondary, _ = _timm_train(*args, separate=True)
     use_safe_posterize(secondary)
+    use_fast_affine(secondary)
     erasing = BatchRandomErasing(re_prob, re_mode, re_count) if re_prob > 0 else None
     if small:
         transform = FastTrainTransform(v2.RandomCrop(img_size, padding=4), secondary if secondary.transforms else None)
