@@ -129,6 +129,8 @@ def wrap_model(config, env: DistEnv, model: torch.nn.Module) -> torch.nn.Module:
 def main(config, env: DistEnv) -> None:
     logger = open_run_log(config, env)
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+    if env.device.type == 'cuda':  # uint8 batches cross to the GPU and are normalised there
+        loader_train.finish_on = loader_val.finish_on = env.device
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
     model = build_model(config)
     log_model_size(model, config, logger)

@@ -81,15 +81,28 @@ def axis_affine(img: Image.Image, matrix: Sequence[float], resample: int = Image
     for k, weight in enumerate(weights):  # sum of weighted shifted views, (lines, length, RGBX)
         view, weight = lines[:, k:k + length], weight.view(-1, 1, 1)
         out = view * weight if out is None else out.addcmul_(view, weight)
-    out = np.clip(out.add_(_ROUNDING_GUARD).numpy(), 0, 255).astype(np.uint8)  # truncates, as PIL does
+    out = out.add_(_ROUNDING_GUARD).clamp_(0, 255).numpy().astype(np.uint8)  # truncates, as PIL does
     packed = out.view(np.uint32).reshape(across, length)
-    # PIL fills output pixels whose source position falls outside the image.
-    position = start[:, None] + np.arange(length)[None, :]
-    fill = np.array(_fill_rgb(fillcolor) + (0,), dtype=np.uint8).view(np.uint32)
-    np.copyto(packed, fill, where=(position < 0) | (position >= length))
+    _fill_outside(packed, start, np.array(_fill_rgb(fillcolor) + (0,), dtype=np.uint8).view(np.uint32))
     if not along_rows:
         packed = np.ascontiguousarray(packed.T)
     return Image.frombytes('RGB', (width, height), packed, 'raw', 'RGBX')
+
+
+def _fill_outside(packed: np.ndarray, start: np.ndarray, fill: np.ndarray) -> None:
+    """Give the fill colour to the pixels of each line whose source position (``start[i] + x``) lies
+    outside the image, as PIL does; those form a run at either end of each line."""
+    length = packed.shape[1]
+    first_inside = np.clip(np.ceil(-start), 0, length).astype(np.intp)  # start + x >= 0
+    end_inside = np.clip(np.ceil(length - start), 0, length).astype(np.intp)  # start + x < length
+    end_inside = np.maximum(end_inside, first_inside)
+    if (first_inside == first_inside[0]).all() and (end_inside == end_inside[0]).all():  # a translation
+        packed[:, :first_inside[0]] = fill
+        packed[:, end_inside[0]:] = fill
+        return
+    columns = np.arange(length)
+    outside = (columns < first_inside[:, None]) | (columns >= end_inside[:, None])
+    np.copyto(packed, fill, where=outside)
 
 
 def _gather_lines(img: Image.Image, first: np.ndarray, span: int, along_rows: bool) -> torch.Tensor:

@@ -6,7 +6,9 @@ It also
 
 * finishes the uint8 images of the fast path into a normalised float batch (plus random erasing
   once per batch) inside the workers, in parallel and off the training loop's critical path, written
-  straight into shared memory so that handing the batch to the main process copies nothing;
+  straight into shared memory so that handing the batch to the main process copies nothing; or,
+  with ``finish_on`` set to an accelerator, hands uint8 batches over (a quarter of the bytes to pin
+  and to copy) and finishes them there, on arrival;
 * keeps the books on unreadable images: every file is named once in the log (workers report them
   with their samples, the main process logs), the epoch's count is logged at its end and available
   from :meth:`EpochLoader.bad_images_this_epoch`, and a training run stops with a ``UserError`` as
@@ -31,7 +33,9 @@ _logger = logging.getLogger(__name__)
 
 
 class KeyedCollate:
-    """Stacks :class:`LoadedSample` items into ``(images, targets, bad)``, finishing uint8 batches."""
+    """Stacks :class:`LoadedSample` items into ``(images, targets, bad, seed)``, finishing uint8
+    batches when given ``finish``; ``seed`` (from the batch's first key, so fixed by (seed, epoch,
+    rank, position)) drives the batch's random erasing wherever the batch is finished."""
 
     def __init__(self, finish: Optional[BatchNormalize] = None):
         self.finish = finish
@@ -40,13 +44,13 @@ class KeyedCollate:
         images = [item.image for item in items]
         targets = torch.tensor([item.target for item in items], dtype=torch.int64)
         bad = [entry for item in items for entry in item.bad]
+        seed = mix_seed(items[0].seed, 0xE2A5E)
         out = _empty_batch((len(images), *images[0].shape), torch.float32 if self.finish else images[0].dtype)
         if self.finish is not None:
-            # The first key's seed is fixed by (seed, epoch, rank, position): so is the batch's erasing.
-            self.finish(images, mix_seed(items[0].seed, 0xE2A5E), out=out)
+            self.finish(images, seed, out=out)
         else:
             torch.stack(images, out=out)
-        return out, targets, bad
+        return out, targets, bad, seed
 
 
 def _empty_batch(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -66,6 +70,9 @@ class EpochLoader:
         batch_sampler: yields lists of keys; its ``len`` is the number of batches of a full epoch.
         finish: batch-level normalisation for uint8 samples (fast path), or None.
         max_bad_fraction: share of unreadable images that stops the run (None: never stop).
+
+    Attribute ``finish_on`` (default None: in the workers): the device where ``finish`` turns uint8
+    batches into float ones instead, on arrival (main.py sets the GPU when training on one).
     """
 
     def __init__(self, dataset: ImageListDataset, batch_sampler: SeededBatchSampler, num_workers: int = 0,
@@ -76,6 +83,7 @@ class EpochLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.seed, self.rank, self.epoch = seed, rank, 0
         self.max_bad_fraction = max_bad_fraction
+        self.finish_on: Optional[torch.device] = None
         self.bad_files: set[str] = set()  # every unreadable file seen so far (each logged once)
         self._epoch_bad = 0
 
@@ -104,7 +112,8 @@ class EpochLoader:
         generator = torch.Generator()  # base seed of the workers, kept off the global generator
         generator.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         return DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.num_workers,
-                          collate_fn=KeyedCollate(self.finish), pin_memory=self.pin_memory,
+                          collate_fn=KeyedCollate(None if self.finish_on else self.finish),
+                          pin_memory=self.pin_memory,
                           worker_init_fn=WorkerSeeder(self.seed, self.epoch, self.rank), generator=generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -113,9 +122,11 @@ class EpochLoader:
             self.set_epoch(sampler_epoch)
         self._epoch_bad = 0
         try:
-            for images, targets, bad in self._dataloader():
+            for images, targets, bad, seed in self._dataloader():
                 if bad:
                     self._record_bad(bad)
+                if self.finish_on is not None and self.finish is not None:
+                    images = self.finish(images.to(self.finish_on, non_blocking=True), seed)
                 yield images, targets
         except UnreadableDataError as err:
             raise UserError(f'too many unreadable images: {str(err).strip().splitlines()[-1]}') from None

@@ -73,7 +73,7 @@ class MaskGenerator:
 def build_simmim_transform(img_size: int):
     """``(transform, decoder, batch_finish)``: random resized crop (scale 0.67-1), flip, normalise."""
     crop = TensorRandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bilinear')
-    return FastTrainTransform(crop, None), decode_tensor, BatchNormalize()
+    return FastTrainTransform(crop, None), decode_tensor, BatchNormalize(exact=False)
 
 
 class MaskedLoader:

@@ -113,3 +113,27 @@ def test_pillow_simd_is_recognised_by_its_distribution(monkeypatch):
     assert decode._simd_build()
     versions['pillow-simd'] = '9.0.0.post1'  # a stale record: stock Pillow was installed over it
     assert not decode._simd_build()
+
+
+@pytest.mark.parametrize('variant', ['baseline', 'progressive', 'grey', 'exif'])
+def test_jpeg_size_from_the_frame_header_is_pillows_size(variant):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    out, options = io.BytesIO(), {}
+    if variant == 'grey':
+        image = image.convert('L')
+    elif variant == 'progressive':
+        options['progressive'] = True
+    elif variant == 'exif':
+        exif = Image.Exif()
+        exif[0x010F] = 'camera'  # an APP1 segment before the frame header
+        options['exif'] = exif.tobytes()
+    image.save(out, format='JPEG', **options)
+    data = out.getvalue()
+    assert decode.jpeg_size(data) == Image.open(io.BytesIO(data)).size == (53, 37)
+
+
+def test_jpeg_size_leaves_other_data_to_pillow():
+    png = io.BytesIO()
+    Image.new('RGB', (5, 4)).save(png, format='PNG')
+    assert decode.jpeg_size(png.getvalue()) is None
+    assert decode.jpeg_size(b'\xff\xd8\xff\xe0\x00') is None  # a JPEG cut off before its frame header

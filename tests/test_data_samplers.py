@@ -93,3 +93,19 @@ def test_official_style_sampler_set_epoch_reseeds_the_whole_loader(root):
     loader = build_loader(data_config(root))[2]
     loader.sampler.set_epoch(2)
     assert _same(list(loader), _epoch(root, 2, workers=0))
+
+
+def test_batches_finished_on_arrival_equal_batches_finished_in_the_workers(root):
+    """``finish_on`` (set to the GPU by main.py) moves normalisation and erasing out of the workers:
+    the same numbers, only computed elsewhere (here on the CPU, the device these tests have)."""
+    runs, calls_here = {}, {}
+    for finish_on in (None, torch.device('cpu')):
+        loader = build_loader(data_config(root, **{'DATA.NUM_WORKERS': 1}))[2]
+        calls, finish = [], loader.finish
+        loader.finish = lambda images, seed, out=None: calls.append(images[0].dtype) or finish(images, seed, out)
+        loader.finish_on = finish_on
+        loader.set_epoch(1)
+        runs[finish_on], calls_here[finish_on] = list(loader), calls
+    assert _same(runs[None], runs[torch.device('cpu')]) and runs[None][0][0].dtype == torch.float32
+    assert calls_here[None] == []  # finished in the worker process
+    assert calls_here[torch.device('cpu')] == [torch.uint8] * len(runs[None])  # uint8 batches, finished here

@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from timm.data.auto_augment import AugmentOp, RandAugment, rand_augment_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as T
 
 from data import build_loader, build_mixup, build_transform, safe_posterize, use_safe_posterize
-from data.transforms import BatchRandomErasing, TensorRandomResizedCrop, build_eval_transform, build_train_transform
+from data.transforms import (BatchNormalize, BatchRandomErasing, TensorRandomResizedCrop, build_eval_transform,
+                             build_train_transform, pil_to_uint8)
 from test_data_common import data_config, jpeg_folder
 
 
@@ -145,3 +148,17 @@ def test_mixup_and_cutmix_take_their_parameters_from_the_aug_keys():
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, list(mixup.cutmix_minmax)) == (0.5, 1.0, [0.3, 0.7])
     assert (mixup.mix_prob, mixup.switch_prob, mixup.mode) == (0.7, 0.3, 'pair')
     assert (mixup.label_smoothing, mixup.num_classes) == (0.2, 3)
+
+
+def test_uint8_images_from_pil_hold_its_pixels_in_channel_order():
+    image = _photo((37, 23))
+    assert torch.equal(pil_to_uint8(image), torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def test_training_normalisation_is_within_rounding_of_the_exact_one_and_evaluation_is_exact():
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    exact = BatchNormalize()(images)
+    expected = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(images.float() / 255)
+    assert torch.equal(exact, expected)  # evaluation: the plain path's numbers, bit for bit
+    fused = BatchNormalize(exact=False)(images)
+    assert torch.allclose(fused, exact, rtol=0, atol=1e-6) and not torch.equal(fused, exact)
