@@ -89,9 +89,10 @@ class RandomResizedCropDecoder:
     """bytes -> the image's random resized crop, decoding no more pixels than the crop needs.
 
     The box is drawn by timm's own ``RandomResizedCropAndInterpolation.get_params`` from the image
-    size in the file header, before any pixel is decoded: the same draws from the same random
-    stream as the plain path, so a sample's seed gives the same box on both paths. Then, the
-    fastest way to that box's pixels:
+    size in the file header (the JPEG frame header, :func:`~data.decode.jpeg_size`; Pillow reads
+    other formats'), before any pixel is decoded: the same draws from the same random stream as the
+    plain path, so a sample's seed gives the same box on both paths. Then, the fastest way to that
+    box's pixels:
 
     * a JPEG whose box is at least four times the output size on both sides is decoded at 1/2, 1/4
       or 1/8 scale (the largest that keeps the box at least twice the output size), and Pillow
@@ -104,9 +105,6 @@ class RandomResizedCropDecoder:
       then Pillow-SIMD crops and resizes (faster than torch there, and timm's operations on the
       same pixels), or, on stock Pillow, torch does (see :func:`resized_crop_tensor`; 4x faster
       than stock Pillow's resize).
-
-    The box is drawn from the size in the JPEG frame header (:func:`~data.decode.jpeg_size`);
-    only other formats are opened with Pillow for it.
 
     Returns a PIL image or a uint8 (3, H, W) tensor; either way ``size`` x ``size`` RGB.
     """

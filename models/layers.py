@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath
 
 from . import fast_path
 from .fast_path import CastCache, CastCacheMixin
@@ -38,6 +37,40 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:
     if tensor.is_meta:
         return tensor
     return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's: the same draws, ``x * bernoulli(1 - p) / (1 - p)`` per sample).
+
+    :meth:`residual` adds the branch to the residual stream: ``x + self(y)`` as one multiply-add
+    pass instead of three (scale, multiply, add), and one pass in backward instead of two.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = float(drop_prob), scale_by_keep
+
+    def _sample_scale(self, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample factors ``(B, 1, ...)``, or None where nothing is dropped (p = 0, evaluation)."""
+        if self.drop_prob == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.drop_prob
+        scale = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            scale.div_(keep)
+        return scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._sample_scale(x)
+        return x if scale is None else x * scale
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x + self(y)``."""
+        scale = self._sample_scale(y)
+        return x + y if scale is None else torch.addcmul(x, y, scale)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob:.3f}'
 
 
 def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:

@@ -42,7 +42,7 @@ class SwinMLPBlock(nn.Module):
         self.norm1 = norm_layer(dim)
         n = num_heads * self.window_size ** 2
         self.spatial_mlp = nn.Conv1d(n, n, kernel_size=1, groups=num_heads)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
@@ -68,8 +68,8 @@ class SwinMLPBlock(nn.Module):
         if length != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {length}")
         y = self.spatial_mix(self.norm1(x).view(b, h, w, c)).reshape(b, h * w, c)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, y)
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
     def flops(self) -> int:
         """Multiply-adds by the official formula."""

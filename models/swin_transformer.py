@@ -174,7 +174,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
                                     qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
@@ -190,8 +190,8 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         """The block on tokens already in :meth:`window_order` (what a stage passes); same order out."""
         bias = self.attn.attention_bias(self.attn_mask, compute_dtype(x))
         y = self.attn.forward_windows(self.norm1(x), self.num_windows, bias)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, y)
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Row-major tokens ``(B, H*W, C)`` in and out."""

@@ -134,7 +134,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=drop,
                                     pretrained_window_size=to_2tuple(pretrained_window_size))
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
@@ -147,8 +147,8 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
         y = shifted_window_attention(x, self.input_resolution, self.window_size, self.shift_size,
                                      self.attn, self.attn_mask)
-        x = x + self.drop_path(self.norm1(y))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = self.drop_path.residual(x, self.norm1(y))
+        return self.drop_path.residual(x, self.norm2(self.mlp(x)))
 
     def init_respostnorm(self) -> None:
         """Zero the post-norms so every residual branch starts as the identity (official init)."""

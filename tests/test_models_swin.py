@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models.layers
+from timm.layers import DropPath as TimmDropPath
 from models import SwinTransformer, create_model, list_models
 from models.layers import check_resolution, shifted_window_mask
 from models.swin_transformer import SwinTransformerBlock
@@ -181,3 +182,24 @@ def test_non_square_images_follow_the_official_window_rule():
     # stage 1 has 4x8 tokens: its smaller side fits the window, so one window row and no shift
     assert [(b.window_size, b.shift_size) for b in model.layers[1].blocks] == [(4, 0), (4, 0)]
     assert model(torch.randn(2, 3, 32, 64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_drop_path_residual_is_timms_drop_path_added_in_one_pass(dtype):
+    x = torch.randn(16, 5, 8, requires_grad=True)  # the fp32 residual stream; the branch may be bf16
+    y = torch.randn(16, 5, 8, dtype=dtype, requires_grad=True)
+    ours, timms = models.layers.DropPath(0.3), TimmDropPath(0.3)
+    results = []
+    for add in (ours.residual, lambda a, b: a + timms(b)):
+        torch.manual_seed(0)
+        out = add(x, y)
+        grads = torch.autograd.grad(out.float().square().sum(), (x, y))
+        results.append((out.float(), *grads))
+    # rounding only: one fused multiply-add (ours) against a rounded product, then a sum (timm's)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for ours_t, timm_t in zip(*results):
+        torch.testing.assert_close(ours_t, timm_t.to(ours_t.dtype), **tol)
+    dropped = (results[0][2].float().flatten(1) == 0).all(1)
+    assert 0 < dropped.sum() < 16  # some samples dropped, not all: the same draws as timm's
+    ours.eval()
+    assert torch.equal(ours.residual(x, y), x + y)
