@@ -129,10 +129,15 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _scaled_qkv_params(self):
-        """``qkv``'s weight and bias with the query rows multiplied by ``scale`` (rounding aside, the same logits)."""
+        """``qkv``'s weight and bias with the query rows multiplied by ``scale`` (rounding aside, the same logits).
+
+        One multiply by a per-row factor (``scale`` for query rows, 1 for the rest), whose backward is one
+        multiply too: slicing and concatenating would zero-fill and copy whole weight gradients in backward.
+        """
         w, bias = self.qkv.weight, self.qkv.bias
-        w = torch.cat([w[:self.dim] * self.scale, w[self.dim:]])
-        return w, None if bias is None else torch.cat([bias[:self.dim] * self.scale, bias[self.dim:]])
+        rows = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+        rows[:self.dim] = self.scale
+        return w * rows[:, None], None if bias is None else bias * rows
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
