@@ -299,7 +299,8 @@ class BatchRandomErasing:
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < width and h < height:
                 top, left = rnd.randint(0, height - h), rnd.randint(0, width - w)
-                image[:, top:top + h, left:left + w] = self._fill(chans, h, w, gen)
+                # drawn on the CPU (the seeded generator lives there), then moved to the batch's device
+                image[:, top:top + h, left:left + w] = self._fill(chans, h, w, gen).to(image.device)
                 return
 
     def _fill(self, chans: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
