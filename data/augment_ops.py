@@ -10,8 +10,9 @@ of one transform at other functions with that signature, leaving timm's module u
   neighbours of one row or column. :func:`axis_affine` gathers those neighbours for the whole image
   at once and interpolates them with array operations: 2.5-3x faster (224 px, bicubic), and the
   same image as PIL's (its cubic with a = -1, edge pixels repeated, truncation to uint8, the fill
-  colour outside) up to rounding: PIL evaluates in double precision, we in single, and up to two
-  values in 1,000 land one grey level apart. Rotation moves pixels along both axes: left to PIL.
+  colour outside) up to rounding: PIL evaluates in double precision, we in single, so values can land
+  one grey level apart (up to two in 1,000 at RandAugment's magnitudes; more for shifts within a
+  hair of a whole pixel). Rotation moves pixels along both axes: left to PIL.
 """
 from __future__ import annotations
 

@@ -282,7 +282,9 @@ class BatchRandomErasing:
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def __call__(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+        # Rectangles from Python's generator, noise from one on the batch's device (no host-to-device
+        # copy per rectangle): the same rectangles on any device, the noise values per device type.
+        rnd, gen = random.Random(seed), torch.Generator(device=batch.device).manual_seed(seed)
         _, chans, height, width = batch.shape
         for image in batch:
             if rnd.random() > self.probability:
@@ -299,16 +301,15 @@ class BatchRandomErasing:
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < width and h < height:
                 top, left = rnd.randint(0, height - h), rnd.randint(0, width - w)
-                # drawn on the CPU (the seeded generator lives there), then moved to the batch's device
-                image[:, top:top + h, left:left + w] = self._fill(chans, h, w, gen).to(image.device)
+                image[:, top:top + h, left:left + w] = self._fill(chans, h, w, gen)
                 return
 
     def _fill(self, chans: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
         if self.mode == 'pixel':
-            return torch.randn((chans, h, w), generator=gen)
+            return torch.randn((chans, h, w), generator=gen, device=gen.device)
         if self.mode == 'rand':
-            return torch.randn((chans, 1, 1), generator=gen)
-        return torch.zeros((chans, 1, 1))
+            return torch.randn((chans, 1, 1), generator=gen, device=gen.device)
+        return torch.zeros((chans, 1, 1), device=gen.device)
 
 
 class BatchNormalize:
@@ -334,11 +335,15 @@ class BatchNormalize:
         """Normalise ``images`` (a batch or a list of (3, H, W) tensors) into ``out`` (or a new tensor)."""
         device = images[0].device
         if device not in self._constants:
-            self._constants[device] = tuple(t.to(device) for t in (self.mean, self.std, self.scale, self.shift))
+            # 255 as a tensor on the device: CUDA would divide by a host scalar as a multiply by its
+            # reciprocal, one unit in the last place away from the plain path's division
+            self._constants[device] = tuple(t.to(device) for t in (torch.tensor(255.0), self.mean, self.std,
+                                                                    self.scale, self.shift))
         if out is None:
             out = torch.empty((len(images), *images[0].shape), dtype=torch.float32, device=device)
         if device.type != 'cpu':  # an accelerator: whole-batch passes
-            self._normalise(images, out, *self._constants[device])
+            batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+            self._normalise(batch, out, *self._constants[device])
         else:
             # One image at a time: its float copy stays in cache through the passes, about three
             # times faster than the same passes over a whole batch in main memory.
@@ -348,8 +353,8 @@ class BatchNormalize:
             self.erasing(out, seed)
         return out
 
-    def _normalise(self, src: torch.Tensor, dst: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, src: torch.Tensor, dst: torch.Tensor, levels: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         if self.exact:
-            return dst.copy_(src).div_(255).sub_(mean).div_(std)
+            return dst.copy_(src).div_(levels).sub_(mean).div_(std)
         return torch.mul(src, scale, out=dst).add_(shift)

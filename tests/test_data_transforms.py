@@ -162,3 +162,11 @@ def test_training_normalisation_is_within_rounding_of_the_exact_one_and_evaluati
     assert torch.equal(exact, expected)  # evaluation: the plain path's numbers, bit for bit
     fused = BatchNormalize(exact=False)(images)
     assert torch.allclose(fused, exact, rtol=0, atol=1e-6) and not torch.equal(fused, exact)
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_normalisation_off_the_cpu_takes_a_list_or_a_batch(exact):
+    images = [torch.empty(3, 8, 8, dtype=torch.uint8, device='meta') for _ in range(2)]  # shapes only: no GPU here
+    for given in (images, torch.stack(images)):
+        out = BatchNormalize(exact=exact)(given)
+        assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and out.device.type == 'meta'
