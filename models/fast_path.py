@@ -45,11 +45,11 @@ def applies(*tensors: torch.Tensor) -> bool:
                 or _get_current_dispatch_mode() is not None)
 
 
-def _onednn_linear_gelu_available() -> bool:
+def _onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
-_ONEDNN_LINEAR_GELU = _onednn_linear_gelu_available()
+_ONEDNN_LINEAR = _onednn_linear_available()
 
 
 class CastCache:
@@ -111,7 +111,11 @@ def linear(x: torch.Tensor, layer: nn.Linear, cache: CastCache, name: str, gelu:
     dtype = compute_dtype(x)
     w, b = _cast_params(layer, dtype, cache, name)
     x = x.to(dtype)
-    if gelu and _ONEDNN_LINEAR_GELU and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
+    if _ONEDNN_LINEAR and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16):
+        # oneDNN adds the bias (and applies the GELU) as the product is written: no pass to copy the bias
+        # into the output first, as addmm does
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
     y = F.linear(x, w, b)  # everything already in the compute dtype: autocast casts nothing
     return F.gelu(y) if gelu else y

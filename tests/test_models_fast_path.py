@@ -22,9 +22,13 @@ def _model(**overrides) -> SwinTransformer:
 
 
 def _ops(fn) -> set:
+    return set(_op_counts(fn))
+
+
+def _op_counts(fn) -> dict:
     with profile() as prof:
         fn()
-    return {e.key for e in prof.key_averages()}
+    return {e.key: e.count for e in prof.key_averages()}
 
 
 def _reference(model: SwinTransformer, x: torch.Tensor) -> torch.Tensor:
@@ -140,3 +144,14 @@ def test_cached_bf16_weights_are_dropped_after_a_fused_adamw_step():
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert torch.equal(model.eval()(x), fresh(x))
+
+
+def test_evaluation_adds_the_bias_inside_every_block_linear():
+    """qkv, proj, fc1 and fc2 of every block go through oneDNN's linear, which adds the bias as it writes
+    the product; only the patch-merging reductions (no bias) and the head stay with addmm / mm."""
+    model = _model()
+    with torch.no_grad():
+        counts = _op_counts(lambda: model(torch.randn(2, 3, 32, 32)))
+    blocks = sum(KWARGS['depths'])
+    assert counts.get('mkldnn::_linear_pointwise') == 4 * blocks
+    assert counts.get('aten::addmm', 0) <= 1  # the head
