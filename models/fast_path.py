@@ -9,18 +9,21 @@ its hidden activations twice (the product, then the GELU). Where no gradient is 
   post-op (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile itself emits for this pair),
   same results to float rounding.
 
-With gradients on, :func:`linear` is the plain ``F.linear`` (+ GELU): autograd needs the separate ops.
+With gradients on, :func:`linear` is :func:`dense` (+ the GELU): on the CPU in fp32/bf16, a linear
+whose forward adds the bias as oneDNN writes the product (addmm first copies the bias into its output,
+then accumulates the product onto it: two more passes over every linear's output), with the backward
+products autograd would compute for ``F.linear``; elsewhere ``F.linear`` itself.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'CastCacheMixin', 'linear']
+__all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'CastCacheMixin', 'linear', 'dense']
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
 
@@ -102,11 +105,42 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
     return cache.get(name, (w, b), dtype, lambda: (w.to(dtype), None if b is None else b.to(dtype)))
 
 
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, grad^T @ x, sum(grad)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (autocast's casts included), through :class:`_OneDnnLinear` on the
+    CPU in fp32/bf16 outside compilation and dispatch modes (which expect the standard op)."""
+    dtype = compute_dtype(x)
+    if (not _ONEDNN_LINEAR or x.device.type != 'cpu' or dtype not in (torch.float32, torch.bfloat16)
+            or torch.compiler.is_compiling() or x.is_meta or _get_current_dispatch_mode() is not None):
+        return F.linear(x, weight, bias)
+    # autocast leaves custom functions alone: the casts it would make, made here (and kept by autograd)
+    bias = None if bias is None else bias.to(dtype)
+    return _OneDnnLinear.apply(x.to(dtype).contiguous(), weight.to(dtype), bias)
+
+
 def linear(x: torch.Tensor, layer: nn.Linear, cache: CastCache, name: str, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, followed by the exact GELU when ``gelu``; the fast path (weights cast once, kept in
-    ``cache`` under ``name``) where no gradient is needed."""
+    ``cache`` under ``name``) where no gradient is needed, :func:`dense` otherwise."""
     if not applies(layer.weight, x):
-        y = layer(x)
+        y = dense(x, layer.weight, layer.bias)
         return F.gelu(y) if gelu else y
     dtype = compute_dtype(x)
     w, b = _cast_params(layer, dtype, cache, name)

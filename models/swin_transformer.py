@@ -112,7 +112,7 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         # under autocast the query scale is folded into the (small) weights: no pass over the queries, forward
         # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway (in fp32 the
         # scaled copy would be an extra tensor kept, so the queries are scaled in place there)
-        qkv = F.linear(x, *self._scaled_qkv_params()) if folded else self.qkv(x)
+        qkv = fast_path.dense(x, *(self._scaled_qkv_params() if folded else (self.qkv.weight, self.qkv.bias)))
         # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
         qkv = qkv.view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
         if not folded:
@@ -126,7 +126,7 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
         x = (attn @ v).transpose(1, 2).reshape(b, l, c)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(fast_path.dense(x, self.proj.weight, self.proj.bias))
 
     def _scaled_qkv_params(self):
         """``qkv``'s weight and bias with the query rows multiplied by ``scale`` (rounding aside, the same logits).

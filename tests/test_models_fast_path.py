@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import profile
 
 import models.swin_transformer as swin
 from models import SwinTransformer
-from models.fast_path import CastCache, applies
+from models.fast_path import CastCache, applies, dense
 from models.layers import Mlp
 from tools.model_parity import randomize_
 
@@ -55,7 +56,7 @@ def test_evaluation_runs_fused_kernels_instead_of_separate_gelu_and_softmax():
     assert 'mkldnn::_linear_pointwise' in ops and 'aten::gelu' not in ops
     assert 'aten::scaled_dot_product_attention' in ops and 'aten::_softmax' not in ops
     ops = _ops(lambda: model(torch.randn(2, 3, 32, 32, requires_grad=True)))  # gradients: the separate ops
-    assert 'aten::gelu' in ops and 'mkldnn::_linear_pointwise' not in ops
+    assert 'aten::gelu' in ops and 'aten::_softmax' in ops
 
 
 def test_shifted_windows_split_the_batch_when_the_repeated_bias_would_be_large(monkeypatch):
@@ -154,4 +155,30 @@ def test_evaluation_adds_the_bias_inside_every_block_linear():
         counts = _op_counts(lambda: model(torch.randn(2, 3, 32, 32)))
     blocks = sum(KWARGS['depths'])
     assert counts.get('mkldnn::_linear_pointwise') == 4 * blocks
+    assert counts.get('aten::addmm', 0) <= 1  # the head
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+@pytest.mark.parametrize('bias', [True, False])
+def test_training_linear_matches_f_linear_forward_and_backward(dtype, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    w, b = torch.randn(24, 16), torch.randn(24) if bias else None
+    results = []
+    for fn in (dense, F.linear):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+        with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = fn(*leaves) if bias else fn(*leaves, None)
+        y.float().square().sum().backward()
+        results.append((y, *(leaf.grad for leaf in leaves)))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=1e-2, atol=1e-2)
+    for ours, ref in zip(*results):
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, **tol)
+
+
+def test_training_step_adds_biases_inside_onednn_linears():
+    model = _model().train()
+    counts = _op_counts(lambda: model(torch.randn(2, 3, 32, 32)).sum().backward())
+    assert counts.get('mkldnn::_linear_pointwise') == 4 * sum(KWARGS['depths'])  # qkv, proj, fc1, fc2
     assert counts.get('aten::addmm', 0) <= 1  # the head
