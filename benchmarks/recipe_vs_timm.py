@@ -20,7 +20,7 @@ the per-iteration lr curve is then the official one.
 
 timm's train.py is started through a two-line shim that points timm's posterize op at a Pillow-13
 safe version (0 bits -> black, what Pillow <= 12 did); without it timm's RandAugment 'inc1' raises in
-a loader worker on Pillow 13. Ours does the same internally (data.transforms.safe_posterize).
+a loader worker on Pillow 13. Ours does the same internally (data.augment_ops.safe_posterize).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from .augment_ops import safe_posterize, use_fast_affine, use_safe_posterize  # noqa: F401 (re-exported)
+from .augment_ops import use_fast_affine, use_safe_posterize
 from .decode import (PIL_SIMD, decode_pil, decode_tensor, draft_reduce, jpeg_reduction, jpeg_size, load_rgb,
                      open_image)
 

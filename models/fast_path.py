@@ -1,4 +1,4 @@
-"""Inference fast paths of the Swin blocks: low-precision weight caches and a fused linear + GELU.
+"""Fast paths of the Swin blocks: low-precision weight caches, oneDNN linears (with the GELU fused in evaluation).
 
 Under autocast every ``nn.Linear`` casts its fp32 weight to bf16/fp16 on every call, and an MLP writes
 its hidden activations twice (the product, then the GELU). Where no gradient is needed (evaluation,
@@ -40,12 +40,17 @@ def grad_needed(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _standard_ops_expected(*tensors: torch.Tensor) -> bool:
+    """Something is being compiled (a compiled graph fuses by itself), the tensors hold no values (the meta
+    device) or a dispatch mode (FlopCounterMode, FakeTensorMode) is watching: the standard ops only."""
+    return (torch.compiler.is_compiling() or any(t.is_meta for t in tensors)
+            or _get_current_dispatch_mode() is not None)
+
+
 def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the fast paths may serve a computation on ``tensors``: no gradient is needed, nothing is
-    being compiled (a compiled graph fuses by itself), the tensors hold values (not the meta device) and no
-    dispatch mode (FlopCounterMode, FakeTensorMode) is watching, as those expect the standard ops."""
-    return not (grad_needed(*tensors) or torch.compiler.is_compiling() or any(t.is_meta for t in tensors)
-                or _get_current_dispatch_mode() is not None)
+    """Whether the evaluation fast paths may serve a computation on ``tensors``: no gradient is needed and
+    nothing expects the standard ops."""
+    return not (grad_needed(*tensors) or _standard_ops_expected(*tensors))
 
 
 def _onednn_linear_available() -> bool:
@@ -53,6 +58,11 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def _onednn_serves(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's inner product (``mkldnn::_linear_pointwise``) takes a linear of ``x`` in ``dtype``."""
+    return _ONEDNN_LINEAR and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
 
 
 class CastCache:
@@ -128,8 +138,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
     """``F.linear(x, weight, bias)`` (autocast's casts included), through :class:`_OneDnnLinear` on the
     CPU in fp32/bf16 outside compilation and dispatch modes (which expect the standard op)."""
     dtype = compute_dtype(x)
-    if (not _ONEDNN_LINEAR or x.device.type != 'cpu' or dtype not in (torch.float32, torch.bfloat16)
-            or torch.compiler.is_compiling() or x.is_meta or _get_current_dispatch_mode() is not None):
+    if not _onednn_serves(x, dtype) or _standard_ops_expected(x):
         return F.linear(x, weight, bias)
     # autocast leaves custom functions alone: the casts it would make, made here (and kept by autograd)
     bias = None if bias is None else bias.to(dtype)
@@ -145,7 +154,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, cache: CastCache, name: str, gelu:
     dtype = compute_dtype(x)
     w, b = _cast_params(layer, dtype, cache, name)
     x = x.to(dtype)
-    if _ONEDNN_LINEAR and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16):
+    if _onednn_serves(x, dtype):
         # oneDNN adds the bias (and applies the GELU) as the product is written: no pass to copy the bias
         # into the output first, as addmm does
         if gelu:
