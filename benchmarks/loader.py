@@ -10,6 +10,7 @@ size and worker count, alternating the loaders to spread out machine noise. Prin
     .venv/bin/python benchmarks/loader.py --workers 2 --rounds 3
     .venv/bin/python benchmarks/loader.py --large            # + ours without reduced JPEG decoding
     .venv/bin/python benchmarks/loader.py --eval [--large]   # validation loaders instead
+    .venv/bin/python benchmarks/loader.py --stages           # where our fast path's time goes, per stage
 
 Two numbers per loader: images per second from the first batch of an epoch to its last (worker
 start-up excluded for every loader alike), and CPU milliseconds per image over the whole epoch
@@ -131,6 +132,51 @@ def measure_epoch(loader, epoch: int) -> tuple[float, float]:
     return rate, 1e3 * (_cpu_seconds() - cpu0) / total
 
 
+class _StageClock:
+    """Wraps a pipeline stage; adds the CPU time of each call to this process's ``tally[name]`` (a loader
+    worker keeps its own tally, which :class:`_CollateReporting` sends back with every batch)."""
+
+    tally: dict[str, float] = {}
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, *args):
+        start = time.process_time()
+        try:
+            return self.fn(*args)
+        finally:
+            _StageClock.tally[self.name] = _StageClock.tally.get(self.name, 0.0) + time.process_time() - start
+
+
+class _CollateReporting:
+    def __init__(self, collate):
+        self.collate = _StageClock(collate, 'collate')
+
+    def __call__(self, items):
+        return self.collate(items), dict(_StageClock.tally)
+
+
+def stage_times(loader, epoch: int = 0) -> dict[str, float]:
+    """CPU milliseconds per image of the stages of our training pipeline, measured inside one loader worker:
+    'decode' (crop box from the header, decoding, crop and resize), 'transform' (flip, RandAugment, uint8
+    copy) and 'collate' (normalisation and erasing into the shared-memory batch)."""
+    from torch.utils.data import DataLoader
+    from data.loader import KeyedCollate
+    from data.samplers import WorkerSeeder
+    dataset = loader.dataset
+    dataset.decoder = _StageClock(dataset.decoder, 'decode')
+    dataset.transform = _StageClock(dataset.transform, 'transform')
+    loader.set_epoch(epoch)
+    worker = DataLoader(dataset, batch_sampler=loader.batch_sampler, num_workers=1,
+                        collate_fn=_CollateReporting(KeyedCollate(loader.finish)),
+                        worker_init_fn=WorkerSeeder(loader.seed, epoch, loader.rank))
+    images, tally = 0, {}
+    for (batch, *_), tally in worker:
+        images += batch.shape[0]
+    return {name: 1e3 * seconds / images for name, seconds in tally.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--root', default=None, help='image folder to write/reuse (default under /tmp)')
@@ -140,11 +186,17 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--large', action='store_true', help='photos with shorter side 1000-1500 px')
     parser.add_argument('--eval', action='store_true', help='time the validation loaders')
+    parser.add_argument('--stages', action='store_true', help="only our training pipeline's stages, in one worker")
     args = parser.parse_args()
     root = Path(args.root or f'/tmp/swin_loader_bench{"_large" if args.large else ""}')
     root = write_jpegs(root, args.images, large=args.large, val_count=args.images if args.eval else 0)
     train = not args.eval
     print(f'PIL: {pillow_build()}', flush=True)
+    if args.stages:
+        times = stage_times(our_loader(root, args.batch_size, 1, fast=True))
+        print('ours fast, CPU ms per image in one worker: '
+              + ', '.join(f'{name} {ms:.2f}' for name, ms in times.items()) + f'; sum {sum(times.values()):.2f}')
+        return
     loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
                'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}
     if args.large and train:
