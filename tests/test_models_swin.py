@@ -203,3 +203,13 @@ def test_drop_path_residual_is_timms_drop_path_added_in_one_pass(dtype):
     assert 0 < dropped.sum() < 16  # some samples dropped, not all: the same draws as timm's
     ours.eval()
     assert torch.equal(ours.residual(x, y), x + y)
+
+
+def test_patch_merging_concatenates_neighbours_in_the_official_order():
+    merging = models.layers.PatchMerging((6, 4), dim=3)
+    x = torch.randn(2, 6 * 4, 3, requires_grad=True)
+    grid = x.view(2, 6, 4, 3)
+    official = torch.cat([grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], -1)
+    assert torch.equal(merging.merge(x), official.view(2, -1, 12))  # released reduction weights rely on it
+    grad = torch.autograd.grad(merging.merge(x).square().sum(), x)[0]
+    assert torch.equal(grad, 2 * x.detach())
