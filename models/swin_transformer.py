@@ -110,18 +110,21 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         n, nh = l // num_windows, self.num_heads
         folded = compute_dtype(x) != self.qkv.weight.dtype
         # under autocast the query scale is folded into the (small) weights: no pass over the queries, forward
-        # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway (in fp32 the
-        # scaled copy would be an extra tensor kept, so the queries are scaled in place there)
+        # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway; in fp32 the
+        # scaled copy would be an extra tensor kept, so there the scale is the product's alpha instead
         qkv = fast_path.dense(x, *(self._scaled_qkv_params() if folded else (self.qkv.weight, self.qkv.bias)))
         # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
         qkv = qkv.view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
-        if not folded:
-            qkv[0].mul_(self.scale)  # in place: the products then keep one (3C) buffer for backward, not 4C
         q, k, v = qkv.unbind(0)
-        attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
+        if folded:
+            attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
+        else:
+            attn = torch.baddbmm(q.new_empty(()), q.flatten(0, 1), k.flatten(0, 1).transpose(-2, -1),
+                                 beta=0, alpha=self.scale).view(-1, nh, n, n)
         # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
         # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32)
-        attn = attn.view(b, num_windows, nh, n, n).add_(attn_bias.to(attn.dtype))  # in place: one big buffer less
+        # out of place: an in-place add on this view would make autograd clone the whole gradient in backward
+        attn = torch.add(attn.view(b, num_windows, nh, n, n), attn_bias.to(attn.dtype))
         attn = attn.view(-1, nh, n, n).softmax(dim=-1)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)

@@ -182,3 +182,24 @@ def test_training_step_adds_biases_inside_onednn_linears():
     counts = _op_counts(lambda: model(torch.randn(2, 3, 32, 32)).sum().backward())
     assert counts.get('mkldnn::_linear_pointwise') == 4 * sum(KWARGS['depths'])  # qkv, proj, fc1, fc2
     assert counts.get('aten::addmm', 0) <= 1  # the head
+
+
+def _graph_nodes(tensor: torch.Tensor) -> set:
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_training_graph_has_no_in_place_ops_on_views(dtype):
+    """An in-place op on a view (scaling the queries, adding the bias to the logits) makes autograd clone the
+    whole gradient of the base tensor in backward (CopySlices): the attention uses out-of-place ops instead."""
+    model = _model().train()
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert 'CopySlices' not in _graph_nodes(out)
