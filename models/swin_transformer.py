@@ -25,6 +25,26 @@ __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
 _BIAS_BYTES = 16 << 20
 
 
+class _SplitHeads(torch.autograd.Function):
+    """The qkv output ``(B, L, 3C)`` (tokens in window order) -> q, k, v as ``(B*nW, nH, N, d)`` views of one
+    contiguous copy (products of strided views would each copy their operand). Backward writes the three
+    gradients straight back in the ``(B, L, 3C)`` layout, one pass: autograd's would stack them, then copy
+    them out of the permuted layout."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, windows: int, heads: int):
+        b, l, c3 = qkv.shape
+        ctx.in_shape = qkv.shape
+        split = qkv.view(b * windows, l // windows, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
+        return split[0], split[1], split[2]
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        given = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        grads = [torch.zeros_like(given) if g is None else g for g in (grad_q, grad_k, grad_v)]
+        return torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(ctx.in_shape), None, None
+
+
 class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
     """Multi-head self-attention inside each window, plus a learned relative position bias.
 
@@ -113,9 +133,7 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway; in fp32 the
         # scaled copy would be an extra tensor kept, so there the scale is the product's alpha instead
         qkv = fast_path.dense(x, *(self._scaled_qkv_params() if folded else (self.qkv.weight, self.qkv.bias)))
-        # one copy to (3, B*nW, nH, N, d) instead of the three the products would make of strided views
-        qkv = qkv.view(b * num_windows, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4).contiguous()
-        q, k, v = qkv.unbind(0)
+        q, k, v = _SplitHeads.apply(qkv, num_windows, nh)
         if folded:
             attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
         else:

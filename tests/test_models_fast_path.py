@@ -203,3 +203,17 @@ def test_training_graph_has_no_in_place_ops_on_views(dtype):
     with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = model(torch.randn(2, 3, 32, 32))
     assert 'CopySlices' not in _graph_nodes(out)
+
+
+def test_head_split_returns_the_gradient_autograd_would_with_an_output_unused():
+    qkv = torch.randn(2, 8, 3 * 6, requires_grad=True)  # 2 windows of 4 tokens, 3 heads of width 2
+    weight_q, weight_v = torch.randn(4, 3, 4, 2), torch.randn(4, 3, 4, 2)
+
+    def loss(q, k, v):  # k unused: its gradient reaches backward as None
+        return (q * weight_q).sum() + (v * weight_v).sum()
+
+    ours = swin._SplitHeads.apply(qkv, 2, 3)
+    reference = qkv.view(4, 4, 3, 3, 2).permute(2, 0, 3, 1, 4).unbind(0)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+    grad, expected = (torch.autograd.grad(loss(*outs), qkv)[0] for outs in (ours, reference))
+    assert torch.equal(grad, expected)
