@@ -58,11 +58,16 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN_LINEAR = _onednn_linear_available()
+# bf16 only where the CPU computes it natively (AVX512-BF16 / AMX), as torch.compile decides for this kernel
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN_LINEAR and
+                                     torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 
 
 def _onednn_serves(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's inner product (``mkldnn::_linear_pointwise``) takes a linear of ``x`` in ``dtype``."""
-    return _ONEDNN_LINEAR and x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
+    """Whether oneDNN's inner product (``mkldnn::_linear_pointwise``) takes a linear of ``x`` computed in
+    ``dtype``: a CPU tensor, oneDNN on (``torch.backends.mkldnn.flags``), fp32 or natively supported bf16."""
+    return (_ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.device.type == 'cpu'
+            and x.dtype in _ONEDNN_DTYPES and dtype in _ONEDNN_DTYPES)
 
 
 class CastCache:
@@ -139,6 +144,9 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
     CPU in fp32/bf16 outside compilation and dispatch modes (which expect the standard op)."""
     dtype = compute_dtype(x)
     if not _onednn_serves(x, dtype) or _standard_ops_expected(x):
+        return F.linear(x, weight, bias)
+    # autocast casts fp32 weights; without it, a dtype mismatch is F.linear's error to raise, not ours to hide
+    if weight.dtype not in (_ONEDNN_DTYPES if torch.is_autocast_enabled('cpu') else (x.dtype,)):
         return F.linear(x, weight, bias)
     # autocast leaves custom functions alone: the casts it would make, made here (and kept by autograd)
     bias = None if bias is None else bias.to(dtype)

@@ -217,3 +217,15 @@ def test_head_split_returns_the_gradient_autograd_would_with_an_output_unused():
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
     grad, expected = (torch.autograd.grad(loss(*outs), qkv)[0] for outs in (ours, reference))
     assert torch.equal(grad, expected)
+
+
+@pytest.mark.filterwarnings('ignore:TF32 acceleration')  # torch's note when oneDNN flags are set on a CPU build
+def test_training_linear_leaves_to_f_linear_what_onednn_should_not_take():
+    x, w = torch.randn(2, 4, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    assert type(dense(x, w).grad_fn).__name__ == '_OneDnnLinearBackward'
+    with torch.backends.mkldnn.flags(enabled=False):  # the user turned oneDNN off
+        assert type(dense(x, w).grad_fn).__name__ != '_OneDnnLinearBackward'
+    with pytest.raises(RuntimeError, match='dtype'):  # no autocast: a mismatch stays an error, as in F.linear
+        dense(x.bfloat16(), w)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast leaves fp64 alone: so do we
+        assert dense(x.double(), w.double()).dtype == torch.float64
