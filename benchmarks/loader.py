@@ -160,20 +160,24 @@ class _CollateReporting:
 def stage_times(loader, epoch: int = 0) -> dict[str, float]:
     """CPU milliseconds per image of the stages of our training pipeline, measured inside one loader worker:
     'decode' (crop box from the header, decoding, crop and resize), 'transform' (flip, RandAugment, uint8
-    copy) and 'collate' (normalisation and erasing into the shared-memory batch)."""
+    copy) and 'collate' (normalisation and erasing into the shared-memory batch). The loader's dataset gets
+    its decoder and transform back afterwards."""
     from torch.utils.data import DataLoader
     from data.loader import KeyedCollate
     from data.samplers import WorkerSeeder
     dataset = loader.dataset
-    dataset.decoder = _StageClock(dataset.decoder, 'decode')
-    dataset.transform = _StageClock(dataset.transform, 'transform')
+    decoder, transform = dataset.decoder, dataset.transform
+    dataset.decoder, dataset.transform = _StageClock(decoder, 'decode'), _StageClock(transform, 'transform')
     loader.set_epoch(epoch)
     worker = DataLoader(dataset, batch_sampler=loader.batch_sampler, num_workers=1,
                         collate_fn=_CollateReporting(KeyedCollate(loader.finish)),
                         worker_init_fn=WorkerSeeder(loader.seed, epoch, loader.rank))
     images, tally = 0, {}
-    for (batch, *_), tally in worker:
-        images += batch.shape[0]
+    try:
+        for (batch, *_), tally in worker:
+            images += batch.shape[0]
+    finally:
+        dataset.decoder, dataset.transform = decoder, transform
     return {name: 1e3 * seconds / images for name, seconds in tally.items()}
 
 

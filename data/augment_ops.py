@@ -137,36 +137,23 @@ def _fill_rgb(fillcolor: Any) -> tuple[int, int, int]:
     return Image.new('RGB', (1, 1), 0 if fillcolor is None else fillcolor).getpixel((0, 0))
 
 
-# timm's signatures: (img, level, **kwargs); kwargs hold 'fillcolor' and 'resample' (a tuple
-# means a random choice, drawn by timm's own helper so the random stream stays the same).
-def shear_x(img: Image.Image, factor: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, factor, 0, 0, 1, 0), **kwargs)
+def _one_axis_op(matrix: Callable[[Image.Image, float], tuple]) -> AugFn:
+    """A timm op ``(img, level, **kwargs)`` running :func:`axis_affine` with ``matrix(img, level)``.
+    kwargs hold 'fillcolor' and 'resample' (a tuple means a random choice, drawn by timm's own helper,
+    so the random stream stays the same)."""
+    def op(img: Image.Image, level: float, **kwargs: Any) -> Image.Image:
+        timm_aa._check_args_tf(kwargs)
+        return axis_affine(img, matrix(img, level), **kwargs)
+    return op
 
 
-def shear_y(img: Image.Image, factor: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, 0, 0, factor, 1, 0), **kwargs)
-
-
-def translate_x_rel(img: Image.Image, pct: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, 0, pct * img.size[0], 0, 1, 0), **kwargs)
-
-
-def translate_y_rel(img: Image.Image, pct: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, 0, 0, 0, 1, pct * img.size[1]), **kwargs)
-
-
-def translate_x_abs(img: Image.Image, pixels: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, 0, pixels, 0, 1, 0), **kwargs)
-
-
-def translate_y_abs(img: Image.Image, pixels: float, **kwargs: Any) -> Image.Image:
-    timm_aa._check_args_tf(kwargs)
-    return axis_affine(img, (1, 0, 0, 0, 1, pixels), **kwargs)
+# The matrices timm's shear_x, shear_y, translate_{x,y}_{rel,abs} pass to Image.transform.
+shear_x = _one_axis_op(lambda img, factor: (1, factor, 0, 0, 1, 0))
+shear_y = _one_axis_op(lambda img, factor: (1, 0, 0, factor, 1, 0))
+translate_x_rel = _one_axis_op(lambda img, pct: (1, 0, pct * img.size[0], 0, 1, 0))
+translate_y_rel = _one_axis_op(lambda img, pct: (1, 0, 0, 0, 1, pct * img.size[1]))
+translate_x_abs = _one_axis_op(lambda img, pixels: (1, 0, pixels, 0, 1, 0))
+translate_y_abs = _one_axis_op(lambda img, pixels: (1, 0, 0, 0, 1, pixels))
 
 
 SAFE_OPS: dict[AugFn, AugFn] = {timm_aa.posterize: safe_posterize}

@@ -328,7 +328,7 @@ class BatchNormalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
         self.erasing, self.exact = erasing, exact
-        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # the four above, per device
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # 255 and the four above, per device
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], seed: int = 0,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
