@@ -1,0 +1,80 @@
+"""Reused shared-memory batch buffers: a worker writes into a buffer again only once the main process has freed it."""
+from __future__ import annotations
+
+import gc
+import types
+
+import pytest
+import torch
+
+import data.loader as loader_module
+from data import build_loader
+from data.datasets import LoadedSample
+from data.loader import BatchBuffers, KeyedCollate
+from test_data_common import data_config, jpeg_folder
+
+
+@pytest.fixture
+def as_worker_0(monkeypatch):
+    """Runs the collate in this process as if it were loader worker 0 (shared memory, the pool's slots)."""
+    monkeypatch.setattr(loader_module, 'get_worker_info', lambda: types.SimpleNamespace(id=0))
+
+
+def _items(value: int, count: int = 2) -> list[LoadedSample]:
+    return [LoadedSample(torch.full((3, 4, 4), value, dtype=torch.uint8), 0, [], i) for i in range(count)]
+
+
+def _collate_in_worker(collate: KeyedCollate, buffers: BatchBuffers, value: int,
+                       count: int = 2) -> tuple[torch.Tensor, int, int]:
+    """``(batch as the main process sees it, its slot, the address of the worker's buffer)``: the main
+    process maps the worker's shared memory anew, as torch's queues do between processes."""
+    in_worker, *_, slot = collate(_items(value, count))
+    fd, size = in_worker.untyped_storage()._share_fd_cpu_()
+    received = torch.UntypedStorage._new_shared_fd_cpu(fd, size)
+    batch = torch.empty(0, dtype=in_worker.dtype).set_(received).view(in_worker.shape)
+    buffers.release_when_freed(batch, slot)
+    return batch, slot, in_worker.untyped_storage().data_ptr()
+
+
+def test_a_freed_batch_buffer_is_written_again_and_a_held_one_is_not(as_worker_0):
+    buffers = BatchBuffers(workers=1, per_worker=2)
+    collate = KeyedCollate(buffers=buffers)
+    first, slot_a, address_a = _collate_in_worker(collate, buffers, 1)
+    view = first[0]  # a view keeps the buffer taken after the batch itself is gone
+    del first
+    gc.collect()
+    second, slot_b, _ = _collate_in_worker(collate, buffers, 2)
+    assert (slot_a, slot_b) == (0, 1)
+    third, slot_c, _ = _collate_in_worker(collate, buffers, 3)
+    assert slot_c == -1  # both slots taken: fresh memory, nothing waits and nothing is overwritten
+    assert (view == 1).all() and (second == 2).all() and (third == 3).all()
+    del view
+    gc.collect()
+    fourth, slot_d, address_d = _collate_in_worker(collate, buffers, 4)
+    assert (slot_d, address_d) == (0, address_a)  # the freed buffer itself, written again
+    assert (fourth == 4).all() and (second == 2).all()
+
+
+def test_a_free_slot_of_another_size_gets_a_new_buffer(as_worker_0):
+    buffers = BatchBuffers(workers=1, per_worker=1)
+    collate = KeyedCollate(buffers=buffers)
+    full, slot, _ = _collate_in_worker(collate, buffers, 1)
+    del full
+    gc.collect()
+    last, slot_last, _ = _collate_in_worker(collate, buffers, 5, count=1)  # an epoch's shorter last batch
+    assert (slot, slot_last) == (0, 0) and last.shape == (1, 3, 4, 4) and (last == 5).all()
+
+
+def test_batches_kept_by_the_loop_stay_intact_while_workers_reuse_buffers(tmp_path):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=8, val_per_class=1)
+    config = data_config(root, **{'DATA.BATCH_SIZE': 2, 'AUG.AUTO_AUGMENT': 'none'})
+    expected = list(build_loader(config)[2])  # no workers: no shared memory
+    loader = build_loader(data_config(root, **{'DATA.BATCH_SIZE': 2, 'AUG.AUTO_AUGMENT': 'none',
+                                               'DATA.NUM_WORKERS': 2}))[2]
+    kept = {}
+    for step, (images, targets) in enumerate(loader):
+        assert torch.equal(images, expected[step][0])
+        if step % 3 == 0:  # keep some, drop the rest (their buffers go back to the workers)
+            kept[step] = images
+        del images
+    assert len(kept) >= 4 and all(torch.equal(images, expected[step][0]) for step, images in kept.items())
