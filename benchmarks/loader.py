@@ -163,18 +163,20 @@ def stage_times(loader, epoch: int = 0) -> dict[str, float]:
     copy) and 'collate' (normalisation and erasing into the shared-memory batch). The loader's dataset gets
     its decoder and transform back afterwards."""
     from torch.utils.data import DataLoader
-    from data.loader import KeyedCollate
+    from data.loader import BatchBuffers, EpochLoader, KeyedCollate
     from data.samplers import WorkerSeeder
     dataset = loader.dataset
     decoder, transform = dataset.decoder, dataset.transform
     dataset.decoder, dataset.transform = _StageClock(decoder, 'decode'), _StageClock(transform, 'transform')
     loader.set_epoch(epoch)
+    buffers = BatchBuffers(1, EpochLoader.PREFETCH + 2)
     worker = DataLoader(dataset, batch_sampler=loader.batch_sampler, num_workers=1,
-                        collate_fn=_CollateReporting(KeyedCollate(loader.finish)),
+                        collate_fn=_CollateReporting(KeyedCollate(loader.finish, buffers)),
                         worker_init_fn=WorkerSeeder(loader.seed, epoch, loader.rank))
     images, tally = 0, {}
     try:
-        for (batch, *_), tally in worker:
+        for (batch, *_, slot), tally in worker:
+            buffers.release_when_freed(batch, slot)
             images += batch.shape[0]
     finally:
         dataset.decoder, dataset.transform = decoder, transform
