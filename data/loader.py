@@ -6,7 +6,8 @@ It also
 
 * finishes the uint8 images of the fast path into a normalised float batch (plus random erasing
   once per batch) inside the workers, in parallel and off the training loop's critical path, written
-  straight into shared memory so that handing the batch to the main process copies nothing; or,
+  straight into shared memory so that handing the batch to the main process copies nothing (each
+  worker reuses its buffers once the main process has freed them: :class:`BatchBuffers`); or,
   with ``finish_on`` set to an accelerator, hands uint8 batches over (a quarter of the bytes to pin
   and to copy) and finishes them there, on arrival;
 * keeps the books on unreadable images: every file is named once in the log (workers report them
@@ -73,7 +74,7 @@ class BatchBuffers:
     """Shared-memory batch buffers that loader workers reuse once the main process has let go of them.
 
     A worker writing a batch into fresh shared memory pays a page fault and a zero-fill for every
-    4 KiB (on the fast path, about a twelfth of its time per image); into a reused buffer, neither.
+    4 KiB (on the fast path, about a tenth of its time per image); into a reused buffer, neither.
     Each worker owns ``per_worker`` slots. ``busy`` (shared memory, made by the main process) holds a
     flag per slot: the worker raises it when it hands the slot's buffer over, the main process lowers
     it when the batch's storage is freed there (a finalizer on the storage, so views, numpy arrays
