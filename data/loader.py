@@ -78,8 +78,9 @@ class BatchBuffers:
     Each worker owns ``per_worker`` slots. ``busy`` (shared memory, made by the main process) holds a
     flag per slot: the worker raises it when it hands the slot's buffer over, the main process lowers
     it when the batch's storage is freed there (a finalizer on the storage, so views, numpy arrays
-    and tensors saved for backward keep the buffer taken). A worker without a free slot falls back to
-    fresh memory, so nothing ever waits on the pool; a free slot of the wrong size is reallocated.
+    and tensors saved for backward keep the buffer taken; a batch passed on to yet another process
+    counts as freed once this one lets go of it). A worker without a free slot falls back to fresh
+    memory, so nothing ever waits on the pool; a free slot of the wrong size is reallocated.
     """
 
     def __init__(self, workers: int, per_worker: int):
