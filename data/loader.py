@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing.util
 import weakref
 from typing import Iterator, Optional, Sequence
 
@@ -87,9 +88,14 @@ class BatchBuffers:
         self.per_worker = per_worker
         self.busy = torch.zeros(workers * per_worker, dtype=torch.uint8).share_memory_()
         self._storages: dict[int, torch.UntypedStorage] = {}  # per worker process: slot -> its buffer
+        self._exit_hook: Optional[multiprocessing.util.Finalize] = None
 
     def take(self, nbytes: int) -> tuple[torch.UntypedStorage, int]:
         """In a worker: a shared buffer of ``nbytes`` and its slot (-1: fresh, not from the pool)."""
+        if self._exit_hook is None:
+            # loader workers end with os._exit: the buffers must go before it, or under the 'file_system'
+            # sharing strategy each epoch's buffers stay in /dev/shm until the main process exits
+            self._exit_hook = multiprocessing.util.Finalize(self, self._storages.clear, exitpriority=0)
         first = get_worker_info().id * self.per_worker
         for slot in range(first, first + self.per_worker):
             if self.busy[slot]:

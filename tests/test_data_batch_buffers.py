@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import types
 
 import pytest
@@ -78,3 +79,39 @@ def test_batches_kept_by_the_loop_stay_intact_while_workers_reuse_buffers(tmp_pa
             kept[step] = images
         del images
     assert len(kept) >= 4 and all(torch.equal(images, expected[step][0]) for step, images in kept.items())
+
+
+def test_the_loader_hands_freed_buffers_back_to_its_workers(tmp_path, monkeypatch):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=8, val_per_class=1)
+    loader = build_loader(data_config(root, **{'DATA.BATCH_SIZE': 2, 'DATA.NUM_WORKERS': 2}))[2]
+    slots = []
+    release = BatchBuffers.release_when_freed
+    monkeypatch.setattr(BatchBuffers, 'release_when_freed',
+                        lambda self, batch, slot: (slots.append(slot), release(self, batch, slot)))
+    for _ in loader:
+        pass
+    assert len(slots) == len(loader) and -1 not in slots
+    assert len(set(slots)) < len(slots)  # a slot taken again: its buffer came back from the main process
+
+
+def _torch_shm_files() -> int:
+    return sum(1 for name in os.listdir('/dev/shm') if name.startswith('torch_'))
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm')
+def test_workers_free_their_buffers_on_exit_under_the_file_system_sharing_strategy(tmp_path):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=8, val_per_class=1)
+    loader = build_loader(data_config(root, **{'DATA.BATCH_SIZE': 2, 'DATA.NUM_WORKERS': 2}))[2]
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy('file_system')
+    try:
+        counts = []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+            gc.collect()
+            counts.append(_torch_shm_files())
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)
+    assert counts[2] <= counts[0]  # nothing piles up in /dev/shm from epoch to epoch
