@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (above a threshold of at most 32 MB) with fre
 them on ``free``; it also trims the heap's free top. A training or evaluation step allocates and frees the
 same large activations every iteration, so on the CPU each step pays the kernel to map and zero those pages
 again: with the default settings a GELU over Swin-T's first-stage activations (batch 8, fp32, 38 MB) took
-11 ms, with freed memory kept for reuse 2.5 ms (2 cores). The fix is the host-side counterpart of CUDA's
+11 ms, with freed memory kept for reuse 2.0 ms (2 cores). The fix is the host-side counterpart of CUDA's
 caching allocator: serve every block from the heap (``M_MMAP_MAX = 0``) and never trim it
 (``M_TRIM_THRESHOLD``), so the process keeps its peak footprint and reuses it.
 """
