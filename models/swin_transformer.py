@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast_path
+from .cpu_kernels import bias_softmax
 from .fast_path import CastCache, CastCacheMixin, compute_dtype
 from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
@@ -140,10 +141,9 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
             attn = torch.baddbmm(q.new_empty(()), q.flatten(0, 1), k.flatten(0, 1).transpose(-2, -1),
                                  beta=0, alpha=self.scale).view(-1, nh, n, n)
         # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
-        # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32)
-        # out of place: an in-place add on this view would make autograd clone the whole gradient in backward
-        attn = torch.add(attn.view(b, num_windows, nh, n, n), attn_bias.to(attn.dtype))
-        attn = attn.view(-1, nh, n, n).softmax(dim=-1)
+        # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32); on the CPU
+        # the add and the softmax are one pass (models/cpu_kernels.py)
+        attn = bias_softmax(attn, attn_bias.to(attn.dtype))
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
         x = (attn @ v).transpose(1, 2).reshape(b, l, c)

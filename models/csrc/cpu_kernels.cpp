@@ -1,0 +1,119 @@
+// CPU kernels for the training step: softmax(logits + bias) over the last dimension in one pass, for the window
+// attention.
+//
+// PyTorch runs this as two kernels (the broadcast add, then the softmax), and its softmax pays a fixed cost per
+// row that dominates on Swin's 49-wide rows. Here each row is read once, summed with its bias row, reduced
+// (max, then the sum of exponentials) in AVX-512 registers and written once. Numerics follow PyTorch's: the sum is
+// rounded to the input dtype first (what the separate add writes), the softmax runs in fp32, and the result is
+// rounded to nearest even; NaN propagates as in PyTorch.
+//
+// Built by models/cpu_kernels.py with -march=native on the machine that runs it; without AVX-512 (BW) the
+// library reports itself unavailable and the standard ops run instead.
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+
+namespace {
+
+constexpr int64_t kMaxRow = 1024;  // the widest row taken (a 32 x 32 window); wider rows use the standard ops
+
+inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+inline __m512 load(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const uint16_t *p, __mmask16 m) {  // bf16 -> fp32 is exact: the bits moved up by 16
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// fp32 -> bf16 bits, round to nearest even, NaN kept quiet: the integer rounding PyTorch's own conversion uses
+inline __m256i to_bf16_bits(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store(float *p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(uint16_t *p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v)); }
+
+inline __m512 round_to(const float *, __m512 v) { return v; }
+inline __m512 round_to(const uint16_t *, __m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+
+// exp(x) for x <= 0 (and NaN): Cody-Waite reduction by ln 2, degree-6 polynomial, within 2 ulp in fp32;
+// below -87.3 the result is 0, NaN stays NaN
+inline __m512 exp_nonpositive(__m512 x) {
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    const __m512 given = x;
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 e = _mm512_maskz_mov_ps((__mmask16)~zero, _mm512_scalef_ps(p, k));
+    return _mm512_mask_mov_ps(e, nan, given);
+}
+
+template <typename T>
+void bias_softmax(const T *x, const T *bias, T *out, int64_t rows, int64_t n, int64_t bias_rows, int threads) {
+    const int64_t chunks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        __m512 row[kMaxRow / 16];
+        const T *xr = x + r * n, *br = bias + (r % bias_rows) * n;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+            __mmask16 m = tail_mask(n - c * 16);
+            __m512 v = round_to(x, _mm512_add_ps(load(xr + c * 16, m), load(br + c * 16, m)));
+            nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+            row[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m, v);
+            vmax = _mm512_max_ps(vmax, row[c]);
+        }
+        // a NaN anywhere in the row makes the whole row NaN, as in PyTorch (max would skip it)
+        __m512 shift = _mm512_set1_ps(nan ? NAN : _mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) {
+            row[c] = exp_nonpositive(_mm512_sub_ps(row[c], shift));
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail_mask(n - c * 16), row[c]));
+        }
+        __m512 scale = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        T *o = out + r * n;
+        for (int64_t c = 0; c < chunks; ++c) store(o + c * 16, tail_mask(n - c * 16), _mm512_mul_ps(row[c], scale));
+    }
+}
+
+}  // namespace
+
+extern "C" {
+int kernels_available(void) { return 1; }
+int64_t bias_softmax_max_row(void) { return kMaxRow; }
+void bias_softmax_f32(const float *x, const float *bias, float *out, int64_t rows, int64_t n, int64_t bias_rows,
+                      int threads) {
+    bias_softmax(x, bias, out, rows, n, bias_rows, threads);
+}
+void bias_softmax_bf16(const uint16_t *x, const uint16_t *bias, uint16_t *out, int64_t rows, int64_t n,
+                       int64_t bias_rows, int threads) {
+    bias_softmax(x, bias, out, rows, n, bias_rows, threads);
+}
+}
+
+#else  // no AVX-512: nothing to offer, the caller keeps the standard ops
+
+extern "C" int kernels_available(void) { return 0; }
+
+#endif

@@ -1,0 +1,150 @@
+"""Our CPU kernel ``softmax(logits + bias)`` gives PyTorch's results and gradients, serves the training step, is
+built once per machine into its cache, and steps aside (standard ops) where it cannot serve."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import SwinTransformer, cpu_kernels
+from models.cpu_kernels import bias_softmax, bias_softmax_reference, kernel_serves
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
+                                  reason='no C++ compiler or no AVX-512 here: the standard ops serve')
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """library() re-decided under this test's environment (and a private cache), then restored."""
+    monkeypatch.setenv('SWIN_KERNEL_CACHE', str(tmp_path / 'cache'))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path / 'cache'
+    cpu_kernels.library.cache_clear()
+
+
+def _inputs(images: int, windows: int, heads: int, n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(images * windows, heads, n, n, generator=g) * 4).to(dtype)
+    bias = (torch.randn(windows, heads, n, n, generator=g) * 2).to(dtype)
+    return logits, bias
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('images,windows,heads,n', [(3, 4, 2, 49), (2, 1, 3, 64), (5, 2, 1, 7), (2, 3, 2, 16),
+                                                    (4, 1, 1, 1), (2, 2, 1, 144)])
+def test_bias_softmax_matches_the_standard_ops(dtype, images, windows, heads, n):
+    logits, bias = _inputs(images, windows, heads, n, dtype)
+    assert kernel_serves(logits, bias)
+    got, want = bias_softmax(logits, bias), bias_softmax_reference(logits, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    # bf16: the same sum rounded the same way, then fp32 softmax: equal after rounding (1 ulp where exp differs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2 ** -9)
+
+
+@needs_kernel
+def test_bias_softmax_gradients_match_the_standard_ops():
+    logits, bias = _inputs(3, 4, 2, 49, torch.float32)
+    grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (bias_softmax, bias_softmax_reference):
+        x, b = logits.clone().requires_grad_(), bias.clone().requires_grad_()
+        fn(x, b).backward(grad)
+        results.append((x.grad, b.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_bias_softmax_propagates_nan_and_infinities_as_pytorch_does(dtype):
+    logits, bias = _inputs(2, 1, 1, 20, dtype)
+    logits[0, 0, 1, 3] = float('nan')       # one NaN: the whole row NaN
+    logits[0, 0, 2, :] = float('-inf')      # all masked: NaN
+    logits[1, 0, 3, :5] = float('-inf')     # some masked: zero weight there
+    logits[1, 0, 4, 7] = float('inf')       # +inf: NaN
+    torch.testing.assert_close(bias_softmax(logits, bias), bias_softmax_reference(logits, bias),
+                               rtol=0, atol=2 ** -9, equal_nan=True)
+
+
+def test_bias_softmax_rejects_a_bias_that_does_not_repeat_over_the_logits():
+    logits, bias = _inputs(2, 3, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match='does not repeat'):
+        bias_softmax(logits[:5], bias)
+
+
+@needs_kernel
+def test_standard_ops_serve_where_the_kernel_should_not():
+    logits, bias = _inputs(2, 1, 1, 7, torch.float32)
+    assert not kernel_serves(logits.double(), bias.double())          # a dtype the kernel has no version of
+    assert not kernel_serves(logits, bias.bfloat16())                  # mixed dtypes: PyTorch's promotion rules
+    assert not kernel_serves(logits.to('meta'), bias.to('meta'))       # no values to read
+    with FlopCounterMode(display=False):                               # a dispatch mode watching the ops
+        assert not kernel_serves(logits, bias)
+    wide, wide_bias = _inputs(1, 1, 1, cpu_kernels.library().bias_softmax_max_row() + 1, torch.float32)
+    assert not kernel_serves(wide, wide_bias)
+    torch.testing.assert_close(bias_softmax(wide, wide_bias), bias_softmax_reference(wide, wide_bias))
+
+
+def _tiny_swin() -> SwinTransformer:
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
+                           num_classes=5, drop_path_rate=0.0).train()
+
+
+def _loss_and_grads(model: SwinTransformer, dtype=None):
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+def test_training_step_runs_the_kernel_and_matches_the_standard_ops(monkeypatch, dtype):
+    model = _tiny_swin()
+    calls = []
+    apply = cpu_kernels._BiasSoftmax.apply
+    monkeypatch.setattr(cpu_kernels._BiasSoftmax, 'apply', lambda *a: calls.append(1) or apply(*a))
+    loss, grads = _loss_and_grads(model, dtype)
+    assert len(calls) == 4  # every block of the 2 + 2
+    monkeypatch.setattr(cpu_kernels, 'kernel_serves', lambda *a: False)
+    ref_loss, ref_grads = _loss_and_grads(model, dtype)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype is None else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **tol, msg=lambda m, name=name: f'{name}: {m}')
+
+
+@needs_kernel
+def test_library_is_built_once_into_the_cache_and_reused(fresh_library):
+    assert cpu_kernels.library() is not None
+    built = list(fresh_library.glob('cpu_kernels-*.so'))
+    assert len(built) == 1 and not list(fresh_library.glob('*.tmp*'))
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None
+    assert [p.stat().st_mtime_ns for p in fresh_library.glob('cpu_kernels-*.so')] == [stamp]
+
+
+def test_switched_off_by_the_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv('SWIN_CPU_KERNELS', '0')
+    assert cpu_kernels.library() is None
+    logits, bias = _inputs(2, 1, 1, 7, torch.float32)
+    assert not kernel_serves(logits, bias)
+
+
+def test_a_failing_compiler_leaves_the_standard_ops_with_one_warning(fresh_library, monkeypatch):
+    monkeypatch.setenv('CXX', 'false')  # found on PATH, exits 1 without writing anything
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert cpu_kernels.library() is None
+    assert len(caught) == 1 and 'standard ops' in str(caught[0].message)
+    assert not list(fresh_library.glob('*'))  # nothing half-written left behind
+    loss, _ = _loss_and_grads(_tiny_swin())
+    assert torch.isfinite(loss)
