@@ -1,8 +1,13 @@
-"""CPU kernels of our own, built on first use for the machine that runs them: a fused ``softmax(logits + bias)``.
+"""CPU kernels of our own for the training step, built on first use for the machine that runs them.
 
-The window attention's training step adds the relative position bias (and the shift mask) to the logits, then takes
-the softmax: two PyTorch kernels, the second of which pays a fixed cost per row that dominates on Swin's 49-wide
-rows. :func:`bias_softmax` does both in one pass (``csrc/cpu_kernels.cpp``, AVX-512), with PyTorch's numerics.
+* :func:`bias_softmax`: the window attention adds the relative position bias (and the shift mask) to the logits,
+  then takes the softmax: two PyTorch kernels, the second of which pays a fixed cost per row that dominates on
+  Swin's 49-wide rows. Here both are one pass, with PyTorch's numerics.
+* :func:`gelu_linear`: ``fc2(gelu(h))`` in the MLP. One pass computes the GELU and its derivative, which is kept
+  for backward instead of ``h``; the backward then multiplies by it inside the product that computes the gradient
+  (a oneDNN post-op), so there is no separate GELU backward pass over the MLP's widest tensor.
+
+Both are in ``csrc/cpu_kernels.cpp`` (AVX-512).
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) and ``-march=native`` the first time it
 is needed, into ``$SWIN_KERNEL_CACHE`` (default ``~/.cache/swin_transformer/kernels``), under a name that hashes the
@@ -22,17 +27,20 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .fast_path import _standard_ops_expected
+from .fast_path import _standard_ops_expected, compute_dtype, grad_needed
 
-__all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'kernel_serves']
+__all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'kernel_serves', 'gelu_linear', 'gelu_linear_serves',
+           'gelu_with_derivative']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.cpp'
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
 _DTYPES = {torch.float32: 'bias_softmax_f32', torch.bfloat16: 'bias_softmax_bf16'}
+_GELU = {torch.bfloat16: 'gelu_with_derivative_bf16'}  # in fp32 the fusion measured no gain
 
 
 def _cpu_flags() -> str:
@@ -88,6 +96,9 @@ def library() -> Optional[ctypes.CDLL]:
     for name in _DTYPES.values():
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
+    for name in _GELU.values():
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -133,3 +144,68 @@ def bias_softmax(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if not kernel_serves(logits, bias):
         return bias_softmax_reference(logits, bias)
     return _BiasSoftmax.apply(logits, bias)
+
+
+def _linear_mul_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+_LINEAR_MUL = _linear_mul_available()
+
+
+def gelu_linear_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`gelu_linear` may take ``F.linear(F.gelu(x), weight, ...)``: a gradient is needed (evaluation
+    has its own fused path), on the CPU in bf16 (autocast or not), oneDNN on, nothing compiling or watching."""
+    dtype = compute_dtype(x)
+    return (grad_needed(x, weight) and x.device.type == 'cpu' and dtype == torch.bfloat16
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype in (torch.float32, torch.bfloat16)
+            and _LINEAR_MUL and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and not _standard_ops_expected(x, weight) and library() is not None)
+
+
+def gelu_with_derivative(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact GELU of a bf16 CPU tensor and its derivative, in one pass of our kernel (no autograd)."""
+    if x.dtype not in _GELU or x.device.type != 'cpu' or library() is None:
+        raise ValueError(f"gelu_with_derivative takes {list(_GELU)} CPU tensors where the kernels are built, "
+                         f"got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    y, dydx = torch.empty_like(x), torch.empty_like(x)
+    getattr(library(), _GELU[x.dtype])(x.data_ptr(), y.data_ptr(), dydx.data_ptr(), x.numel(), torch.get_num_threads())
+    return y, dydx
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(x), weight, bias)``; keeps gelu(x) and gelu'(x) for backward, where the gradient of x is
+    ``(grad @ weight) * gelu'(x)`` in one oneDNN product with a multiply post-op."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        y, dydx = gelu_with_derivative(x)
+        ctx.save_for_backward(y, dydx, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(y, weight, bias, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, dydx, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # (grad @ weight) * gelu'(x): a linear whose weight is weight^T, with oneDNN's binary multiply post-op
+            grad_x = torch.ops.mkldnn._linear_pointwise.binary(grad, dydx.view(-1, dydx.shape[-1]), weight.t(),
+                                                                None, 'mul').view(dydx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t() @ y.reshape(-1, y.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(F.gelu(x), weight, bias)`` (exact GELU; autocast's casts included) where
+    :func:`gelu_linear_serves`, else those standard ops."""
+    if not gelu_linear_serves(x, weight):
+        return F.linear(F.gelu(x), weight, bias)
+    dtype = compute_dtype(x)
+    # autocast leaves custom functions alone: the casts it would make, made here (and kept by autograd)
+    return _GeluLinear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_path
+from . import cpu_kernels, fast_path
 from .cpu_kernels import bias_softmax
 from .fast_path import CastCache, CastCacheMixin, compute_dtype
 from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
@@ -114,7 +114,11 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          attn_bias: torch.Tensor) -> torch.Tensor:
         """SDPA over ``(B*nW, nH, N, d)``. A per-window bias (shifted blocks) must match the leading dim, so it
-        is repeated for a group of images (cached, at most ``_BIAS_BYTES``) and the batch runs group by group."""
+        is repeated for a group of images (cached, at most ``_BIAS_BYTES``) and the batch runs group by group.
+        In bf16 on a CPU our ``softmax(logits + bias)`` kernel serves, the products and that kernel beat SDPA's."""
+        # attn_bias has the logits' dtype, device and row length: what decides whether the kernel serves
+        if q.dtype == torch.bfloat16 and cpu_kernels.kernel_serves(attn_bias, attn_bias):
+            return self._explicit_attention(q, k, v, attn_bias)
         if attn_bias.shape[0] == 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         nw, rows = attn_bias.shape[0], q.shape[0]
@@ -125,6 +129,16 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
                                               attn_mask=bias[:min(step, rows - i)], scale=self.scale)
                for i in range(0, rows, step)]
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            attn_bias: torch.Tensor) -> torch.Tensor:
+        """softmax(scale q k^T + bias) v as two batched products around :func:`~models.cpu_kernels.bias_softmax`;
+        q, k, v are strided ``(B*nW, nH, N, d)`` views, gathered into one contiguous copy first."""
+        bw, nh, n, d = q.shape
+        q, k, v = (t.flatten(0, 1) for t in torch.stack((q, k, v)))
+        logits = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=self.scale)
+        probs = cpu_kernels.bias_softmax(logits.view(bw, nh, n, n), attn_bias)
+        return torch.bmm(probs.view(-1, n, n), v).view(bw, nh, n, d)
 
     def _forward_windows_autograd(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
         b, l, c = x.shape

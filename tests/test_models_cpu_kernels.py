@@ -148,3 +148,83 @@ def test_a_failing_compiler_leaves_the_standard_ops_with_one_warning(fresh_libra
     assert not list(fresh_library.glob('*'))  # nothing half-written left behind
     loss, _ = _loss_and_grads(_tiny_swin())
     assert torch.isfinite(loss)
+
+
+@needs_kernel
+def test_gelu_and_its_derivative_match_pytorch_in_bf16():
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(3)) * 3
+    x[0, :6] = torch.tensor([float('nan'), float('inf'), -float('inf'), 0.0, -12.0, 30.0])
+    x = x.bfloat16()
+    y, dydx = cpu_kernels.gelu_with_derivative(x)
+    assert y.dtype == dydx.dtype == torch.bfloat16
+    # PyTorch's own bf16 kernels, NaN where they give NaN (they do for both infinities), and within one bf16 step of
+    # the exact values elsewhere
+    torch.testing.assert_close(y, F.gelu(x), rtol=2 ** -7, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(dydx, torch.ops.aten.gelu_backward(torch.ones_like(x), x), rtol=2 ** -7, atol=1e-6,
+                               equal_nan=True)
+    x64 = x[1:].double()
+    torch.testing.assert_close(y[1:].double(), F.gelu(x64), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(dydx[1:].double(), torch.ops.aten.gelu_backward(torch.ones_like(x64), x64),
+                               rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match='bfloat16'):
+        cpu_kernels.gelu_with_derivative(x.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize('autocast', [True, False])
+def test_gelu_linear_matches_the_standard_ops_forward_and_backward(autocast):
+    g = torch.Generator().manual_seed(4)
+    x32 = torch.randn(2, 30, 48, generator=g)
+    w32, b32 = torch.randn(24, 48, generator=g) * 0.2, torch.randn(24, generator=g)
+    grad = torch.randn(2, 30, 24, generator=g).bfloat16()
+    results = []
+    for fn in (cpu_kernels.gelu_linear, lambda x, w, b: F.linear(F.gelu(x), w, b)):
+        if autocast:  # fp32 parameters, bf16 compute
+            x, w, b = (t.clone().requires_grad_() for t in (x32.bfloat16(), w32, b32))
+        else:         # everything in bf16
+            x, w, b = (t.bfloat16().requires_grad_() for t in (x32, w32, b32))
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            assert cpu_kernels.gelu_linear_serves(x, w)
+            y = fn(x, w, b)
+        y.backward(grad)
+        results.append([t.float() for t in (y, x.grad, w.grad, b.grad)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def _count_calls(monkeypatch, function) -> list:
+    calls = []
+    apply = function.apply
+    monkeypatch.setattr(function, 'apply', lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@needs_kernel
+def test_the_mlp_takes_gelu_linear_only_in_a_bf16_step_without_dropout_between(monkeypatch):
+    from models.layers import Mlp
+    calls = _count_calls(monkeypatch, cpu_kernels._GeluLinear)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    mlp = Mlp(16, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mlp(x).sum().backward()
+    assert len(calls) == 1 and mlp.fc1.weight.grad is not None and x.grad is not None
+    mlp(x).sum().backward()  # fp32: the standard ops
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        mlp(x)                # evaluation: the oneDNN linear + GELU fast path
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        Mlp(16, 32, drop=0.5).train()(x).sum().backward()  # dropout sits between the GELU and fc2
+    assert len(calls) == 1
+
+
+@needs_kernel
+def test_bf16_evaluation_runs_our_softmax_instead_of_sdpa_and_matches_fp32(monkeypatch):
+    model = _tiny_swin().eval()
+    calls = _count_calls(monkeypatch, cpu_kernels._BiasSoftmax)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(x)
+        assert not calls  # fp32 evaluation: SDPA
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = model(x)
+    assert len(calls) == 4
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=5e-2 * want.abs().max().item())
