@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from .fast_path import _standard_ops_expected, compute_dtype, grad_needed
 
 __all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'kernel_serves', 'gelu_linear', 'gelu_linear_serves',
-           'gelu_with_derivative']
+           'gelu_with_derivative', 'layer_norm', 'layer_norm_serves']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.cpp'
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
 _DTYPES = {torch.float32: 'bias_softmax_f32', torch.bfloat16: 'bias_softmax_bf16'}
 _GELU = {torch.bfloat16: 'gelu_with_derivative_bf16'}  # in fp32 the fusion measured no gain
+_LAYER_NORM = {torch.float32: 'f32', torch.bfloat16: 'bf16'}
 
 
 def _cpu_flags() -> str:
@@ -99,6 +100,11 @@ def library() -> Optional[ctypes.CDLL]:
     for name in _GELU.values():
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
         getattr(lib, name).restype = None
+    for suffix in _LAYER_NORM.values():
+        forward, backward = getattr(lib, f'layer_norm_forward_{suffix}'), getattr(lib, f'layer_norm_backward_{suffix}')
+        forward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+        backward.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        forward.restype = backward.restype = None
     return lib
 
 
@@ -209,3 +215,52 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     dtype = compute_dtype(x)
     # autocast leaves custom functions alone: the casts it would make, made here (and kept by autograd)
     return _GeluLinear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def layer_norm_serves(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`layer_norm` runs our kernels: a CPU fp32/bf16 input normalised over its last dimension,
+    fp32 weight and bias, nothing compiling or watching."""
+    return (x.device.type == 'cpu' and x.dtype in _LAYER_NORM and len(normalized_shape) == 1 and x.dim() >= 1
+            and weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
+            and weight.device == x.device and not _standard_ops_expected(x, weight) and library() is not None)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dimension; forward keeps the per-row mean and 1/std, backward gives all three
+    gradients in one pass (per-thread partial sums for the weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        n = x.shape[-1]
+        rows = x.numel() // n
+        y = torch.empty_like(x)
+        mean, rstd = (x.new_empty(rows, dtype=torch.float32) for _ in range(2))
+        getattr(library(), f'layer_norm_forward_{_LAYER_NORM[x.dtype]}')(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, n,
+            eps, torch.get_num_threads())
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mean, rstd, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        n = x.shape[-1]
+        threads = torch.get_num_threads()
+        partial = torch.zeros(threads, 2, n, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        getattr(library(), f'layer_norm_backward_{_LAYER_NORM[x.dtype]}')(
+            grad.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.data_ptr(), dx.data_ptr(),
+            partial.data_ptr(), x.numel() // n, n, threads)
+        dweight, dbias = partial.sum(0)
+        return dx, dweight, dbias, None
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm``: our kernels where :func:`layer_norm_serves`, else PyTorch's."""
+    if not layer_norm_serves(x, normalized_shape, weight, bias):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return _LayerNorm.apply(x, weight, bias, eps)

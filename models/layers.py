@@ -20,7 +20,7 @@ from . import cpu_kernels, fast_path
 from .fast_path import CastCache, CastCacheMixin
 
 __all__ = [
-    'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
+    'DropPath', 'trunc_normal_', 'to_2tuple', 'LayerNorm', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
     'window_partition', 'window_reverse', 'clip_window', 'shifted_window_mask', 'relative_position_index',
     'window_attention', 'shifted_window_attention', 'drop_path_rates', 'check_resolution', 'init_weights',
     'DerivedBuffersMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'window_order_index', 'permute_tokens',
@@ -157,6 +157,15 @@ class HierarchicalClassifierMixin:
         return flops + self.num_features * self.num_classes
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that runs our CPU kernels where they serve
+    (:func:`models.cpu_kernels.layer_norm`): in bf16 their weight and bias gradients are summed in fp32, and
+    forward and backward each take one pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class Mlp(CastCacheMixin, nn.Module):
     """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``).
 
@@ -232,7 +241,7 @@ class PatchMerging(nn.Module):
     which released ``reduction`` weights depend on.
     """
 
-    def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = nn.LayerNorm):
+    def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = LayerNorm):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
         self.dim = dim

@@ -14,9 +14,9 @@ from torch import nn
 from . import cpu_kernels, fast_path
 from .cpu_kernels import bias_softmax
 from .fast_path import CastCache, CastCacheMixin, compute_dtype
-from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, PatchMerging,
-                     clip_window, drop_path_rates, init_weights, relative_position_index, shifted_window_mask,
-                     to_2tuple, trunc_normal_, window_order_index)
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp,
+                     PatchMerging, clip_window, drop_path_rates, init_weights, relative_position_index,
+                     shifted_window_mask, to_2tuple, trunc_normal_, window_order_index)
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
@@ -202,7 +202,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
-                 norm_layer: type = nn.LayerNorm):
+                 norm_layer: type = LayerNorm):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -266,7 +266,7 @@ class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = LayerNorm,
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
                  fused_window_process: bool = False):
         super().__init__()

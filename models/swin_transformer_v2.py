@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .layers import (HierarchicalClassifierMixin, BasicLayer, DerivedBuffersMixin, DropPath, Mlp, clip_window,
-                     derived_buffer, drop_path_rates, init_weights, log_spaced, relative_position_index,
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp,
+                     clip_window, derived_buffer, drop_path_rates, init_weights, log_spaced, relative_position_index,
                      shifted_window_attention, shifted_window_mask, to_2tuple, window_attention)
 from .registry import register_model
 
@@ -121,7 +121,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
-                 norm_layer: type = nn.LayerNorm, pretrained_window_size: int = 0):
+                 norm_layer: type = LayerNorm, pretrained_window_size: int = 0):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -189,7 +189,7 @@ class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm, ape: bool = False,
+                 drop_path_rate: float = 0.1, norm_layer: type = LayerNorm, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False,
                  pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
         super().__init__()

@@ -228,3 +228,55 @@ def test_bf16_evaluation_runs_our_softmax_instead_of_sdpa_and_matches_fp32(monke
             got = model(x)
     assert len(calls) == 4
     torch.testing.assert_close(got.float(), want, rtol=0, atol=5e-2 * want.abs().max().item())
+
+
+def _layer_norm_inputs(shape, dtype, seed: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    return x, torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(shape, generator=g).to(dtype)
+
+
+def _layer_norm_results(fn, x, w, b, grad, dtype=None):
+    x, w, b = (t.to(dtype or t.dtype).clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, [x.shape[-1]], w, b, 1e-5)
+    y.backward(grad.to(dtype or grad.dtype))
+    return [t.double() for t in (y.detach(), x.grad, w.grad, b.grad)]
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', [(3, 50, 96), (37, 20), (4, 768), (2, 5, 7)])
+def test_layer_norm_matches_pytorch_in_fp32(shape):
+    x, w, b, grad = _layer_norm_inputs(shape, torch.float32)
+    assert cpu_kernels.layer_norm_serves(x, [shape[-1]], w, b)
+    for got, want in zip(_layer_norm_results(cpu_kernels.layer_norm, x, w, b, grad),
+                         _layer_norm_results(F.layer_norm, x, w, b, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_layer_norm_in_bf16_sums_the_weight_gradients_in_fp32():
+    x, w, b, grad = _layer_norm_inputs((4000, 96), torch.bfloat16)
+    exact = _layer_norm_results(F.layer_norm, x, w, b, grad, torch.float64)
+    y, dx, dw, db = _layer_norm_results(cpu_kernels.layer_norm, x, w, b, grad)
+    for got, want in ((y, exact[0]), (dx, exact[1])):  # bf16 outputs: within bf16 rounding
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    for got, want in ((dw, exact[2]), (db, exact[3])):  # fp32 sums over 4000 rows: close to exact
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_layer_norm_leaves_other_cases_to_pytorch():
+    x, w, b, _ = _layer_norm_inputs((3, 8), torch.float32)
+    assert not cpu_kernels.layer_norm_serves(x.double(), [8], w.double(), b.double())
+    assert not cpu_kernels.layer_norm_serves(x, [8], None, None)             # no affine parameters
+    assert not cpu_kernels.layer_norm_serves(x.view(3, 2, 4), [2, 4], w.view(2, 4), b.view(2, 4))  # 2-D shape
+    assert not cpu_kernels.layer_norm_serves(x, [8], w.bfloat16(), b.bfloat16())
+    torch.testing.assert_close(cpu_kernels.layer_norm(x, [8], None, None), F.layer_norm(x, [8]))
+
+
+def test_models_use_our_layer_norm_with_the_official_keys():
+    from models.layers import LayerNorm
+    model = _tiny_swin()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is LayerNorm for m in norms)
+    assert 'layers.0.blocks.0.norm1.weight' in model.state_dict() and 'norm.bias' in model.state_dict()
