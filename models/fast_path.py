@@ -21,36 +21,17 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import cpu_kernels
+from .dispatch import compute_dtype, grad_needed, standard_ops_expected
 
 __all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'CastCacheMixin', 'linear', 'dense']
-
-_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in: the autocast dtype where autocast is on, else ``x``'s."""
-    if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def grad_needed(*tensors: torch.Tensor) -> bool:
-    """Whether a result computed now from ``tensors`` must carry a gradient back to them."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _standard_ops_expected(*tensors: torch.Tensor) -> bool:
-    """Something is being compiled (a compiled graph fuses by itself), the tensors hold no values (the meta
-    device) or a dispatch mode (FlopCounterMode, FakeTensorMode) is watching: the standard ops only."""
-    return (torch.compiler.is_compiling() or any(t.is_meta for t in tensors)
-            or _get_current_dispatch_mode() is not None)
 
 
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the evaluation fast paths may serve a computation on ``tensors``: no gradient is needed and
     nothing expects the standard ops."""
-    return not (grad_needed(*tensors) or _standard_ops_expected(*tensors))
+    return not (grad_needed(*tensors) or standard_ops_expected(*tensors))
 
 
 def _onednn_linear_available() -> bool:
@@ -121,7 +102,8 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, grad^T @ x, sum(grad)."""
+    """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, grad^T @ x (through
+    :func:`~models.cpu_kernels.weight_grad`), sum(grad)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -134,7 +116,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_w = cpu_kernels.weight_grad(grad, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -143,7 +125,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
     """``F.linear(x, weight, bias)`` (autocast's casts included), through :class:`_OneDnnLinear` on the
     CPU in fp32/bf16 outside compilation and dispatch modes (which expect the standard op)."""
     dtype = compute_dtype(x)
-    if not _onednn_serves(x, dtype) or _standard_ops_expected(x):
+    if not _onednn_serves(x, dtype) or standard_ops_expected(x):
         return F.linear(x, weight, bias)
     # autocast casts fp32 weights; without it, a dtype mismatch is F.linear's error to raise, not ours to hide
     if weight.dtype not in (_ONEDNN_DTYPES if torch.is_autocast_enabled('cpu') else (x.dtype,)):

@@ -280,3 +280,37 @@ def test_models_use_our_layer_norm_with_the_official_keys():
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(type(m) is LayerNorm for m in norms)
     assert 'layers.0.blocks.0.norm1.weight' in model.state_dict() and 'norm.bias' in model.state_dict()
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', [(16, 16), (48, 160), (37, 21), (1, 5), (25, 3)])
+def test_transpose_matches_torch(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+    assert torch.equal(cpu_kernels.transpose(x), x.t().contiguous())
+    with pytest.raises(ValueError, match='2-D bf16'):
+        cpu_kernels.transpose(x.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize('n,k', [(24, 40), (40, 24), (32, 32)])  # the grad transposed, x transposed, a tie
+def test_weight_grad_is_the_product_of_the_transposed_gradient(n, k, monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    grad, x = torch.randn(200, n, generator=g).bfloat16(), torch.randn(200, k, generator=g).bfloat16()
+    transposed = []
+    transpose = cpu_kernels.transpose
+    monkeypatch.setattr(cpu_kernels, 'transpose', lambda t: transposed.append(tuple(t.shape)) or transpose(t))
+    got = cpu_kernels.weight_grad(grad, x)
+    assert got.shape == (n, k) and got.is_contiguous() and got.dtype == torch.bfloat16
+    assert transposed[0] == ((200, n) if n <= k else (200, k))
+    want = grad.double().t() @ x.double()
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    assert torch.equal(cpu_kernels.weight_grad(grad.float(), x.float()), grad.float().t() @ x.float())  # fp32 as is
+
+
+@needs_kernel
+def test_bf16_training_step_takes_weight_gradients_through_the_transposes(monkeypatch):
+    calls = []
+    weight_grad = cpu_kernels.weight_grad
+    monkeypatch.setattr(cpu_kernels, 'weight_grad', lambda *a: calls.append(1) or weight_grad(*a))
+    _loss_and_grads(_tiny_swin(), torch.bfloat16)
+    assert len(calls) == 4 * 4  # qkv, proj, fc1 and fc2 in each of the 4 blocks
