@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .dispatch import compute_dtype, grad_needed, standard_ops_expected
 
 __all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'kernel_serves', 'gelu_linear', 'gelu_linear_serves',
-           'gelu_with_derivative', 'layer_norm', 'layer_norm_serves', 'transpose', 'weight_grad']
+           'gelu_with_derivative', 'layer_norm', 'layer_norm_serves', 'transpose', 'linear_grads']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.cpp'
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
@@ -202,9 +202,10 @@ class _GeluLinear(torch.autograd.Function):
             # (grad @ weight) * gelu'(x): a linear whose weight is weight^T, with oneDNN's binary multiply post-op
             grad_x = torch.ops.mkldnn._linear_pointwise.binary(grad, dydx.view(-1, dydx.shape[-1]), weight.t(),
                                                                 None, 'mul').view(dydx.shape)
+        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(grad, y.reshape(-1, y.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_w, grad_b = linear_grads(grad, y.reshape(-1, y.shape[-1]), bias_needed)
+        elif bias_needed:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
@@ -268,27 +269,38 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor]
     return _LayerNorm.apply(x, weight, bias, eps)
 
 
-def transpose(x: torch.Tensor) -> torch.Tensor:
+def transpose(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x.t().contiguous()`` for a 2-D bf16 CPU tensor, by our tiled kernel (PyTorch's transposing copy of bf16
-    is several times slower)."""
+    is several times slower); written into the leading rows of ``out`` when given."""
     if x.dim() != 2 or x.dtype != torch.bfloat16 or x.device.type != 'cpu' or library() is None:
         raise ValueError(f"transpose takes a 2-D bf16 CPU tensor where the kernels are built, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     x = x.contiguous()
-    out = x.new_empty(x.shape[1], x.shape[0])
+    if out is None:
+        out = x.new_empty(x.shape[1], x.shape[0])
+    elif not (out.is_contiguous() and out.dtype == x.dtype and out.shape[0] >= x.shape[1]
+              and out.shape[1:] == x.shape[:1]):
+        raise ValueError(f"transpose: out {tuple(out.shape)} cannot hold the transpose of {tuple(x.shape)}")
     library().transpose_16bit(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
     return out
 
 
-def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad.t() @ x`` for ``(M, N)`` and ``(M, K)``: a linear layer's weight gradient, summed over the M tokens.
+def linear_grads(grad: torch.Tensor, x: torch.Tensor, bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(grad.t() @ x, grad.sum(0) if bias else None)`` for ``(M, N)`` and ``(M, K)``: a linear layer's weight
+    and bias gradients, summed over the M tokens.
 
     oneDNN reads the transposed operand of such a product at about half the speed of a contiguous one, so in bf16
-    on the CPU the smaller operand is transposed first by :func:`transpose`: ``grad.t()`` when N <= K, else
-    ``x.t()``, computing the transposed gradient (then transposed back, a weight-sized copy)."""
+    on the CPU the smaller operand is transposed first by :func:`transpose`. With N <= K that is ``grad``. Else it
+    is ``x``, written above a row of ones: the product with ``grad`` then carries the bias gradient as its last row
+    (no separate pass over ``grad``), and the weight-sized rest is transposed back."""
     if grad.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or grad.device.type != 'cpu' \
             or standard_ops_expected(grad, x) or library() is None:
-        return grad.t() @ x
+        return grad.t() @ x, grad.sum(0) if bias else None
     if grad.shape[1] <= x.shape[1]:
-        return transpose(grad) @ x
-    return transpose(transpose(x) @ grad)
+        return transpose(grad) @ x, grad.sum(0) if bias else None
+    tokens, k = x.shape
+    stacked = transpose(x, x.new_empty(k + int(bias), tokens))
+    if bias:
+        stacked[k].fill_(1.0)
+    product = stacked @ grad
+    return transpose(product[:k]), product[k] if bias else None

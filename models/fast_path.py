@@ -102,8 +102,8 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, grad^T @ x (through
-    :func:`~models.cpu_kernels.weight_grad`), sum(grad)."""
+    """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, then grad^T @ x and sum(grad)
+    through :func:`~models.cpu_kernels.linear_grads`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -116,8 +116,12 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = cpu_kernels.weight_grad(grad, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = grad_b = None
+        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:
+            grad_w, grad_b = cpu_kernels.linear_grads(grad, x.reshape(-1, x.shape[-1]), bias_needed)
+        elif bias_needed:
+            grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
 

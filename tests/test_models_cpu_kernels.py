@@ -293,24 +293,37 @@ def test_transpose_matches_torch(shape):
 
 @needs_kernel
 @pytest.mark.parametrize('n,k', [(24, 40), (40, 24), (32, 32)])  # the grad transposed, x transposed, a tie
-def test_weight_grad_is_the_product_of_the_transposed_gradient(n, k, monkeypatch):
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_grads_are_the_products_of_the_gradient(n, k, bias, monkeypatch):
     g = torch.Generator().manual_seed(8)
     grad, x = torch.randn(200, n, generator=g).bfloat16(), torch.randn(200, k, generator=g).bfloat16()
     transposed = []
     transpose = cpu_kernels.transpose
-    monkeypatch.setattr(cpu_kernels, 'transpose', lambda t: transposed.append(tuple(t.shape)) or transpose(t))
-    got = cpu_kernels.weight_grad(grad, x)
-    assert got.shape == (n, k) and got.is_contiguous() and got.dtype == torch.bfloat16
+    monkeypatch.setattr(cpu_kernels, 'transpose', lambda t, *a: transposed.append(tuple(t.shape)) or transpose(t, *a))
+    grad_w, grad_b = cpu_kernels.linear_grads(grad, x, bias)
+    assert grad_w.shape == (n, k) and grad_w.is_contiguous() and grad_w.dtype == torch.bfloat16
     assert transposed[0] == ((200, n) if n <= k else (200, k))
     want = grad.double().t() @ x.double()
-    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
-    assert torch.equal(cpu_kernels.weight_grad(grad.float(), x.float()), grad.float().t() @ x.float())  # fp32 as is
+    torch.testing.assert_close(grad_w.double(), want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    if bias:
+        torch.testing.assert_close(grad_b.double(), grad.double().sum(0), rtol=2 ** -7, atol=2 ** -7 * n)
+    else:
+        assert grad_b is None
+    fp32_w, fp32_b = cpu_kernels.linear_grads(grad.float(), x.float(), bias)  # fp32: the standard ops as they are
+    assert torch.equal(fp32_w, grad.float().t() @ x.float())
+
+
+def test_transpose_rejects_an_out_too_small():
+    x = torch.randn(6, 4).bfloat16()
+    if cpu_kernels.library() is not None:
+        with pytest.raises(ValueError, match='cannot hold'):
+            cpu_kernels.transpose(x, torch.empty(3, 6, dtype=torch.bfloat16))
 
 
 @needs_kernel
 def test_bf16_training_step_takes_weight_gradients_through_the_transposes(monkeypatch):
     calls = []
-    weight_grad = cpu_kernels.weight_grad
-    monkeypatch.setattr(cpu_kernels, 'weight_grad', lambda *a: calls.append(1) or weight_grad(*a))
+    linear_grads = cpu_kernels.linear_grads
+    monkeypatch.setattr(cpu_kernels, 'linear_grads', lambda *a: calls.append(1) or linear_grads(*a))
     _loss_and_grads(_tiny_swin(), torch.bfloat16)
     assert len(calls) == 4 * 4  # qkv, proj, fc1 and fc2 in each of the 4 blocks
