@@ -327,3 +327,20 @@ def test_bf16_training_step_takes_weight_gradients_through_the_transposes(monkey
     monkeypatch.setattr(cpu_kernels, 'linear_grads', lambda *a: calls.append(1) or linear_grads(*a))
     _loss_and_grads(_tiny_swin(), torch.bfloat16)
     assert len(calls) == 4 * 4  # qkv, proj, fc1 and fc2 in each of the 4 blocks
+
+
+@needs_kernel
+def test_a_build_without_avx512_bf16_rounds_as_pytorch_does(fresh_library, monkeypatch):
+    """CPUs with AVX-512 but not its bf16 extension (Skylake-X, Ice Lake) take the integer rounding path."""
+    monkeypatch.setattr(cpu_kernels, '_FLAGS', cpu_kernels._FLAGS + ['-mno-avx512bf16'])
+    assert cpu_kernels.library() is not None
+    logits, bias = _inputs(3, 4, 2, 49, torch.bfloat16)
+    logits[0, 0, 1, 3] = float('nan')
+    torch.testing.assert_close(bias_softmax(logits, bias), bias_softmax_reference(logits, bias), rtol=0, atol=2 ** -9,
+                               equal_nan=True)
+    x = (torch.randn(40, 96, generator=torch.Generator().manual_seed(9)) * 3).bfloat16()
+    y, dydx = cpu_kernels.gelu_with_derivative(x)
+    torch.testing.assert_close(y, F.gelu(x), rtol=2 ** -7, atol=1e-6)
+    w, b = torch.randn(96), torch.randn(96)
+    torch.testing.assert_close(cpu_kernels.layer_norm(x, [96], w, b), F.layer_norm(x, [96], w, b), rtol=2 ** -7,
+                               atol=2 ** -6)

@@ -41,14 +41,19 @@ inline __m512 load(const uint16_t *p, __mmask16 m) {  // bf16 -> fp32 is exact: 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// fp32 -> bf16 bits, round to nearest even, NaN kept quiet: the integer rounding PyTorch's own conversion uses
+// fp32 -> bf16 bits, round to nearest even, NaN kept quiet. With AVX512-BF16 one instruction does it (it also
+// flushes results below 1.2e-38 to zero); otherwise the integer rounding PyTorch's own conversion uses.
 inline __m256i to_bf16_bits(__m512 f) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(f);
+#else
     __m512i u = _mm512_castps_si512(f);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 inline void store(float *p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
