@@ -1,19 +1,24 @@
-"""CPU kernels of our own for the training step, built on first use for the machine that runs them.
+"""CPU kernels of our own for the training step (and bf16 evaluation), built on first use for the machine that
+runs them. Each has a ``*_serves`` test and falls back to the standard ops, with the same results to float rounding.
 
 * :func:`bias_softmax`: the window attention adds the relative position bias (and the shift mask) to the logits,
   then takes the softmax: two PyTorch kernels, the second of which pays a fixed cost per row that dominates on
   Swin's 49-wide rows. Here both are one pass, with PyTorch's numerics.
+* :func:`layer_norm`: forward and backward in one pass each; in bf16 the weight and bias gradients are summed in
+  fp32 (PyTorch's come out far less precise).
 * :func:`gelu_linear`: ``fc2(gelu(h))`` in the MLP. One pass computes the GELU and its derivative, which is kept
   for backward instead of ``h``; the backward then multiplies by it inside the product that computes the gradient
   (a oneDNN post-op), so there is no separate GELU backward pass over the MLP's widest tensor.
+* :func:`linear_grads`: a linear layer's weight (and bias) gradient in bf16, with the smaller operand transposed
+  first by :func:`transpose` (oneDNN reads a transposed operand at about half speed).
 
-Both are in ``csrc/cpu_kernels.cpp`` (AVX-512).
+All are in ``csrc/cpu_kernels.cpp`` (AVX-512).
 
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) and ``-march=native`` the first time it
 is needed, into ``$SWIN_KERNEL_CACHE`` (default ``~/.cache/swin_transformer/kernels``), under a name that hashes the
 source, the compiler and the CPU's flags, so a shared home directory serves nodes of different CPUs. It links the
 OpenMP runtime PyTorch already loaded and runs on ``torch.get_num_threads()`` threads. Where there is no compiler,
-no AVX-512 or ``SWIN_CPU_KERNELS=0``, the standard ops run instead, with the same results to float rounding.
+no AVX-512 or ``SWIN_CPU_KERNELS=0``, the standard ops run instead.
 """
 from __future__ import annotations
 
@@ -113,7 +118,8 @@ def library() -> Optional[ctypes.CDLL]:
 def kernel_serves(logits: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`bias_softmax` runs our kernel for these tensors (else the standard ops)."""
     return (logits.device.type == 'cpu' and logits.dtype in _DTYPES and bias.dtype == logits.dtype
-            and bias.device == logits.device and not standard_ops_expected(logits, bias) and library() is not None
+            and bias.device == logits.device and logits.numel() > 0
+            and not standard_ops_expected(logits, bias) and library() is not None
             and logits.shape[-1] <= library().bias_softmax_max_row())
 
 
@@ -222,11 +228,14 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def layer_norm_serves(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`layer_norm` runs our kernels: a CPU fp32/bf16 input normalised over its last dimension,
-    fp32 weight and bias, nothing compiling or watching."""
-    return (x.device.type == 'cpu' and x.dtype in _LAYER_NORM and len(normalized_shape) == 1 and x.dim() >= 1
+    """Whether :func:`layer_norm` runs our kernels: a non-empty CPU fp32/bf16 input normalised over its last
+    dimension, fp32 weight and bias of that size, nothing compiling or watching. Anything else (a mismatched size
+    included, which PyTorch then reports) goes to ``F.layer_norm``."""
+    return (x.device.type == 'cpu' and x.dtype in _LAYER_NORM and x.numel() > 0
+            and tuple(normalized_shape) == tuple(x.shape[-1:])
             and weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
-            and weight.device == x.device and not standard_ops_expected(x, weight) and library() is not None)
+            and weight.shape == bias.shape == x.shape[-1:] and weight.device == bias.device == x.device
+            and not standard_ops_expected(x, weight) and library() is not None)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -235,7 +244,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-        x = x.contiguous()
+        x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
         n = x.shape[-1]
         rows = x.numel() // n
         y = torch.empty_like(x)

@@ -82,6 +82,7 @@ def test_standard_ops_serve_where_the_kernel_should_not():
     assert not kernel_serves(logits.double(), bias.double())          # a dtype the kernel has no version of
     assert not kernel_serves(logits, bias.bfloat16())                  # mixed dtypes: PyTorch's promotion rules
     assert not kernel_serves(logits.to('meta'), bias.to('meta'))       # no values to read
+    assert not kernel_serves(logits[:0], bias)                          # nothing to read
     with FlopCounterMode(display=False):                               # a dispatch mode watching the ops
         assert not kernel_serves(logits, bias)
     wide, wide_bias = _inputs(1, 1, 1, cpu_kernels.library().bias_softmax_max_row() + 1, torch.float32)
@@ -271,7 +272,12 @@ def test_layer_norm_leaves_other_cases_to_pytorch():
     assert not cpu_kernels.layer_norm_serves(x, [8], None, None)             # no affine parameters
     assert not cpu_kernels.layer_norm_serves(x.view(3, 2, 4), [2, 4], w.view(2, 4), b.view(2, 4))  # 2-D shape
     assert not cpu_kernels.layer_norm_serves(x, [8], w.bfloat16(), b.bfloat16())
+    assert not cpu_kernels.layer_norm_serves(x[:0], [8], w, b)                 # nothing to normalise
     torch.testing.assert_close(cpu_kernels.layer_norm(x, [8], None, None), F.layer_norm(x, [8]))
+    with pytest.raises(RuntimeError):  # a weight of the wrong size: PyTorch's own error, not a read past its end
+        cpu_kernels.layer_norm(x, [8], w[:5], b[:5])
+    with pytest.raises(RuntimeError):
+        cpu_kernels.layer_norm(x, [5], w[:5], b[:5])
 
 
 def test_models_use_our_layer_norm_with_the_official_keys():

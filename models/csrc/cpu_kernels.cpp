@@ -1,8 +1,9 @@
 // CPU kernels for the training step on AVX-512.
 //
-// softmax(logits + bias) over the last dimension in one pass, for the window attention. PyTorch runs this as two kernels (the broadcast add, then the softmax), and its softmax pays a fixed cost per
-// row that dominates on Swin's 49-wide rows. Here each row is read once, summed with its bias row, reduced
-// (max, then the sum of exponentials) in AVX-512 registers and written once. Numerics follow PyTorch's: the sum is
+// softmax(logits + bias) over the last dimension in one pass, for the window attention. PyTorch runs this as two
+// kernels (the broadcast add, then the softmax), and its softmax pays a fixed cost per row that dominates on
+// Swin's 49-wide rows. Here each row is read once, summed with its bias row, reduced (max, then the sum of
+// exponentials) in AVX-512 registers and written once. Numerics follow PyTorch's: the sum is
 // rounded to the input dtype first (what the separate add writes), the softmax runs in fp32, and the result is
 // rounded to nearest even; NaN propagates as in PyTorch.
 //
@@ -16,8 +17,8 @@
 //
 // The exact GELU and its derivative in one pass, for the MLP: y = x Phi(x) and dy/dx = Phi(x) + x phi(x) share one
 // exp (erf in the Abramowitz-Stegun 7.1.26 form, within 1.5e-7, as PyTorch's vectorised erf), computed in fp32.
-// Only the bf16 version is built: in fp32 the product dominates and the fusion measured no gain.
-// Keeping dy/dx instead of x lets the backward apply it inside the product that computes the gradient.
+// Keeping dy/dx instead of x lets the backward apply it inside the product that computes the gradient. Only the
+// bf16 version is built: in fp32 the product dominates and the fusion measured no gain.
 //
 // Built by models/cpu_kernels.py with -march=native on the machine that runs it; without AVX-512 (BW) the
 // library reports itself unavailable and the standard ops run instead.
@@ -64,8 +65,8 @@ inline __m512 round_to(const uint16_t *, __m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
 }
 
-// exp(x) for x <= 0 (and NaN): Cody-Waite reduction by ln 2, degree-6 polynomial, within 2 ulp in fp32;
-// below -87.3 the result is 0, NaN stays NaN
+// exp(x) for x <= 0 (and NaN): Cody-Waite reduction by ln 2, then a degree-6 polynomial (the fp32 softmax matches
+// PyTorch's to 1e-7); below -87.3 the result is 0, NaN stays NaN
 inline __m512 exp_nonpositive(__m512 x) {
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
