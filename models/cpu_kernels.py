@@ -17,8 +17,13 @@ All are in ``csrc/cpu_kernels.cpp`` (AVX-512).
 The source is compiled with the system C++ compiler (``$CXX``, else ``c++``) and ``-march=native`` the first time it
 is needed, into ``$SWIN_KERNEL_CACHE`` (default ``~/.cache/swin_transformer/kernels``), under a name that hashes the
 source, the compiler and the CPU's flags, so a shared home directory serves nodes of different CPUs. It links the
-OpenMP runtime PyTorch already loaded and runs on ``torch.get_num_threads()`` threads. Where there is no compiler,
-no AVX-512 or ``SWIN_CPU_KERNELS=0``, the standard ops run instead.
+OpenMP runtime ``libgomp.so.1``, the one PyTorch's Linux wheels load (so no second runtime starts), and runs on
+``torch.get_num_threads()`` threads. Where there is no compiler, no AVX-512 or ``SWIN_CPU_KERNELS=0``, the standard
+ops run instead.
+
+Backward through backward (``create_graph=True``, gradient penalties): LayerNorm and the linear layers' gradients
+then take the standard ops, which carry a graph; the softmax and the GELU fusion keep only what their first
+backward needs and raise if differentiated twice, so a gradient penalty through them needs ``SWIN_CPU_KERNELS=0``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +42,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .dispatch import compute_dtype, grad_needed, standard_ops_expected
 
@@ -63,13 +70,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get('SWIN_KERNEL_CACHE') or Path.home() / '.cache' / 'swin_transformer' / 'kernels')
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list, target: Path) -> None:
     """Compile to a temporary name, then rename: ranks starting together never load a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), '-o', tmp], check=True, capture_output=True, timeout=300)
+        subprocess.run([*compiler, *_FLAGS, str(_SOURCE), '-o', tmp], check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -81,12 +88,14 @@ def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, built if needed; None where they cannot serve (see the module docstring)."""
     if os.environ.get('SWIN_CPU_KERNELS', '1') == '0' or platform.machine().lower() not in ('x86_64', 'amd64'):
         return None
-    compiler = shutil.which(os.environ.get('CXX', 'c++'))
-    if compiler is None:
+    compiler = shlex.split(os.environ.get('CXX') or 'c++')  # e.g. "ccache g++"
+    if not compiler or shutil.which(compiler[0]) is None:
+        if os.environ.get('CXX'):
+            warnings.warn(f"CPU kernels not built: CXX={os.environ['CXX']!r} not found; the standard ops run instead")
         return None
     try:
-        version = subprocess.run([compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256('\0'.join([_SOURCE.read_text(), compiler, version, ' '.join(_FLAGS),
+        version = subprocess.run([*compiler, '--version'], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256('\0'.join([_SOURCE.read_text(), ' '.join(compiler), version, ' '.join(_FLAGS),
                                         _cpu_flags()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f'cpu_kernels-{key}.so'
         if not target.exists():
@@ -101,7 +110,7 @@ def library() -> Optional[ctypes.CDLL]:
     lib.bias_softmax_max_row.restype = ctypes.c_int64
     for name in _DTYPES.values():
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int
     for name in _GELU.values():
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
         getattr(lib, name).restype = None
@@ -118,7 +127,7 @@ def library() -> Optional[ctypes.CDLL]:
 def kernel_serves(logits: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`bias_softmax` runs our kernel for these tensors (else the standard ops)."""
     return (logits.device.type == 'cpu' and logits.dtype in _DTYPES and bias.dtype == logits.dtype
-            and bias.device == logits.device and logits.numel() > 0
+            and bias.device == logits.device and logits.numel() > 0 and logits.dim() >= 2
             and not standard_ops_expected(logits, bias) and library() is not None
             and logits.shape[-1] <= library().bias_softmax_max_row())
 
@@ -131,13 +140,16 @@ class _BiasSoftmax(torch.autograd.Function):
         logits, bias = logits.contiguous(), bias.contiguous()
         out = torch.empty_like(logits)
         n = logits.shape[-1]
-        getattr(library(), _DTYPES[logits.dtype])(logits.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                                                  logits.numel() // n, n, bias.numel() // n, torch.get_num_threads())
+        if getattr(library(), _DTYPES[logits.dtype])(logits.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                                     logits.numel() // n, n, bias.numel() // n,
+                                                     torch.get_num_threads()):
+            raise RuntimeError(f"bias_softmax kernel refused logits {tuple(logits.shape)}, bias {tuple(bias.shape)}")
         ctx.save_for_backward(out)
         ctx.bias_shape = bias.shape
         return out
 
     @staticmethod
+    @once_differentiable  # out carries no graph back to the logits: a second derivative would be wrong
     def backward(ctx, grad: torch.Tensor):
         out, = ctx.saved_tensors
         grad_logits = torch._softmax_backward_data(grad, out, -1, out.dtype)
@@ -153,7 +165,7 @@ def bias_softmax_reference(logits: torch.Tensor, bias: torch.Tensor) -> torch.Te
 def bias_softmax(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``softmax(logits + bias, dim=-1)``: logits ``(B * W, *S)``, bias ``(W, *S)``, the same bias for every group of
     W leading rows (the attention's windows of one image). Our kernel where it serves, else the standard ops."""
-    if logits.shape[1:] != bias.shape[1:] or logits.shape[0] % bias.shape[0]:
+    if logits.dim() < 2 or logits.shape[1:] != bias.shape[1:] or bias.shape[0] == 0 or logits.shape[0] % bias.shape[0]:
         raise ValueError(f"bias {tuple(bias.shape)} does not repeat over logits {tuple(logits.shape)}")
     if not kernel_serves(logits, bias):
         return bias_softmax_reference(logits, bias)
@@ -200,6 +212,7 @@ class _GeluLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(y, weight, bias, 'none', [], '')
 
     @staticmethod
+    @once_differentiable  # gelu'(x) and gelu(x) carry no graph back to x: a second derivative would be wrong
     def backward(ctx, grad: torch.Tensor):
         y, dydx, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
@@ -252,14 +265,18 @@ class _LayerNorm(torch.autograd.Function):
         getattr(library(), f'layer_norm_forward_{_LAYER_NORM[x.dtype]}')(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, n,
             eps, torch.get_num_threads())
-        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, mean, rstd, weight = ctx.saved_tensors
-        grad = grad.contiguous()
+        x, mean, rstd, weight, bias = ctx.saved_tensors
         n = x.shape[-1]
+        if torch.is_grad_enabled():  # create_graph: PyTorch's backward, whose result carries a graph
+            stats = x.shape[:-1] + (1,)
+            return (*torch.ops.aten.native_layer_norm_backward(grad, x, [n], mean.view(stats), rstd.view(stats),
+                                                               weight, bias, [True, True, True]), None)
+        grad = grad.contiguous()
         threads = torch.get_num_threads()
         partial = torch.zeros(threads, 2, n, dtype=torch.float32)
         dx = torch.empty_like(x)
@@ -303,7 +320,8 @@ def linear_grads(grad: torch.Tensor, x: torch.Tensor, bias: bool) -> Tuple[torch
     is ``x``, written above a row of ones: the product with ``grad`` then carries the bias gradient as its last row
     (no separate pass over ``grad``), and the weight-sized rest is transposed back."""
     if grad.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or grad.device.type != 'cpu' \
-            or standard_ops_expected(grad, x) or library() is None:
+            or torch.is_grad_enabled() or standard_ops_expected(grad, x) or library() is None:
+        # (grad enabled inside a backward: create_graph, and only the standard ops carry a graph)
         return grad.t() @ x, grad.sum(0) if bias else None
     if grad.shape[1] <= x.shape[1]:
         return transpose(grad) @ x, grad.sum(0) if bias else None

@@ -6,6 +6,7 @@ Shared by :mod:`models.fast_path` (oneDNN fast paths) and :mod:`models.cpu_kerne
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ['compute_dtype', 'grad_needed', 'standard_ops_expected']
@@ -26,7 +27,9 @@ def grad_needed(*tensors: torch.Tensor) -> bool:
 
 
 def standard_ops_expected(*tensors: torch.Tensor) -> bool:
-    """Something is being compiled (a compiled graph fuses by itself), the tensors hold no values (the meta
-    device) or a dispatch mode (FlopCounterMode, FakeTensorMode) is watching: the standard ops only."""
-    return (torch.compiler.is_compiling() or any(t.is_meta for t in tensors)
-            or _get_current_dispatch_mode() is not None)
+    """The standard ops only: something is being compiled (a compiled graph fuses by itself) or traced, the
+    tensors hold no values (the meta device), a dispatch mode (FlopCounterMode, FakeTensorMode) is watching, or a
+    functorch transform (vmap, grad, jvp) or forward-mode AD is active (our kernels define neither)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or any(t.is_meta for t in tensors)
+            or _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0)

@@ -306,7 +306,8 @@ def test_linear_grads_are_the_products_of_the_gradient(n, k, bias, monkeypatch):
     transposed = []
     transpose = cpu_kernels.transpose
     monkeypatch.setattr(cpu_kernels, 'transpose', lambda t, *a: transposed.append(tuple(t.shape)) or transpose(t, *a))
-    grad_w, grad_b = cpu_kernels.linear_grads(grad, x, bias)
+    with torch.no_grad():  # as inside a backward pass (with grad mode on, it is a create_graph backward)
+        grad_w, grad_b = cpu_kernels.linear_grads(grad, x, bias)
     assert grad_w.shape == (n, k) and grad_w.is_contiguous() and grad_w.dtype == torch.bfloat16
     assert transposed[0] == ((200, n) if n <= k else (200, k))
     want = grad.double().t() @ x.double()
@@ -350,3 +351,68 @@ def test_a_build_without_avx512_bf16_rounds_as_pytorch_does(fresh_library, monke
     w, b = torch.randn(96), torch.randn(96)
     torch.testing.assert_close(cpu_kernels.layer_norm(x, [96], w, b), F.layer_norm(x, [96], w, b), rtol=2 ** -7,
                                atol=2 ** -6)
+
+
+
+@needs_kernel
+def test_bias_softmax_rejects_what_its_kernel_cannot_take():
+    with pytest.raises(ValueError, match='does not repeat'):  # 1-D: no rows to repeat a bias over
+        bias_softmax(torch.randn(6), torch.randn(3))
+    with pytest.raises(ValueError, match='does not repeat'):
+        bias_softmax(torch.randn(2, 3), torch.randn(0, 3))
+    assert not kernel_serves(torch.randn(6), torch.randn(6))
+
+
+@needs_kernel
+def test_layer_norm_supports_a_second_derivative():
+    x, w, b, _ = _layer_norm_inputs((6, 40), torch.float32)
+    results = []
+    for fn in (cpu_kernels.layer_norm, F.layer_norm):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, [40], ww, b, 1e-5)
+        gx, = torch.autograd.grad((y * torch.arange(40.0)).sum(), xx, create_graph=True)
+        (gx ** 2).sum().backward()  # a gradient penalty
+        results.append((gx.detach(), xx.grad, ww.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_a_second_derivative_through_the_fused_softmax_or_gelu_raises_instead_of_being_wrong():
+    logits, bias = _inputs(2, 1, 1, 7, torch.float32)
+    x = logits.requires_grad_()
+    scale = torch.arange(7.0, requires_grad=True)  # downstream weights: the incoming gradient has a graph
+    gx, = torch.autograd.grad((bias_softmax(x, bias) * scale).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        (gx ** 2).sum().backward()
+    h = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = cpu_kernels.gelu_linear(h, w)
+    gh, = torch.autograd.grad((out.float() * torch.ones(8, requires_grad=True)).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        gh.float().pow(2).sum().backward()
+
+
+@needs_kernel
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')  # raised inside torch.func itself
+def test_functorch_and_forward_mode_take_the_standard_ops():
+    import torch.autograd.forward_ad as fwAD
+    x, w, b, _ = _layer_norm_inputs((5, 24), torch.float32)
+    per_row = torch.func.vmap(lambda r: cpu_kernels.layer_norm(r, [24], w, b))(x)
+    torch.testing.assert_close(per_row, F.layer_norm(x, [24], w, b))
+    grad = torch.func.grad(lambda r: cpu_kernels.layer_norm(r, [24], w, b).pow(2).sum())(x)
+    torch.testing.assert_close(grad, torch.func.grad(lambda r: F.layer_norm(r, [24], w, b).pow(2).sum())(x))
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = cpu_kernels.layer_norm(fwAD.make_dual(x, tangent), [24], w, b)
+        jvp = fwAD.unpack_dual(out).tangent
+    with fwAD.dual_level():
+        want = fwAD.unpack_dual(F.layer_norm(fwAD.make_dual(x, tangent), [24], w, b)).tangent
+    torch.testing.assert_close(jvp, want)
+
+
+@needs_kernel
+def test_a_compiler_given_with_arguments_builds(fresh_library, monkeypatch):
+    monkeypatch.setenv('CXX', 'env c++')  # like "ccache g++": a command and its argument
+    assert cpu_kernels.library() is not None

@@ -65,8 +65,8 @@ inline __m512 round_to(const uint16_t *, __m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
 }
 
-// exp(x) for x <= 0 (and NaN): Cody-Waite reduction by ln 2, then a degree-6 polynomial (the fp32 softmax matches
-// PyTorch's to 1e-7); below -87.3 the result is 0, NaN stays NaN
+// exp(x) for x <= 0 (and NaN): Cody-Waite reduction by ln 2, then a degree-6 polynomial (the fp32 softmax is
+// within 1e-6 of PyTorch's); below -87.3 the result is 0, NaN stays NaN
 inline __m512 exp_nonpositive(__m512 x) {
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
@@ -272,13 +272,18 @@ void gelu_with_derivative(const T *x, T *y, T *dydx, int64_t n, int threads) {
 extern "C" {
 int kernels_available(void) { return 1; }
 int64_t bias_softmax_max_row(void) { return kMaxRow; }
-void bias_softmax_f32(const float *x, const float *bias, float *out, int64_t rows, int64_t n, int64_t bias_rows,
-                      int threads) {
+// returns 1, computing nothing, for sizes the kernel cannot take (the caller checks them first)
+int bias_softmax_f32(const float *x, const float *bias, float *out, int64_t rows, int64_t n, int64_t bias_rows,
+                     int threads) {
+    if (rows < 0 || n < 1 || n > kMaxRow || bias_rows < 1) return 1;
     bias_softmax(x, bias, out, rows, n, bias_rows, threads);
+    return 0;
 }
-void bias_softmax_bf16(const uint16_t *x, const uint16_t *bias, uint16_t *out, int64_t rows, int64_t n,
-                       int64_t bias_rows, int threads) {
+int bias_softmax_bf16(const uint16_t *x, const uint16_t *bias, uint16_t *out, int64_t rows, int64_t n,
+                      int64_t bias_rows, int threads) {
+    if (rows < 0 || n < 1 || n > kMaxRow || bias_rows < 1) return 1;
     bias_softmax(x, bias, out, rows, n, bias_rows, threads);
+    return 0;
 }
 void layer_norm_forward_f32(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
                             int64_t rows, int64_t n, float eps, int threads) {
