@@ -46,12 +46,12 @@ from torch.autograd.function import once_differentiable
 
 from .dispatch import compute_dtype, grad_needed, standard_ops_expected
 
-__all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'kernel_serves', 'gelu_linear', 'gelu_linear_serves',
-           'gelu_with_derivative', 'layer_norm', 'layer_norm_serves', 'transpose', 'linear_grads']
+__all__ = ['library', 'bias_softmax', 'bias_softmax_reference', 'bias_softmax_serves', 'gelu_linear',
+           'gelu_linear_serves', 'gelu_with_derivative', 'layer_norm', 'layer_norm_serves', 'transpose', 'linear_grads']
 
 _SOURCE = Path(__file__).with_name('csrc') / 'cpu_kernels.cpp'
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
-_DTYPES = {torch.float32: 'bias_softmax_f32', torch.bfloat16: 'bias_softmax_bf16'}
+_SOFTMAX = {torch.float32: 'bias_softmax_f32', torch.bfloat16: 'bias_softmax_bf16'}
 _GELU = {torch.bfloat16: 'gelu_with_derivative_bf16'}  # in fp32 the fusion measured no gain
 _LAYER_NORM = {torch.float32: 'f32', torch.bfloat16: 'bf16'}
 
@@ -108,7 +108,7 @@ def library() -> Optional[ctypes.CDLL]:
     if not lib.kernels_available():
         return None
     lib.bias_softmax_max_row.restype = ctypes.c_int64
-    for name in _DTYPES.values():
+    for name in _SOFTMAX.values():
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
     for name in _GELU.values():
@@ -124,9 +124,9 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def kernel_serves(logits: torch.Tensor, bias: torch.Tensor) -> bool:
+def bias_softmax_serves(logits: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`bias_softmax` runs our kernel for these tensors (else the standard ops)."""
-    return (logits.device.type == 'cpu' and logits.dtype in _DTYPES and bias.dtype == logits.dtype
+    return (logits.device.type == 'cpu' and logits.dtype in _SOFTMAX and bias.dtype == logits.dtype
             and bias.device == logits.device and logits.numel() > 0 and logits.dim() >= 2
             and not standard_ops_expected(logits, bias) and library() is not None
             and logits.shape[-1] <= library().bias_softmax_max_row())
@@ -140,7 +140,7 @@ class _BiasSoftmax(torch.autograd.Function):
         logits, bias = logits.contiguous(), bias.contiguous()
         out = torch.empty_like(logits)
         n = logits.shape[-1]
-        if getattr(library(), _DTYPES[logits.dtype])(logits.data_ptr(), bias.data_ptr(), out.data_ptr(),
+        if getattr(library(), _SOFTMAX[logits.dtype])(logits.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                                      logits.numel() // n, n, bias.numel() // n,
                                                      torch.get_num_threads()):
             raise RuntimeError(f"bias_softmax kernel refused logits {tuple(logits.shape)}, bias {tuple(bias.shape)}")
@@ -167,7 +167,7 @@ def bias_softmax(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     W leading rows (the attention's windows of one image). Our kernel where it serves, else the standard ops."""
     if logits.dim() < 2 or logits.shape[1:] != bias.shape[1:] or bias.shape[0] == 0 or logits.shape[0] % bias.shape[0]:
         raise ValueError(f"bias {tuple(bias.shape)} does not repeat over logits {tuple(logits.shape)}")
-    if not kernel_serves(logits, bias):
+    if not bias_softmax_serves(logits, bias):
         return bias_softmax_reference(logits, bias)
     return _BiasSoftmax.apply(logits, bias)
 

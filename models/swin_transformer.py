@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels, fast_path
-from .cpu_kernels import bias_softmax
 from .fast_path import CastCache, CastCacheMixin, compute_dtype
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp,
                      PatchMerging, clip_window, drop_path_rates, init_weights, relative_position_index,
@@ -117,7 +116,7 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         is repeated for a group of images (cached, at most ``_BIAS_BYTES``) and the batch runs group by group.
         In bf16 on a CPU our ``softmax(logits + bias)`` kernel serves, the products and that kernel beat SDPA's."""
         # attn_bias has the logits' dtype, device and row length: what decides whether the kernel serves
-        if q.dtype == torch.bfloat16 and cpu_kernels.kernel_serves(attn_bias, attn_bias):
+        if q.dtype == torch.bfloat16 and cpu_kernels.bias_softmax_serves(attn_bias, attn_bias):
             return self._explicit_attention(q, k, v, attn_bias)
         if attn_bias.shape[0] == 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
@@ -157,7 +156,7 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
         # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32); on the CPU
         # the add and the softmax are one pass (models/cpu_kernels.py)
-        attn = bias_softmax(attn, attn_bias.to(attn.dtype))
+        attn = cpu_kernels.bias_softmax(attn, attn_bias.to(attn.dtype))
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
         x = (attn @ v).transpose(1, 2).reshape(b, l, c)
