@@ -216,16 +216,13 @@ class _GeluLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         y, dydx, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             # (grad @ weight) * gelu'(x): a linear whose weight is weight^T, with oneDNN's binary multiply post-op
             grad_x = torch.ops.mkldnn._linear_pointwise.binary(grad, dydx.view(-1, dydx.shape[-1]), weight.t(),
                                                                 None, 'mul').view(dydx.shape)
-        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            grad_w, grad_b = linear_grads(grad, y.reshape(-1, y.shape[-1]), bias_needed)
-        elif bias_needed:
-            grad_b = grad.sum(0)
+        grad_w, grad_b = linear_grads(grad, y.reshape(-1, y.shape[-1]), weight=ctx.needs_input_grad[1],
+                                      bias=ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_w, grad_b
 
 
@@ -311,14 +308,17 @@ def transpose(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tens
     return out
 
 
-def linear_grads(grad: torch.Tensor, x: torch.Tensor, bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(grad.t() @ x, grad.sum(0) if bias else None)`` for ``(M, N)`` and ``(M, K)``: a linear layer's weight
-    and bias gradients, summed over the M tokens.
+def linear_grads(grad: torch.Tensor, x: torch.Tensor, weight: bool = True,
+                 bias: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(grad.t() @ x if weight, grad.sum(0) if bias)`` (None for what is not asked) for ``(M, N)`` and
+    ``(M, K)``: a linear layer's weight and bias gradients, summed over the M tokens.
 
     oneDNN reads the transposed operand of such a product at about half the speed of a contiguous one, so in bf16
     on the CPU the smaller operand is transposed first by :func:`transpose`. With N <= K that is ``grad``. Else it
     is ``x``, written above a row of ones: the product with ``grad`` then carries the bias gradient as its last row
     (no separate pass over ``grad``), and the weight-sized rest is transposed back."""
+    if not weight:
+        return None, grad.sum(0) if bias else None
     if grad.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or grad.device.type != 'cpu' \
             or torch.is_grad_enabled() or standard_ops_expected(grad, x) or library() is None:
         # (grad enabled inside a backward: create_graph, and only the standard ops carry a graph)

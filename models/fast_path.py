@@ -116,12 +116,8 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_b = None
-        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            grad_w, grad_b = cpu_kernels.linear_grads(grad, x.reshape(-1, x.shape[-1]), bias_needed)
-        elif bias_needed:
-            grad_b = grad.sum(0)
+        grad_w, grad_b = cpu_kernels.linear_grads(grad, x.reshape(-1, x.shape[-1]), weight=ctx.needs_input_grad[1],
+                                                  bias=ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_w, grad_b
 
 

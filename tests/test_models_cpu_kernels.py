@@ -307,7 +307,7 @@ def test_linear_grads_are_the_products_of_the_gradient(n, k, bias, monkeypatch):
     transpose = cpu_kernels.transpose
     monkeypatch.setattr(cpu_kernels, 'transpose', lambda t, *a: transposed.append(tuple(t.shape)) or transpose(t, *a))
     with torch.no_grad():  # as inside a backward pass (with grad mode on, it is a create_graph backward)
-        grad_w, grad_b = cpu_kernels.linear_grads(grad, x, bias)
+        grad_w, grad_b = cpu_kernels.linear_grads(grad, x, bias=bias)
     assert grad_w.shape == (n, k) and grad_w.is_contiguous() and grad_w.dtype == torch.bfloat16
     assert transposed[0] == ((200, n) if n <= k else (200, k))
     want = grad.double().t() @ x.double()
@@ -316,8 +316,9 @@ def test_linear_grads_are_the_products_of_the_gradient(n, k, bias, monkeypatch):
         torch.testing.assert_close(grad_b.double(), grad.double().sum(0), rtol=2 ** -7, atol=2 ** -7 * n)
     else:
         assert grad_b is None
-    fp32_w, fp32_b = cpu_kernels.linear_grads(grad.float(), x.float(), bias)  # fp32: the standard ops as they are
+    fp32_w, fp32_b = cpu_kernels.linear_grads(grad.float(), x.float(), bias=bias)  # fp32: the standard ops as is
     assert torch.equal(fp32_w, grad.float().t() @ x.float())
+    assert cpu_kernels.linear_grads(grad, x, weight=False, bias=bias)[0] is None  # a frozen weight: no product
 
 
 @needs_kernel
@@ -330,7 +331,7 @@ def test_transpose_rejects_an_out_too_small():
 def test_bf16_training_step_takes_weight_gradients_through_the_transposes(monkeypatch):
     calls = []
     linear_grads = cpu_kernels.linear_grads
-    monkeypatch.setattr(cpu_kernels, 'linear_grads', lambda *a: calls.append(1) or linear_grads(*a))
+    monkeypatch.setattr(cpu_kernels, 'linear_grads', lambda *a, **k: calls.append(1) or linear_grads(*a, **k))
     _loss_and_grads(_tiny_swin(), torch.bfloat16)
     assert len(calls) == 4 * 4  # qkv, proj, fc1 and fc2 in each of the 4 blocks
 
