@@ -1,9 +1,13 @@
 """Turn a config into a model: the only place in models/ that reads config keys."""
 from __future__ import annotations
 
+from typing import Union
+
+import torch
 from torch import nn
 
 from utils.errors import UserError
+from . import cpu
 from .simmim import SimMIM
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
@@ -41,17 +45,27 @@ def _build(model_type: str, config) -> nn.Module:
     raise UserError(f"unknown MODEL.TYPE {model_type!r} (choose from swin, swinv2, swin_mlp)")
 
 
-def build_model(config, is_pretrain: bool = False) -> nn.Module:
-    """Build the classifier described by ``config.MODEL`` (TYPE picks the family) at DATA.IMG_SIZE.
+def build_model(config, is_pretrain: bool = False, device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """Build the classifier described by ``config.MODEL`` (TYPE picks the family) at DATA.IMG_SIZE, for ``device``.
 
     ``is_pretrain``: the SimMIM pre-training model around a headless backbone (MODEL.SIMMIM.*).
-    A size or shape that the architecture cannot take is a UserError naming the keys involved.
+    For a CPU the reference modules are swapped for their CPU versions (:mod:`models.cpu`; same parameters and
+    keys) unless ``CPU_KERNELS`` is False; any other device gets the reference model. The model is returned on
+    the CPU, for the caller to move. A size or shape that the architecture cannot take is a UserError naming the
+    keys involved.
     """
     if is_pretrain:
-        encoder = build_model(config)
+        encoder = build_model(config, device=device)
         encoder.reset_classifier(0)
         target = config.MODEL.SIMMIM.NORM_TARGET
         return SimMIM(encoder, norm_target_patch_size=target.PATCH_SIZE if target.ENABLE else 0)
+    model = _build_reference(config)
+    if torch.device(device).type == 'cpu' and config.get('CPU_KERNELS', True):
+        cpu.accelerate(model)
+    return model
+
+
+def _build_reference(config) -> nn.Module:
     model_type = config.MODEL.TYPE
     try:
         return _build(model_type, config)

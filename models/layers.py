@@ -1,8 +1,13 @@
-"""Pieces shared by the Swin family: patch embedding, patch merging, windows, masks, MLP, stages.
+"""Pieces shared by the Swin family: patch embedding and merging, windows, masks, window attention, MLP, stages.
 
-Tokens travel between modules as ``(B, L, C)`` with ``L = H * W`` in row-major order, as in the
-official implementation; each block knows its ``input_resolution`` to fold them back to ``(B, H, W, C)``.
-Window attention itself goes through :func:`window_attention`, the one place a faster kernel plugs in.
+Tokens travel between modules as ``(B, L, C)`` with ``L = H * W`` in row-major order, as in the official
+implementation; each block knows its ``input_resolution`` to fold them back to ``(B, H, W, C)``. A block
+cuts its (shifted) map into windows with :func:`window_partition`, mixes each window, and puts the map back
+together with :func:`window_reverse`. Window attention is one ``F.scaled_dot_product_attention`` call
+(:func:`window_attention`).
+
+Everything here is plain PyTorch; the CPU kernels that :func:`models.build.build_model` swaps in on a CPU live
+apart, in :mod:`models.cpu`.
 """
 from __future__ import annotations
 
@@ -16,15 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_kernels, fast_path
-from .fast_path import CastCache, CastCacheMixin
-
 __all__ = [
-    'DropPath', 'trunc_normal_', 'to_2tuple', 'LayerNorm', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
-    'window_partition', 'window_reverse', 'clip_window', 'shifted_window_mask', 'relative_position_index',
-    'window_attention', 'shifted_window_attention', 'drop_path_rates', 'check_resolution', 'init_weights',
-    'DerivedBuffersMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'window_order_index', 'permute_tokens',
-    'WindowOrder',
+    'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
+    'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'shifted_window_mask', 'relative_position_index',
+    'window_attention', 'drop_path_rates', 'check_resolution', 'init_weights', 'DerivedBuffersMixin',
+    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced',
 ]
 
 # The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
@@ -157,21 +158,8 @@ class HierarchicalClassifierMixin:
         return flops + self.num_features * self.num_classes
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state-dict keys) that runs our CPU kernels where they serve
-    (:func:`models.cpu_kernels.layer_norm`): in bf16 their weight and bias gradients are summed in fp32, and
-    forward and backward each take one pass."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-class Mlp(CastCacheMixin, nn.Module):
-    """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``).
-
-    Where no gradient is needed the weights' low-precision copies are cached and, with the exact GELU,
-    ``fc1`` and the activation run as one fused kernel (:mod:`models.fast_path`).
-    """
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0):
@@ -182,20 +170,10 @@ class Mlp(CastCacheMixin, nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
-        self._fused_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
-        self._cache = CastCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_gelu and (self.drop.p == 0.0 or not self.training) and \
-                cpu_kernels.gelu_linear_serves(x, self.fc2.weight):  # a bf16 training step on an AVX-512 CPU
-            x = fast_path.dense(x, self.fc1.weight, self.fc1.bias)
-            return self.drop(cpu_kernels.gelu_linear(x, self.fc2.weight, self.fc2.bias))
-        if self._fused_gelu:
-            x = fast_path.linear(x, self.fc1, self._cache, 'fc1', gelu=True)
-        else:
-            x = self.act(fast_path.linear(x, self.fc1, self._cache, 'fc1'))
-        x = self.drop(x)
-        return self.drop(fast_path.linear(x, self.fc2, self._cache, 'fc2'))
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -241,7 +219,7 @@ class PatchMerging(nn.Module):
     which released ``reduction`` weights depend on.
     """
 
-    def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = LayerNorm):
+    def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = nn.LayerNorm):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
         self.dim = dim
@@ -272,11 +250,7 @@ class PatchMerging(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: a list of ``blocks``, then an optional ``downsample`` at the END (official layout).
 
-    Tokens enter and leave in row-major order. When every block can run on tokens kept in its own
-    window order (it has ``forward_windowed`` and ``window_order``), the stage keeps them that way:
-    one gather per change of shift instead of a roll, a partition and a merge per block
-    (:class:`WindowOrder`). With ``use_checkpoint`` each block's activations are recomputed in the
-    backward pass.
+    With ``use_checkpoint`` each block's activations are recomputed in the backward pass instead of kept.
     """
 
     def __init__(self, blocks: Iterable[nn.Module], downsample: Optional[nn.Module] = None,
@@ -285,23 +259,13 @@ class BasicLayer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
         self.use_checkpoint = use_checkpoint
-        windowed = len(self.blocks) > 0 and all(hasattr(b, 'forward_windowed') for b in self.blocks)
-        self.order = WindowOrder([b.window_order() for b in self.blocks]) if windowed else None
-
-    def _run(self, blk: Callable, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.order is None:
-            for blk in self.blocks:
-                x = self._run(blk, x)
-        else:
-            for i, blk in enumerate(self.blocks):
-                x = self.order.enter(x, i)
-                x = self._run(blk.forward_windowed, x)
-            x = self.order.leave(x)
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -317,14 +281,37 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """``(B, H, W, C) -> (B * nW, ws, ws, C)``, windows in row-major order within each image."""
     b, h, w, c = x.shape
     x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: ``(B * nW, ws, ws, C) -> (B, H, W, C)``."""
     c = windows.shape[-1]
     x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def shifted_windows(x: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
+                    shift_size: int) -> torch.Tensor:
+    """Row-major tokens ``(B, H*W, C)`` -> windows ``(B * nW, ws*ws, C)`` of the map cyclically shifted up and
+    left by ``shift_size`` (no shift: plain windows)."""
+    h, w = input_resolution
+    b, _, c = x.shape
+    x = x.view(b, h, w, c)
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    return window_partition(x, window_size).view(-1, window_size * window_size, c)
+
+
+def merge_windows(windows: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
+                  shift_size: int) -> torch.Tensor:
+    """Inverse of :func:`shifted_windows`: windows ``(B * nW, ws*ws, C)`` -> row-major tokens ``(B, H*W, C)``."""
+    h, w = input_resolution
+    c = windows.shape[-1]
+    x = window_reverse(windows.view(-1, window_size, window_size, c), window_size, h, w)
+    if shift_size > 0:
+        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    return x.reshape(-1, h * w, c)
 
 
 def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
@@ -332,7 +319,6 @@ def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size:
     if min(input_resolution) <= window_size:
         return min(input_resolution), 0
     return window_size, shift_size
-
 
 def check_resolution(img_size: Tuple[int, int], patch_size: Tuple[int, int], num_layers: int,
                      window_size: int) -> None:
@@ -403,118 +389,44 @@ def relative_position_index(window_size: Tuple[int, int], device=None) -> torch.
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
 
 
-@derived_buffer
-def window_order_index(input_resolution: Tuple[int, int], window_size: int, shift_size: int,
-                       device=None) -> torch.Tensor:
-    """``(L,)`` row-major position of each token once cyclically shifted by ``-shift_size`` and cut into
-    windows: the order in which :func:`shifted_window_attention` hands tokens to the attention."""
-    h, w = input_resolution
-    grid = torch.arange(h * w, device=device).view(1, h, w, 1)
-    if shift_size > 0:
-        grid = torch.roll(grid, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    return window_partition(grid, window_size).reshape(-1)
-
-
-class _Permute(torch.autograd.Function):
-    """``x[:, index]`` for a permutation ``index``; the backward is the gather by the inverse
-    permutation, which is cheaper than the scatter-add autograd would use for ``index_select``."""
+class _ImageBias(torch.autograd.Function):
+    """The per-window bias ``(1, G, N, N)`` -> ``(B, G, N, N)`` in the logits' ``dtype``, the same for every image
+    (a stride-0 batch: nothing is copied per image). Its gradient is summed over the images in fp32: under fp16
+    a sum over the batch and all windows of one offset can overflow, and the table it reaches is fp32."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, index)
+    def forward(ctx, bias: torch.Tensor, images: int, dtype: torch.dtype) -> torch.Tensor:
+        ctx.bias_dtype = bias.dtype
+        _, g, n, m = bias.shape
+        # rows padded to a multiple of 8 elements in memory: CUDA's memory-efficient kernel takes such a bias as it
+        # is; an unaligned one it pads, which would copy the batch-expanded tensor image by image
+        rows = torch.empty(1, g, n, -(-m // 8) * 8, dtype=dtype, device=bias.device)[..., :m]
+        rows.copy_(bias)
+        return rows.expand(images, g, n, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        inverse, = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Reorder the tokens (dim 1) of ``(B, L, C)`` by the permutation ``index`` (``inverse`` undoes it)."""
-    return _Permute.apply(x, index, inverse)
-
-
-class WindowOrder(DerivedBuffersMixin, nn.Module):
-    """Gather indices for a stage whose blocks work on tokens in window order.
-
-    ``orders[i]`` is block i's window order (see :func:`window_order_index`; CPU tensors). ``enter(x, i)`` moves
-    tokens from block i-1's order (row-major before block 0) into block i's; ``leave`` puts them back in
-    row-major order. A step between equal orders (consecutive blocks without shift, or a stage that is
-    one window wide) is skipped. The indices are derived buffers: they follow ``.to()``, stay out of
-    state dicts and are ignored when a state dict carries them.
-    """
-
-    def __init__(self, orders: Sequence[torch.Tensor]):
-        super().__init__()
-        device = torch.empty(0).device  # the default one: buffers go there, the meta device included
-        with torch.device('cpu'):
-            orders = [o.cpu() for o in orders]
-            row_major = torch.arange(orders[0].numel())
-            sequence = [row_major, *orders, row_major]
-            self.steps = [self._register_step(i, src, dst, device)
-                          for i, (src, dst) in enumerate(zip(sequence, sequence[1:]))]
-        self._derived_buffers = tuple(name for name, _ in self.named_buffers())
-
-    @staticmethod
-    def _inverse(order: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-
-    def _register_step(self, i: int, src: torch.Tensor, dst: torch.Tensor, device: torch.device) -> bool:
-        if torch.equal(src, dst):
-            return False
-        # x_dst[k] = x_row_major[dst[k]] = x_src[inverse(src)[dst[k]]]
-        self.register_buffer(f'index_{i}', self._inverse(src)[dst].to(device), persistent=False)
-        self.register_buffer(f'inverse_{i}', self._inverse(dst)[src].to(device), persistent=False)
-        return True
-
-    def _step(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        if not self.steps[i]:
-            return x
-        return permute_tokens(x, getattr(self, f'index_{i}'), getattr(self, f'inverse_{i}'))
-
-    def enter(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Tokens in block ``i-1``'s order (row-major for ``i == 0``) -> block ``i``'s order."""
-        return self._step(x, i)
-
-    def leave(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens in the last block's order -> row-major."""
-        return self._step(x, len(self.steps) - 1)
+        return grad.sum(0, keepdim=True, dtype=torch.float32).to(ctx.bias_dtype), None, None
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(scale * q k^T + bias + mask) v for all windows of a batch.
+                     scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v for all windows of a batch: one ``F.scaled_dot_product_attention`` call.
 
-    q, k, v: ``(B * nW, nH, N, d)``; bias: ``(nH, N, N)``; mask: ``(nW, N, N)`` or None.
-    Returns ``(B * nW, nH, N, d)``. With a mask the batch is viewed as ``(B, nW)`` so the mask
-    broadcasts over images instead of being copied per image.
+    q, k, v: ``(B * nW, nH, N, d)``; bias: ``(nW, nH, N, N)`` (the relative position bias plus the shift mask) or
+    ``(1, nH, N, N)`` (no shift), the same for every image, best kept in fp32. Returns ``(B * nW, nH, N, d)``.
+
+    The windows of an image are folded into the head dimension, ``(B, nW * nH, N, d)``, so the bias is a 4-D
+    ``attn_mask`` broadcast over images: CUDA's memory-efficient kernel takes it and returns its gradient, which
+    :class:`_ImageBias` sums over the images in fp32.
     """
     bw, nh, n, d = q.shape
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype),
-                                              dropout_p=dropout_p, scale=scale)
-    nw = mask.shape[0]
-    attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)  # nW, nH, N, N
-    q, k, v = (t.reshape(bw // nw, nw, nh, n, d) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    nw = bias.shape[0]
+    images = bw // nw
+    q, k, v = (t.reshape(images, nw * nh, n, d) for t in (q, k, v))
+    mask = _ImageBias.apply(bias.reshape(1, nw * nh, n, n), images, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.reshape(bw, nh, n, d)
-
-
-def shifted_window_attention(x: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
-                             shift_size: int, attn: nn.Module, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Cyclic shift, partition, ``attn(windows, mask)``, merge, shift back: ``(B, L, C) -> (B, L, C)``."""
-    h, w = input_resolution
-    b, _, c = x.shape
-    x = x.view(b, h, w, c)
-    if shift_size > 0:
-        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    windows = window_partition(x, window_size).view(-1, window_size * window_size, c)
-    windows = attn(windows, mask=mask).view(-1, window_size, window_size, c)
-    x = window_reverse(windows, window_size, h, w)
-    if shift_size > 0:
-        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
-    return x.reshape(b, h * w, c)
 
 
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp, PatchMerging, clip_window,
-                     drop_path_rates, init_weights, trunc_normal_, window_partition, window_reverse)
+from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window, drop_path_rates,
+                     init_weights, trunc_normal_, window_partition, window_reverse)
 from .registry import register_model
 
 __all__ = ['SwinMLPBlock', 'SwinMLP']
@@ -25,7 +25,7 @@ class SwinMLPBlock(nn.Module):
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 act_layer: type = nn.GELU, norm_layer: type = LayerNorm):
+                 act_layer: type = nn.GELU, norm_layer: type = nn.LayerNorm):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -94,7 +94,7 @@ class SwinMLP(HierarchicalClassifierMixin, nn.Module):
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = LayerNorm,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False):
         super().__init__()
         if len(depths) != len(num_heads):

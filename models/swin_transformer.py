@@ -2,50 +2,28 @@
 
 Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021.
 Parameter and buffer names follow the official release, so its checkpoints load unchanged.
+
+A forward pass, top to bottom: :class:`SwinTransformer` embeds 4x4 patches, then runs four stages
+(:class:`~models.layers.BasicLayer`) of :class:`SwinTransformerBlock`; each block cuts its map into windows
+(shifted by half a window in every second block), runs :class:`WindowAttention` inside each window, and puts
+the map back together; a stage ends with patch merging; the head averages the last stage's tokens.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, fast_path
-from .fast_path import CastCache, CastCacheMixin, compute_dtype
-from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp,
-                     PatchMerging, clip_window, drop_path_rates, init_weights, relative_position_index,
-                     shifted_window_mask, to_2tuple, trunc_normal_, window_order_index)
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging,
+                     clip_window, drop_path_rates, init_weights, merge_windows, relative_position_index,
+                     shifted_window_mask, shifted_windows, to_2tuple, trunc_normal_, window_attention)
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
 
-# Evaluation repeats a shifted block's bias + mask over up to this many bytes' worth of images (see
-# WindowAttention._fused_attention): a batch of 8 at 224 px fits in one call in fp32 and bf16.
-_BIAS_BYTES = 16 << 20
 
-
-class _SplitHeads(torch.autograd.Function):
-    """The qkv output ``(B, L, 3C)`` (tokens in window order) -> q, k, v as ``(B*nW, nH, N, d)`` views of one
-    contiguous copy (products of strided views would each copy their operand). Backward writes the three
-    gradients straight back in the ``(B, L, 3C)`` layout, one pass: autograd's would stack them, then copy
-    them out of the permuted layout."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, windows: int, heads: int):
-        b, l, c3 = qkv.shape
-        ctx.in_shape = qkv.shape
-        split = qkv.view(b * windows, l // windows, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
-        return split[0], split[1], split[2]
-
-    @staticmethod
-    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
-        given = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
-        grads = [torch.zeros_like(given) if g is None else g for g in (grad_q, grad_k, grad_v)]
-        return torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(ctx.in_shape), None, None
-
-
-class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
+class WindowAttention(DerivedBuffersMixin, nn.Module):
     """Multi-head self-attention inside each window, plus a learned relative position bias.
 
     The bias comes from ``relative_position_bias_table`` ((2Wh-1)*(2Ww-1) offsets x heads), looked up
@@ -69,116 +47,26 @@ class WindowAttention(CastCacheMixin, DerivedBuffersMixin, nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._cache = CastCache()  # what evaluation derives from the weights (see attention_bias)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def relative_position_bias(self) -> torch.Tensor:
         """``(nH, N, N)`` bias added to the attention logits of every window."""
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return bias.permute(2, 0, 1).contiguous()
+        return bias.permute(2, 0, 1)
 
-    def attention_bias(self, mask: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``), in
-        ``dtype`` (default: the table's).
-
-        Where no gradient can reach the table (evaluation, ``torch.no_grad``) the sum is computed once and
-        reused until the table changes (see :class:`~models.fast_path.CastCache`); otherwise it is rebuilt
-        so that the table gets its gradient.
-        """
-        table = self.relative_position_bias_table
-        dtype = dtype or table.dtype
-        if not fast_path.applies(table):
-            return self._attention_bias(mask).to(dtype)
-        return self._cache.get('bias', (table, mask), dtype, lambda: self._attention_bias(mask).to(dtype))
-
-    def _attention_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def attention_bias(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``), in the
+        table's dtype (fp32 under autocast too)."""
         bias = self.relative_position_bias().unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)
 
-    def forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
-        """x: ``(B, nW * N, C)``, the tokens of each image window after window; attn_bias: from
-        :meth:`attention_bias`. Returns the same layout."""
-        if self.training or not fast_path.applies(self.qkv.weight, x):  # training mode: dropout applies
-            return self._forward_windows_autograd(x, num_windows, attn_bias)
-        b, l, c = x.shape
-        n, nh, d = l // num_windows, self.num_heads, c // self.num_heads
-        # q, k, v as strided (B*nW, nH, N, d) views of the qkv output: no copy in; the fused kernel
-        # writes its output as (B*nW, N, nH, d), which is already the (B, L, C) the projection takes
-        qkv = fast_path.linear(x, self.qkv, self._cache, 'qkv').view(b * num_windows, n, 3, nh, d)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        y = self._fused_attention(q, k, v, attn_bias)
-        return fast_path.linear(y.transpose(1, 2).reshape(b, l, c), self.proj, self._cache, 'proj')
-
-    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         attn_bias: torch.Tensor) -> torch.Tensor:
-        """SDPA over ``(B*nW, nH, N, d)``. A per-window bias (shifted blocks) must match the leading dim, so it
-        is repeated for a group of images (cached, at most ``_BIAS_BYTES``) and the batch runs group by group.
-        In bf16 on a CPU our ``softmax(logits + bias)`` kernel serves, the products and that kernel beat SDPA's."""
-        # attn_bias has the logits' dtype, device and row length: what decides whether the kernel serves
-        if q.dtype == torch.bfloat16 and cpu_kernels.bias_softmax_serves(attn_bias, attn_bias):
-            return self._explicit_attention(q, k, v, attn_bias)
-        if attn_bias.shape[0] == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        nw, rows = attn_bias.shape[0], q.shape[0]
-        images = max(1, min(rows // nw, _BIAS_BYTES // (attn_bias.numel() * attn_bias.element_size())))
-        bias = self._cache.get('bias_repeated', (attn_bias,), images, lambda: attn_bias.repeat(images, 1, 1, 1))
-        step = images * nw
-        out = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],
-                                              attn_mask=bias[:min(step, rows - i)], scale=self.scale)
-               for i in range(0, rows, step)]
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            attn_bias: torch.Tensor) -> torch.Tensor:
-        """softmax(scale q k^T + bias) v as two batched products around :func:`~models.cpu_kernels.bias_softmax`;
-        q, k, v are strided ``(B*nW, nH, N, d)`` views, gathered into one contiguous copy first."""
-        bw, nh, n, d = q.shape
-        q, k, v = (t.flatten(0, 1) for t in torch.stack((q, k, v)))
-        logits = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=self.scale)
-        probs = cpu_kernels.bias_softmax(logits.view(bw, nh, n, n), attn_bias)
-        return torch.bmm(probs.view(-1, n, n), v).view(bw, nh, n, d)
-
-    def _forward_windows_autograd(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
-        b, l, c = x.shape
-        n, nh = l // num_windows, self.num_heads
-        folded = compute_dtype(x) != self.qkv.weight.dtype
-        # under autocast the query scale is folded into the (small) weights: no pass over the queries, forward
-        # or backward, and no extra memory, as the weights' cast copy is kept for backward anyway; in fp32 the
-        # scaled copy would be an extra tensor kept, so there the scale is the product's alpha instead
-        qkv = fast_path.dense(x, *(self._scaled_qkv_params() if folded else (self.qkv.weight, self.qkv.bias)))
-        q, k, v = _SplitHeads.apply(qkv, num_windows, nh)
-        if folded:
-            attn = q @ k.transpose(-2, -1)  # B*nW, nH, N, N
-        else:
-            attn = torch.baddbmm(q.new_empty(()), q.flatten(0, 1), k.flatten(0, 1).transpose(-2, -1),
-                                 beta=0, alpha=self.scale).view(-1, nh, n, n)
-        # the sum stays in the logits' dtype: under autocast the softmax and the product with v then run
-        # in bf16/fp16 without casts of (B*nW, nH, N, N) tensors (the softmax accumulates in fp32); on the CPU
-        # the add and the softmax are one pass (models/cpu_kernels.py)
-        attn = cpu_kernels.bias_softmax(attn, attn_bias.to(attn.dtype))
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop)
-        x = (attn @ v).transpose(1, 2).reshape(b, l, c)
-        return self.proj_drop(fast_path.dense(x, self.proj.weight, self.proj.bias))
-
-    def _scaled_qkv_params(self):
-        """``qkv``'s weight and bias with the query rows multiplied by ``scale`` (rounding aside, the same logits).
-
-        One multiply by a per-row factor (``scale`` for query rows, 1 for the rest), whose backward is one
-        multiply too: slicing and concatenating would zero-fill and copy whole weight gradients in backward.
-        """
-        w, bias = self.qkv.weight, self.qkv.bias
-        rows = torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
-        rows[:self.dim] = self.scale
-        return w * rows[:, None], None if bias is None else bias * rows
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
+        """x: ``(B * nW, N, C)``, the tokens of each window; mask: ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
-        nw = 1 if mask is None else mask.shape[0]
-        y = self.forward_windows(x.reshape(bw // nw, nw * n, c), nw, self.attention_bias(mask, compute_dtype(x)))
-        return y.view(bw, n, c)
+        q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = window_attention(q, k, v, self.attention_bias(mask), self.scale, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
     def flops(self, n: int) -> int:
         """Multiply-adds for one window of ``n`` tokens (official formula)."""
@@ -201,7 +89,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
-                 norm_layer: type = LayerNorm):
+                 norm_layer: type = nn.LayerNorm):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -219,26 +107,17 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
                 if self.shift_size > 0 else None)
         self.register_buffer('attn_mask', mask, persistent=False)
-        self.num_windows = self.input_resolution[0] * self.input_resolution[1] // self.window_size ** 2
-
-    def window_order(self) -> torch.Tensor:
-        """Row-major index of each token in the order this block's windows see them (CPU)."""
-        return window_order_index(self.input_resolution, self.window_size, self.shift_size, device='cpu')
-
-    def forward_windowed(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on tokens already in :meth:`window_order` (what a stage passes); same order out."""
-        bias = self.attn.attention_bias(self.attn_mask, compute_dtype(x))
-        y = self.attn.forward_windows(self.norm1(x), self.num_windows, bias)
-        x = self.drop_path.residual(x, y)
-        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Row-major tokens ``(B, H*W, C)`` in and out."""
         h, w = self.input_resolution
         if x.shape[1] != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        order = self.window_order().to(x.device)
-        return self.forward_windowed(x[:, order])[:, torch.argsort(order)]
+        windows = shifted_windows(self.norm1(x), self.input_resolution, self.window_size, self.shift_size)
+        windows = self.attn(windows, self.attn_mask)
+        y = merge_windows(windows, self.input_resolution, self.window_size, self.shift_size)
+        x = self.drop_path.residual(x, y)
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
     def flops(self) -> int:
         h, w = self.input_resolution
@@ -256,16 +135,14 @@ class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
     three), final LayerNorm, average pooling, linear ``head``.
 
     Arguments keep the official names. ``fused_window_process`` is accepted for compatibility with
-    official configs: what the official fused CUDA kernel did (shift and partition in one pass) every
-    stage here does always, on any device, by keeping its tokens in window order
-    (:class:`~models.layers.WindowOrder`); the flag changes nothing.
+    official configs (the official fused CUDA kernel for shift + partition); it changes nothing here.
     """
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = LayerNorm,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
                  fused_window_process: bool = False):
         super().__init__()

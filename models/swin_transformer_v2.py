@@ -9,6 +9,7 @@ normalised by ``pretrained_window_size - 1`` when given (fine-tuning at a larger
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, LayerNorm, Mlp,
-                     clip_window, derived_buffer, drop_path_rates, init_weights, log_spaced, relative_position_index,
-                     shifted_window_attention, shifted_window_mask, to_2tuple, window_attention)
+from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, clip_window,
+                     derived_buffer, drop_path_rates, init_weights, log_spaced, merge_windows, relative_position_index,
+                     shifted_window_mask, shifted_windows, to_2tuple, window_attention)
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'SwinTransformerV2', 'relative_coords_table']
@@ -77,27 +78,34 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def relative_position_bias(self) -> torch.Tensor:
-        """``(nH, N, N)`` bias in (0, 16) from the continuous position MLP."""
+        """``(nH, N, N)`` bias in (0, 16) from the continuous position MLP, in fp32 (under autocast too: the MLP is
+        tiny, and its gradient sums over every window of the batch)."""
         n = self.window_size[0] * self.window_size[1]
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        device = self.relative_coords_table.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
+
+    def attention_bias(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: the position bias plus the shift ``mask`` (``(nW, N, N)``), in fp32."""
+        bias = self.relative_position_bias().unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
-        bias = None
+        qkv_bias = None
         if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
         q, k, v = qkv.reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         # Cosine attention: unit q and k; the per-head temperature is folded into q.
         scale = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
         # (autocast may run the normalisation in float32; SDPA wants one dtype)
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
-        x = window_attention(q, k, v, self.relative_position_bias(), mask, 1.0,
-                             self.attn_drop if self.training else 0.0)
+        x = window_attention(q, k, v, self.attention_bias(mask), 1.0, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
     def flops(self, n: int) -> int:
@@ -121,7 +129,7 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
-                 norm_layer: type = LayerNorm, pretrained_window_size: int = 0):
+                 norm_layer: type = nn.LayerNorm, pretrained_window_size: int = 0):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -145,8 +153,9 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         h, w = self.input_resolution
         if x.shape[1] != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        y = shifted_window_attention(x, self.input_resolution, self.window_size, self.shift_size,
-                                     self.attn, self.attn_mask)
+        windows = shifted_windows(x, self.input_resolution, self.window_size, self.shift_size)
+        windows = self.attn(windows, self.attn_mask)
+        y = merge_windows(windows, self.input_resolution, self.window_size, self.shift_size)
         x = self.drop_path.residual(x, self.norm1(y))
         return self.drop_path.residual(x, self.norm2(self.mlp(x)))
 
@@ -189,7 +198,7 @@ class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, norm_layer: type = LayerNorm, ape: bool = False,
+                 drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False,
                  pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
         super().__init__()

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import SwinTransformer, cpu_kernels
-from models.cpu_kernels import bias_softmax, bias_softmax_reference, bias_softmax_serves
+from models import SwinTransformer
+from models.cpu import accelerate
+from models.cpu import kernels as cpu_kernels
+from models.cpu.kernels import bias_softmax, bias_softmax_reference, bias_softmax_serves
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None,
                                   reason='no C++ compiler or no AVX-512 here: the standard ops serve')
@@ -92,8 +94,8 @@ def test_standard_ops_serve_where_the_kernel_should_not():
 
 def _tiny_swin() -> SwinTransformer:
     torch.manual_seed(0)
-    return SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
-                           num_classes=5, drop_path_rate=0.0).train()
+    return accelerate(SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                      window_size=4, num_classes=5, drop_path_rate=0.0)).train()
 
 
 def _loss_and_grads(model: SwinTransformer, dtype=None):
@@ -205,7 +207,7 @@ def test_the_mlp_takes_gelu_linear_only_in_a_bf16_step_without_dropout_between(m
     from models.layers import Mlp
     calls = _count_calls(monkeypatch, cpu_kernels._GeluLinear)
     x = torch.randn(2, 10, 16, requires_grad=True)
-    mlp = Mlp(16, 32)
+    mlp = accelerate(Mlp(16, 32))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         mlp(x).sum().backward()
     assert len(calls) == 1 and mlp.fc1.weight.grad is not None and x.grad is not None
@@ -213,7 +215,7 @@ def test_the_mlp_takes_gelu_linear_only_in_a_bf16_step_without_dropout_between(m
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         mlp(x)                # evaluation: the oneDNN linear + GELU fast path
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        Mlp(16, 32, drop=0.5).train()(x).sum().backward()  # dropout sits between the GELU and fc2
+        accelerate(Mlp(16, 32, drop=0.5)).train()(x).sum().backward()  # dropout sits between the GELU and fc2
     assert len(calls) == 1
 
 
@@ -280,8 +282,8 @@ def test_layer_norm_leaves_other_cases_to_pytorch():
         cpu_kernels.layer_norm(x, [5], w[:5], b[:5])
 
 
-def test_models_use_our_layer_norm_with_the_official_keys():
-    from models.layers import LayerNorm
+def test_the_cpu_swap_puts_our_layer_norm_in_every_norm_and_keeps_the_official_keys():
+    from models.cpu.modules import LayerNorm
     model = _tiny_swin()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(type(m) is LayerNorm for m in norms)

@@ -1,11 +1,12 @@
 """Our models compute what the paper's models compute: official-layout state dicts, converted by timm's
-own checkpoint converter, load strictly into timm's implementation and give the same logits."""
+own checkpoint converter, load strictly into timm's implementation and give the same logits, and a training
+step gives every parameter the same gradient (ours mapped onto timm's names by the same converter)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tools.model_parity import make_pair, max_logit_diff
+from tools.model_parity import grad_errors, make_pair, max_logit_diff
 
 SMALL = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=10)
 
@@ -19,6 +20,14 @@ SMALL = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_h
 def test_swin_matches_timm(kwargs):
     ours, twin = make_pair('swin', **{**SMALL, **kwargs})
     assert max_logit_diff(ours, twin) < 1e-4
+    _assert_same_gradients('swin', ours, twin)
+
+
+def _assert_same_gradients(family: str, ours, twin) -> None:
+    errors = grad_errors(family, ours, twin)
+    assert len(errors) == sum(1 for _ in twin.parameters())  # every parameter of timm's twin is compared
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f'{worst}: relative gradient error {errors[worst]:.2e}'
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -29,6 +38,7 @@ def test_swin_matches_timm(kwargs):
 def test_swinv2_matches_timm(kwargs):
     ours, twin = make_pair('swinv2', **{**SMALL, **kwargs})
     assert max_logit_diff(ours, twin) < 1e-4
+    _assert_same_gradients('swinv2', ours, twin)
 
 
 def test_the_check_detects_a_wrong_weight():
@@ -37,3 +47,10 @@ def test_the_check_detects_a_wrong_weight():
         table = ours.layers[0].blocks[1].attn.relative_position_bias_table
         table.add_(torch.randn_like(table))
     assert max_logit_diff(ours, twin) > 1e-3
+
+
+def test_the_gradient_check_detects_a_wrong_gradient():
+    ours, twin = make_pair('swin', **SMALL, window_size=4)
+    ours.layers[0].blocks[1].attn.relative_position_bias_table.register_hook(lambda g: g * 1.01)
+    errors = grad_errors('swin', ours, twin)
+    assert errors['layers.0.blocks.1.attn.relative_position_bias_table'] > 5e-3

@@ -2,7 +2,9 @@
 
 Our state dict is in the official layout; timm's ``checkpoint_filter_fn`` converts official
 checkpoints to its own layout. So: randomise every parameter of our model, convert its state dict
-with timm's converter, load it strictly into timm's twin, and compare the logits in eval mode.
+with timm's converter, load it strictly into timm's twin, and compare the logits in eval mode. The
+gradients of a training step are compared the same way: ours, keyed by our parameter names, go
+through the converter too and must equal the twin's, parameter by parameter.
 
     .venv/bin/python -m tools.model_parity          # full-size Swin-T, S, B and SwinV2-T
 """
@@ -19,7 +21,7 @@ from torch import nn
 
 from models import SwinTransformer, SwinTransformerV2, count_params
 
-__all__ = ['randomize_', 'make_pair', 'max_logit_diff', 'PAPER_MODELS']
+__all__ = ['randomize_', 'make_pair', 'max_logit_diff', 'grad_errors', 'PAPER_MODELS']
 
 # name -> (family, constructor arguments); the full-size models the paper reports.
 PAPER_MODELS: Dict[str, Tuple[str, dict]] = {
@@ -77,21 +79,17 @@ def make_pair(family: str, seed: int = 0, **kwargs) -> Tuple[nn.Module, nn.Modul
     supported: timm has no such argument). Loading into timm is strict: a missing or unexpected key
     raises.
     """
-    import timm.models.swin_transformer as timm_v1
-    import timm.models.swin_transformer_v2 as timm_v2
-
     kwargs = {'drop_path_rate': 0.0, **kwargs}
     if not kwargs.get('patch_norm', True) or kwargs.get('qk_scale') is not None:
         raise ValueError("timm's twin always normalises patches and has no qk_scale")
     twin_args = {k: v for k, v in kwargs.items() if k not in ('ape', 'patch_norm', 'qk_scale')}
     if family == 'swin':
-        ours, module = SwinTransformer(**kwargs), timm_v1
-        twin = module.SwinTransformer(**twin_args)
+        ours, twin = SwinTransformer(**kwargs), _timm_module(family).SwinTransformer(**twin_args)
     elif family == 'swinv2':
-        ours, module = SwinTransformerV2(**kwargs), timm_v2
-        twin = module.SwinTransformerV2(**twin_args)
+        ours, twin = SwinTransformerV2(**kwargs), _timm_module(family).SwinTransformerV2(**twin_args)
     else:
         raise ValueError(f"no timm twin for family {family!r}")
+    module = _timm_module(family)
     randomize_(ours, seed)
     state = module.checkpoint_filter_fn({'model': ours.state_dict()}, twin)
     pos = state.pop('absolute_pos_embed', None)
@@ -107,6 +105,42 @@ def max_logit_diff(ours: nn.Module, twin: nn.Module, batch: int = 2, seed: int =
     h, w = ours.patch_embed.img_size
     x = torch.randn(batch, ours.patch_embed.in_chans, h, w, generator=torch.Generator().manual_seed(seed))
     return (ours(x) - twin(x)).abs().max().item()
+
+
+def _timm_module(family: str):
+    import timm.models.swin_transformer as timm_v1
+    import timm.models.swin_transformer_v2 as timm_v2
+    return {'swin': timm_v1, 'swinv2': timm_v2}[family]
+
+
+def _training_grads(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every parameter's gradient of one training-mode step whose loss weighs each logit differently."""
+    model.train().zero_grad(set_to_none=True)
+    logits = model(x)
+    (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.eval().zero_grad(set_to_none=True)
+    return grads
+
+
+def grad_errors(family: str, ours: nn.Module, twin: nn.Module, batch: int = 2, seed: int = 1) -> Dict[str, float]:
+    """Relative error ``|g_ours - g_timm| / |g_timm|`` per timm parameter name, after one training-mode step of
+    each model on the same images (dropout and stochastic depth off). Our gradients are mapped onto timm's names
+    and layouts by timm's own converter, as a checkpoint of ours would be; a parameter either side lacks raises."""
+    h, w = ours.patch_embed.img_size
+    x = torch.randn(batch, ours.patch_embed.in_chans, h, w, generator=torch.Generator().manual_seed(seed))
+    theirs = {name.replace('patch_embed.inner.', 'patch_embed.'): g for name, g in _training_grads(twin, x).items()}
+    wrapped = twin.patch_embed
+    if isinstance(wrapped, _AddPosEmbed):  # timm has no absolute embedding: the converter sees the plain twin
+        twin.patch_embed = wrapped.inner
+    try:
+        mine = _timm_module(family).checkpoint_filter_fn({'model': _training_grads(ours, x)}, twin)
+    finally:
+        twin.patch_embed = wrapped
+    mine.pop('absolute_pos_embed', None)  # a buffer of our wrapper around timm's twin: no gradient there
+    if mine.keys() != theirs.keys():
+        raise KeyError(f"gradients differ in names: {sorted(mine.keys() ^ theirs.keys())}")
+    return {name: ((mine[name] - g).norm() / g.norm().clamp_min(1e-30)).item() for name, g in theirs.items()}
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """What decides which implementation of an op runs: the compute dtype, whether a gradient is needed, and whether
 something (a compiler, the meta device, a dispatch mode) expects the standard PyTorch ops.
 
-Shared by :mod:`models.fast_path` (oneDNN fast paths) and :mod:`models.cpu_kernels` (our own kernels).
+Shared by :mod:`models.cpu.linear` (oneDNN linears) and :mod:`models.cpu.kernels` (our own kernels).
 """
 from __future__ import annotations
 

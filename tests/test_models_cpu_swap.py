@@ -1,5 +1,8 @@
-"""The evaluation fast path of Swin V1 (fused linear + GELU, SDPA on strided views, cached low-precision
-weights) computes what the autograd path computes, takes the fused kernels, and follows weight changes."""
+"""The CPU swap (models/cpu): ``accelerate`` turns the reference modules into their CPU versions with the same
+keys and the same function (logits and every gradient, V1, V2 and Swin-MLP); ``build_model`` applies it on a CPU
+only, and not when turned off. Swin V1's evaluation fast path (fused linear + GELU, SDPA on strided views, cached
+low-precision weights) computes what its autograd path computes, takes the fused kernels, and follows weight
+changes."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-import models.swin_transformer as swin
-from models import SwinTransformer
-from models.fast_path import CastCache, applies, dense
+import models.cpu.modules as cpu_modules
+import models.swin_transformer as swin_reference
+from config import get_config
+from models import SwinMLP, SwinTransformer, SwinTransformerV2, build_model
+from models.cpu import accelerate
+from models.cpu.linear import CastCache, applies, dense
 from models.layers import Mlp
 from tools.model_parity import randomize_
 
@@ -19,7 +25,93 @@ KWARGS = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=
 
 def _model(**overrides) -> SwinTransformer:
     torch.manual_seed(0)
-    return randomize_(SwinTransformer(**{**KWARGS, **overrides})).eval()
+    return accelerate(randomize_(SwinTransformer(**{**KWARGS, **overrides}))).eval()
+
+
+def _fresh_copy(model: SwinTransformer) -> SwinTransformer:
+    """A swapped model built anew with ``model``'s weights: nothing cached yet."""
+    fresh = accelerate(SwinTransformer(**KWARGS)).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+FAMILIES = {  # no stochastic depth: the two models of a pair must compute the same function in training mode
+    'swin': lambda: SwinTransformer(**KWARGS, drop_path_rate=0.0),
+    'swinv2': lambda: SwinTransformerV2(**KWARGS, drop_path_rate=0.0, pretrained_window_sizes=(0, 0)),
+    'swin_mlp': lambda: SwinMLP(**KWARGS, drop_path_rate=0.0),
+}
+
+
+def _reference_and_swapped(family: str):
+    torch.manual_seed(0)
+    reference = randomize_(FAMILIES[family]()).train()
+    swapped = FAMILIES[family]().train()
+    swapped.load_state_dict(reference.state_dict())
+    return reference, accelerate(swapped)
+
+
+def _logits_and_grads(model, x: torch.Tensor, dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(x)
+    (logits.float() * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_the_swap_keeps_the_state_dict_keys_and_changes_module_types(family):
+    reference, swapped = _reference_and_swapped(family)
+    assert list(swapped.state_dict()) == list(reference.state_dict())
+    swapped_types = {type(m) for m in swapped.modules()}
+    assert set(cpu_modules.SWAPS.values()) & swapped_types  # something was swapped
+    assert not set(cpu_modules.SWAPS) & swapped_types       # and nothing was left behind
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_the_swapped_model_gives_the_reference_logits_and_gradients(family, dtype):
+    reference, swapped = _reference_and_swapped(family)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    want_logits, want_grads = _logits_and_grads(reference, x, dtype)
+    got_logits, got_grads = _logits_and_grads(swapped, x, dtype)
+    scale = want_logits.abs().max()
+    tol = 1e-5 if dtype is None else 5e-2
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=tol * scale)
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        err = (got_grads[name] - want).norm() / want.norm().clamp_min(1e-12)
+        assert err < (1e-4 if dtype is None else 5e-2), f'{name}: relative error {err:.2e}'
+
+
+def test_the_swapped_modules_run_the_reference_forward_on_the_meta_device():
+    torch.manual_seed(0)
+    model = accelerate(SwinTransformer(**KWARGS)).to('meta')
+    out = model(torch.empty(2, 3, 32, 32, device='meta'))
+    assert out.shape == (2, 5) and out.is_meta
+
+
+def _cfg(**opts):
+    cfg = get_config(None)
+    cfg.defrost()
+    cfg.DATA.IMG_SIZE, cfg.MODEL.NUM_CLASSES = 32, 5
+    cfg.MODEL.SWIN.EMBED_DIM, cfg.MODEL.SWIN.DEPTHS, cfg.MODEL.SWIN.NUM_HEADS = 16, [2, 2], [1, 2]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    for key, value in opts.items():
+        setattr(cfg, key, value)
+    cfg.freeze()
+    return cfg
+
+
+def _attention_type(model) -> type:
+    return type(model.layers[0].blocks[0].attn)
+
+
+def test_build_model_swaps_for_a_cpu_only(monkeypatch):
+    assert _attention_type(build_model(_cfg())) is cpu_modules.WindowAttention
+    assert _attention_type(build_model(_cfg(), device='cuda:0')) is swin_reference.WindowAttention
+    assert _attention_type(build_model(_cfg(CPU_KERNELS=False))) is swin_reference.WindowAttention
+    monkeypatch.setenv('SWIN_CPU_KERNELS', '0')
+    assert _attention_type(build_model(_cfg())) is swin_reference.WindowAttention
 
 
 def _ops(fn) -> set:
@@ -56,7 +148,7 @@ def test_evaluation_runs_fused_kernels_instead_of_separate_gelu_and_softmax():
     assert 'mkldnn::_linear_pointwise' in ops and 'aten::gelu' not in ops
     assert 'aten::scaled_dot_product_attention' in ops and 'aten::_softmax' not in ops
     ops = _ops(lambda: model(torch.randn(2, 3, 32, 32, requires_grad=True)))  # gradients: the separate ops
-    assert 'aten::gelu' in ops and ('aten::_softmax' in ops or '_BiasSoftmax' in ops)  # models/cpu_kernels.py
+    assert 'aten::gelu' in ops and ('aten::_softmax' in ops or '_BiasSoftmax' in ops)  # models/cpu/kernels.py
 
 
 def test_shifted_windows_split_the_batch_when_the_repeated_bias_would_be_large(monkeypatch):
@@ -66,7 +158,7 @@ def test_shifted_windows_split_the_batch_when_the_repeated_bias_would_be_large(m
         whole = model(x)
         blk = model.layers[0].blocks[1]
         one_image = blk.attn_mask.numel() * blk.attn.num_heads * 4  # bytes of one image's fp32 bias + mask
-        monkeypatch.setattr(swin, '_BIAS_BYTES', 2 * one_image)  # 2 images per call: 3 calls for 5 images
+        monkeypatch.setattr(cpu_modules, '_BIAS_BYTES', 2 * one_image)  # 2 images per call: 3 calls for 5 images
         model.eval()  # drops the caches
         split = model(x)
     assert torch.allclose(whole, split, atol=1e-6)
@@ -82,16 +174,15 @@ def test_cached_bf16_weights_follow_an_in_place_update():
             if name.endswith(('mlp.fc1.weight', 'mlp.fc2.weight', 'attn.qkv.weight', 'attn.proj.weight')):
                 p.mul_(-1.5)  # in place, as an optimizer does
         after = model(x)
-        fresh = SwinTransformer(**KWARGS).eval()
-        fresh.load_state_dict(model.state_dict())
-        expected = fresh(x)
+        expected = _fresh_copy(model)(x)
     assert not torch.allclose(before.float(), after.float(), atol=0.1)
     assert torch.equal(after, expected)
 
 
 def test_mlp_with_another_activation_keeps_it():
     torch.manual_seed(0)
-    mlp = Mlp(8, 32, act_layer=torch.nn.ReLU).eval()
+    mlp = accelerate(Mlp(8, 32, act_layer=torch.nn.ReLU)).eval()
+    assert type(mlp) is cpu_modules.Mlp
     x = torch.randn(4, 8)
     with torch.no_grad():
         out = mlp(x)
@@ -141,8 +232,7 @@ def test_cached_bf16_weights_are_dropped_after_a_fused_adamw_step():
         model.eval()(x)  # fills the caches
     torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()
     optimizer.step()
-    fresh = SwinTransformer(**KWARGS).eval()
-    fresh.load_state_dict(model.state_dict())
+    fresh = _fresh_copy(model)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert torch.equal(model.eval()(x), fresh(x))
 
@@ -212,7 +302,7 @@ def test_head_split_returns_the_gradient_autograd_would_with_an_output_unused():
     def loss(q, k, v):  # k unused: its gradient reaches backward as None
         return (q * weight_q).sum() + (v * weight_v).sum()
 
-    ours = swin._SplitHeads.apply(qkv, 2, 3)
+    ours = cpu_modules._SplitHeads.apply(qkv, 2, 3)
     reference = qkv.view(4, 4, 3, 3, 2).permute(2, 0, 3, 1, 4).unbind(0)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
     grad, expected = (torch.autograd.grad(loss(*outs), qkv)[0] for outs in (ours, reference))
@@ -229,3 +319,34 @@ def test_training_linear_leaves_to_f_linear_what_onednn_should_not_take():
         dense(x.bfloat16(), w)
     with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast leaves fp64 alone: so do we
         assert dense(x.double(), w.double()).dtype == torch.float64
+
+
+def test_evaluation_bias_cache_follows_the_weights():
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        model.layers[0].blocks[1].attn.relative_position_bias_table.add_(torch.randn(49, 1))  # in place, as AdamW does
+        after = model(x)
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, _fresh_copy(model)(x), atol=1e-6)
+
+
+def test_eval_mode_with_gradients_still_reaches_the_bias_table():
+    model = _model()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))  # fills the cache
+    F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    assert model.layers[0].blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_evaluation_after_a_fused_adamw_step_sees_the_new_bias_table():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()(x)  # fills the evaluation cache
+    F.cross_entropy(model.train()(x), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), _fresh_copy(model)(x), atol=1e-5)

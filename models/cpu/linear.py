@@ -1,8 +1,9 @@
-"""Fast paths of the Swin blocks: low-precision weight caches, oneDNN linears (with the GELU fused in evaluation).
+"""CPU linears of the swapped Swin modules: low-precision weight caches, oneDNN linears (with the GELU fused in
+evaluation).
 
 Under autocast every ``nn.Linear`` casts its fp32 weight to bf16/fp16 on every call, and an MLP writes
 its hidden activations twice (the product, then the GELU). Where no gradient is needed (evaluation,
-``torch.no_grad``) the blocks call :func:`linear` instead:
+``torch.no_grad``) the CPU modules (:mod:`models.cpu.modules`) call :func:`linear` instead:
 
 * the weight and bias are cast once and kept (:class:`CastCache`) until the parameter changes;
 * on the CPU, a linear followed by the exact GELU runs as one oneDNN primitive with the GELU as its
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import kernels
 from .dispatch import compute_dtype, grad_needed, standard_ops_expected
 
 __all__ = ['compute_dtype', 'grad_needed', 'applies', 'CastCache', 'CastCacheMixin', 'linear', 'dense']
@@ -103,7 +104,7 @@ def _cast_params(layer: nn.Linear, dtype: torch.dtype, cache: CastCache, name: s
 
 class _OneDnnLinear(torch.autograd.Function):
     """``F.linear`` with the bias added in oneDNN's epilogue; backward: grad @ W, then grad^T @ x and sum(grad)
-    through :func:`~models.cpu_kernels.linear_grads`."""
+    through :func:`~models.cpu.kernels.linear_grads`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -116,7 +117,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w, grad_b = cpu_kernels.linear_grads(grad, x.reshape(-1, x.shape[-1]), weight=ctx.needs_input_grad[1],
+        grad_w, grad_b = kernels.linear_grads(grad, x.reshape(-1, x.shape[-1]), weight=ctx.needs_input_grad[1],
                                                   bias=ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x, grad_w, grad_b
 
