@@ -32,6 +32,7 @@ from models.complexity import count_flops, count_params
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
 from utils.checkpoint import auto_resume_helper, load_checkpoint, save_checkpoint
+from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
 from utils.host_memory import keep_freed_memory
@@ -132,7 +133,7 @@ def main(config, env: DistEnv) -> None:
     if env.device.type == 'cuda':  # uint8 batches cross to the GPU and are normalised there
         loader_train.finish_on = loader_val.finish_on = env.device
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
-    model = build_model(config)
+    model = build_model(config, device=env.device)
     log_model_size(model, config, logger)
     model.to(env.device)
     model_without_ddp = model
@@ -265,9 +266,11 @@ def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Op
     env = None
     try:
         _, config = parse(argv)
-        if config.HOST_MEMORY_CACHE:
-            keep_freed_memory()
         env = init_distributed()
+        if env.device.type == 'cpu' and config.HOST_MEMORY_CACHE:  # on a GPU node it would only grow host memory
+            keep_freed_memory()
+        if env.device.type == 'cuda':
+            configure_cuda(config.ALLOW_TF32)
         config = scale_learning_rates(config, env.world_size)
         seed_process(config.SEED + env.rank)
         prepare_output(config)

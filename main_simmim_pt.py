@@ -54,7 +54,7 @@ def main(config, env: DistEnv) -> None:
 
     _, loader = build_loader_simmim(config)
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
-    model = build_model(config, is_pretrain=True)
+    model = build_model(config, is_pretrain=True, device=env.device)
     logger.info(f"number of params: {count_params(model)}")
     model.to(env.device)
     model_without_ddp = model

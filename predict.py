@@ -158,15 +158,15 @@ def _device(name: str) -> torch.device:
 def main(args: argparse.Namespace) -> None:
     ckpt = load_file_safe(_local_path(args.weights))
     cfg = build_config(args, ckpt)
-    if cfg.HOST_MEMORY_CACHE:
+    device = _device(args.device)
+    if cfg.HOST_MEMORY_CACHE and device.type == 'cpu':
         keep_freed_memory()
-    model = build_model(cfg)
+    model = build_model(cfg, device=device)
     state = ckpt.get('model', ckpt.get('state_dict', ckpt))
     if any(k.startswith('decoder.') for k in state):
         raise UserError(f"{args.weights} is a SimMIM pre-training checkpoint (no classifier): fine-tune it "
                         "first with main_simmim_ft.py --pretrained")
     load_model_state(model, state, args.weights)
-    device = _device(args.device)
     model.to(device)
     names = class_names(cfg, args.data_path)
     transform, _, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION,
