@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from timm.utils import AverageMeter
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_max, all_reduce_sum
 from utils.errors import UserError
 
 
@@ -75,105 +75,154 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
                     start_step: int = 0, preemption=None) -> dict[str, Any]:
     """Train one epoch from batch ``start_step`` on.
 
-    Returns the mean loss, grad norm and images per second, and ``stopped_at``: the number of batches
-    done when a stop signal ended the epoch early (None when it ran to the end).
+    A step whose gradients are inf/NaN is skipped on every rank alike (DDP's all-reduce spreads them); more
+    than TRAIN.MAX_NONFINITE_STEPS in a row end the run with a UserError. The step's numbers stay on the device
+    and are read, with one all-reduce for the stop signal and the non-finite count, at the log steps only
+    (every PRINT_FREQ batches and the last), so the steps in between do not wait for the host.
+
+    Returns the mean loss, grad norm, images per second, the number of skipped optimizer steps, and
+    ``stopped_at``: the number of batches done when a stop signal ended the epoch early (None when it ran to
+    the end).
     """
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     accum = config.TRAIN.ACCUMULATION_STEPS
     num_steps = len(data_loader)
-    meters = {name: AverageMeter() for name in ('time', 'loss', 'grad_norm', 'loss_scale')}
-    guard = NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, ctx.device)
+    stats = StepStats(ctx.device, config.TRAIN.MAX_NONFINITE_STEPS)
+    meters, check_due = {'time': AverageMeter(), 'loss_scale': AverageMeter()}, False
     start = end = time.time()
-    images, stopped_at = 0, None
+    images, stopped_at, read = 0, None, None
     for idx, batch in enumerate(data_loader, start=start_step):
         update = (idx + 1) % accum == 0
         with no_sync(ctx.model, not update):
             loss, batch_size = ctx.loss_fn(ctx, batch)
-            if guard.skip_loss(loss, epoch, idx, logger):
-                ctx.optimizer.zero_grad(set_to_none=True)
-                continue
             grad_norm = ctx.loss_scaler(loss / accum, ctx.optimizer, clip_grad=config.TRAIN.CLIP_GRAD or None,
                                         parameters=ctx.model.parameters(), update_grad=update)
+        stats.add_loss(loss, batch_size)
         if update:
-            guard.check_step(ctx.loss_scaler.last_step_skipped, epoch, idx, logger)
+            stats.add_step(grad_norm, ctx.loss_scaler.last_skipped, idx)
             ctx.optimizer.zero_grad(set_to_none=True)
             ctx.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
             if ctx.model_ema is not None:
                 ctx.model_ema.update(ctx.model, step=(epoch * num_steps + idx) // accum)
         images += batch_size
-        update_meters(meters, loss, grad_norm, ctx.loss_scaler, batch_size, time.time() - end)
+        meters['time'].update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            log_train_step(config, ctx, meters, epoch, idx, num_steps, logger)
-        if update and preemption is not None and preemption.should_stop(ctx.device):
-            stopped_at = idx + 1
-            logger.warning(f"stop signal received: epoch {epoch} stops after step {idx}")
-            break
+        log_now = idx % config.PRINT_FREQ == 0 or idx == num_steps - 1
+        check_due = check_due or log_now
+        checking = check_due and (update or idx == num_steps - 1)  # a stop lands after an optimizer step
+        if log_now or checking:
+            read = stats.read(stop_requested=preemption is not None and preemption.received is not None,
+                              agree=checking)
+        if log_now:
+            log_train_step(config, ctx, read, meters, epoch, idx, num_steps, logger)
+        if checking:
+            check_due = False
+            stats.raise_if_too_many_in_a_row(read, epoch)
+            if read['stop']:
+                stopped_at = idx + 1
+                logger.warning(f"stop signal received: epoch {epoch} stops after step {idx}")
+                break
     epoch_time = time.time() - start
+    if read is None:  # nothing left to train in this epoch
+        read = stats.read(stop_requested=False, agree=False)
+    if read['skipped']:
+        logger.warning(f"EPOCH {epoch}: {read['skipped']} optimizer steps skipped (inf/NaN gradients)")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
-    return {'loss': meters['loss'].avg, 'grad_norm': meters['grad_norm'].avg,
+    return {'loss': read['loss_avg'], 'grad_norm': read['grad_norm_avg'], 'skipped_steps': read['skipped'],
             'images_per_second': images / max(epoch_time, 1e-9), 'stopped_at': stopped_at}
 
 
-class NonFiniteGuard:
-    """Skips steps whose loss or gradients are inf/NaN; too many in a row stop the run with a UserError.
+class StepStats:
+    """The training steps' numbers, kept on the device and read in one transfer at the log steps.
 
-    The loss check is agreed across ranks, so every rank skips the same micro-batch and DDP stays in step.
+    Losses and grad norms are averaged over the finite ones; skipped (non-finite) optimizer steps are counted,
+    with the longest run of them in a row and the step where that run first passed ``max_in_a_row``.
     """
 
-    def __init__(self, max_consecutive: int, device: torch.device):
-        self.max_consecutive, self.device, self.in_a_row = max_consecutive, device, 0
+    _FIELDS = ('loss_sum', 'loss_count', 'loss', 'norm_sum', 'norm_count', 'grad_norm', 'skipped', 'in_a_row',
+               'longest', 'exceeded_at')
 
-    def skip_loss(self, loss: torch.Tensor, epoch: int, idx: int, logger: logging.Logger) -> bool:
-        bad = all_reduce_sum(torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1))
-        if bad.item() == 0:
-            return False
-        self._count(f"non-finite loss at epoch {epoch} step {idx}", logger)
-        return True
+    def __init__(self, device: torch.device, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.values = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
+        self.values[self._FIELDS.index('exceeded_at')] = -1
+        self._at = {name: i for i, name in enumerate(self._FIELDS)}
 
-    def check_step(self, skipped: bool, epoch: int, idx: int, logger: logging.Logger) -> None:
-        if skipped:
-            self._count(f"non-finite gradients at epoch {epoch} step {idx}", logger)
-        else:
-            self.in_a_row = 0
+    def _get(self, name: str) -> torch.Tensor:
+        return self.values[self._at[name]]
 
-    def _count(self, what: str, logger: logging.Logger) -> None:
-        self.in_a_row += 1
-        logger.warning(f"{what}: step skipped ({self.in_a_row} in a row)")
-        if self.in_a_row > self.max_consecutive:
-            raise UserError(f"{what}: {self.in_a_row} steps in a row had inf/NaN loss or gradients "
-                            f"(TRAIN.MAX_NONFINITE_STEPS={self.max_consecutive}); the last good checkpoint "
-                            f"is kept; lower TRAIN.BASE_LR or check the data")
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        self.values[self._at[name]] = value
+
+    def add_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self._set('loss_sum', self._get('loss_sum') + torch.where(finite, loss * batch_size, 0.0))
+        self._set('loss_count', self._get('loss_count') + finite * batch_size)
+        self._set('loss', loss)
+
+    def add_step(self, grad_norm: torch.Tensor, skipped: torch.Tensor, idx: int) -> None:
+        norm = grad_norm.detach().double().to(self.values.device)
+        finite = torch.isfinite(norm)
+        skipped = skipped.to(self.values.device)
+        self._set('norm_sum', self._get('norm_sum') + torch.where(finite, norm, 0.0))
+        self._set('norm_count', self._get('norm_count') + finite)
+        self._set('grad_norm', norm)
+        self._set('skipped', self._get('skipped') + skipped)
+        in_a_row = torch.where(skipped, self._get('in_a_row') + 1, 0.0)
+        self._set('in_a_row', in_a_row)
+        self._set('longest', torch.maximum(self._get('longest'), in_a_row))
+        first = (in_a_row > self.max_in_a_row) & (self._get('exceeded_at') < 0)
+        self._set('exceeded_at', torch.where(first, float(idx), self._get('exceeded_at')))
+
+    def read(self, stop_requested: bool, agree: bool) -> dict:
+        """The numbers on the host (one transfer). With ``agree``, ``stop`` and ``exceeded_at`` are first agreed
+        over all ranks with one MAX all-reduce: every rank then stops, or fails, after the same step."""
+        flags = torch.stack([torch.tensor(float(stop_requested), dtype=torch.float64, device=self.values.device),
+                             self._get('exceeded_at')])
+        if agree:
+            flags = all_reduce_max(flags)
+        stop, exceeded_at, *values = torch.cat([flags, self.values]).tolist()
+        read = dict(zip(self._FIELDS, values), stop=bool(stop), exceeded_at=int(exceeded_at))
+        read['loss_avg'] = read['loss_sum'] / read['loss_count'] if read['loss_count'] else float('nan')
+        read['grad_norm_avg'] = read['norm_sum'] / read['norm_count'] if read['norm_count'] else float('nan')
+        read['skipped'] = int(read['skipped'])
+        return read
+
+    def raise_if_too_many_in_a_row(self, read: dict, epoch: int) -> None:
+        if read['exceeded_at'] >= 0:
+            raise UserError(f"non-finite gradients at epoch {epoch} step {read['exceeded_at']}: more than "
+                            f"{self.max_in_a_row} optimizer steps in a row had inf/NaN loss or gradients "
+                            f"(TRAIN.MAX_NONFINITE_STEPS={self.max_in_a_row}); the last good checkpoint is kept; "
+                            f"lower TRAIN.BASE_LR or check the data")
 
 
-def update_meters(meters: dict, loss: torch.Tensor, grad_norm, loss_scaler, batch: int, step_time: float):
-    meters['loss'].update(loss.item(), batch)
-    if grad_norm is not None and torch.isfinite(grad_norm):
-        meters['grad_norm'].update(float(grad_norm))
-    meters['loss_scale'].update(loss_scaler.get_scale())
-    meters['time'].update(step_time)
-
-
-def log_train_step(config, ctx: TrainContext, meters: dict, epoch: int, idx: int, num_steps: int,
-                    logger: logging.Logger) -> None:
+def log_train_step(config, ctx: TrainContext, read: dict, meters: dict, epoch: int, idx: int, num_steps: int,
+                   logger: logging.Logger) -> None:
+    """The official ``Train: [e/E][i/N]`` line (and TensorBoard scalars) from :meth:`StepStats.read`; ``meters``
+    holds the host-side step time and the loss scale as seen at the log steps."""
     lr = ctx.optimizer.param_groups[0]['lr']
     wd = ctx.optimizer.param_groups[0]['weight_decay']
-    eta = meters['time'].avg * (num_steps - idx - 1)
-    t, loss, norm, scale = meters['time'], meters['loss'], meters['grad_norm'], meters['loss_scale']
+    step_time, scale = meters['time'], meters['loss_scale']
+    scale.update(ctx.loss_scaler.get_scale())
+    eta = step_time.avg * (num_steps - idx - 1)
     logger.info(
         f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
         f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t'
-        f'time {t.val:.4f} ({t.avg:.4f})\t'
-        f'loss {loss.val:.4f} ({loss.avg:.4f})\t'
-        f'grad_norm {norm.val:.4f} ({norm.avg:.4f})\t'
+        f'time {step_time.val:.4f} ({step_time.avg:.4f})\t'
+        f'loss {read["loss"]:.4f} ({read["loss_avg"]:.4f})\t'
+        f'grad_norm {read["grad_norm"]:.4f} ({read["grad_norm_avg"]:.4f})\t'
         f'loss_scale {scale.val:.4f} ({scale.avg:.4f})\t'
         f'mem {memory_mb(ctx.device):.0f}MB')
+    if read['skipped']:
+        logger.warning(f"{read['skipped']} optimizer steps skipped so far in epoch {epoch} (inf/NaN gradients; "
+                       f"{int(read['in_a_row'])} in a row now)")
     if ctx.tb_writer is not None:
         step = epoch * num_steps + idx
-        ctx.tb_writer.add_scalar('train/loss', loss.val, step)
+        ctx.tb_writer.add_scalar('train/loss', read['loss'], step)
         ctx.tb_writer.add_scalar('train/lr', lr, step)
-        ctx.tb_writer.add_scalar('train/grad_norm', norm.val, step)
+        ctx.tb_writer.add_scalar('train/grad_norm', read['grad_norm'], step)
 
 
 @torch.no_grad()

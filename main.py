@@ -120,8 +120,10 @@ def open_run_log(config, env: DistEnv):
 def wrap_model(config, env: DistEnv, model: torch.nn.Module) -> torch.nn.Module:
     """DDP across processes (after the optimizer is built on the plain model), then torch.compile if asked."""
     if env.distributed:
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False)
+            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
     if config.TRAIN.COMPILE:
         model = torch.compile(model)
     return model

@@ -63,3 +63,19 @@ def test_validate_returns_exact_percentages_and_loss():
                                 logging.getLogger('t'))
     assert acc1 == pytest.approx(100 / 3) and acc5 == pytest.approx(100.0)
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
+
+
+def test_steps_between_log_steps_do_not_wait_for_the_host(monkeypatch):
+    """With a fused optimizer the only device-to-host reads are the log steps' (here batches 0 and 5)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    ctx = _ctx(model)
+    ctx.optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    reads = []
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    stats = train_one_epoch(_config(), ctx, _batches(6, poison={2}), 0, logging.getLogger('t'))
+    monkeypatch.undo()
+    assert reads == ['tolist', 'tolist']
+    assert stats['skipped_steps'] == 1 and ctx.optimizer.state[model.weight]['step'].item() == 5

@@ -42,24 +42,47 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
     return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
 
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the 0-d tensor ``skip`` is true.
+
+    Optimizers that support GradScaler's protocol (torch's fused AdamW, Adam, SGD) get ``skip`` as their
+    ``found_inf`` and leave every state untouched on the device where it is true: no host synchronisation.
+    Others are stepped after reading ``skip`` on the host.
+    """
+    if getattr(optimizer, '_step_supports_amp_scaling', False):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
 class GradScalerWithNorm:
     """Backward, unscale, clip (or measure) the global grad norm, step, update: one call per micro-batch.
 
-    ``enabled`` turns on float16 loss scaling (torch.amp.GradScaler); without it backward is plain.
-    After an update, ``last_step_skipped`` tells whether the optimizer step was skipped because the
-    scaled gradients were not finite, and ``last_grad_finite`` whether the gradients were finite.
+    ``enabled`` turns on float16 loss scaling (torch.amp.GradScaler); without it backward is plain and a step
+    whose gradients are not finite is not applied either. After an update, ``last_skipped`` is a 0-d bool
+    tensor on the gradients' device saying whether the step was skipped; it is not read here, so a step needs
+    no host synchronisation where the optimizer takes the skip decision on the device (torch's fused
+    optimizers, through the same ``found_inf`` protocol as GradScaler). Other optimizers wait for it.
     """
     state_dict_key = 'amp_scaler'
 
     def __init__(self, enabled: bool = True, device_type: str = 'cuda') -> None:
         self._scaler = torch.amp.GradScaler(device_type, enabled=bool(enabled))
         self.enabled = self._scaler.is_enabled()  # torch turns it off (with a warning) without CUDA
-        self.last_step_skipped = False
-        self._last_norm: Optional[torch.Tensor] = None
+        self.last_skipped: Optional[torch.Tensor] = None
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """``last_skipped`` read on the host (a synchronisation)."""
+        return self.last_skipped is not None and bool(self.last_skipped)
 
     @property
     def last_grad_finite(self) -> bool:
-        return self._last_norm is None or bool(torch.isfinite(self._last_norm))
+        return not self.last_step_skipped
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
                  parameters: Optional[Iterable[torch.Tensor]] = None, create_graph: bool = False,
@@ -76,18 +99,14 @@ class GradScalerWithNorm:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = grad_norm(parameters)
+        # the norm of the unscaled gradients is finite exactly when GradScaler finds no inf/NaN in them
+        self.last_skipped = torch.logical_not(torch.isfinite(norm.detach()))
         if self.enabled:
-            scale_before = self._scaler.get_scale()
-            self._scaler.step(optimizer)  # skipped by the scaler when it found inf/NaN
+            self._scaler.step(optimizer)  # skipped by the scaler when it found inf/NaN (on the device if fused)
             self._scaler.update()
-            # The scale only ever shrinks after a step with non-finite gradients.
-            self.last_step_skipped = self._scaler.get_scale() < scale_before
         else:
-            # Without loss scaling nobody else guards the weights: an inf/NaN step is not applied.
-            self.last_step_skipped = not bool(torch.isfinite(norm))
-            if not self.last_step_skipped:
-                optimizer.step()
-        self._last_norm = norm.detach()
+            # without loss scaling nobody else guards the weights: an inf/NaN step is not applied
+            step_unless(optimizer, self.last_skipped)
         return norm
 
     def state_dict(self) -> dict:

@@ -1,16 +1,13 @@
 """Stop cleanly when the scheduler asks: SIGTERM (preemption, ``scancel``) and SIGUSR1 (SLURM's warning).
 
-The signal handler only raises a flag. The training loop asks :meth:`PreemptionHandler.should_stop`
-after each optimizer step; the answer is agreed across ranks (a max all-reduce), so every rank stops
-after the same step and rank 0 can write a checkpoint that resumes mid-epoch.
+The signal handler only raises a flag (``received``). The training loop reads it at its log steps and agrees
+on it across ranks in the one max all-reduce it runs there (engine.StepStats.read), so every rank stops after
+the same optimizer step and rank 0 can write a checkpoint that resumes mid-epoch.
 """
 from __future__ import annotations
 
 import signal
 from typing import Iterable
-
-import torch
-import torch.distributed as dist
 
 
 class PreemptionHandler:
@@ -33,13 +30,6 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank received a stop signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def __enter__(self) -> 'PreemptionHandler':
         return self.install()
