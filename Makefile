@@ -7,7 +7,7 @@ STAMP    := $(VENV_DIR)/.swin-requirements
 DEMO_DIR ?= demo_data/digits
 DEMO_OUT ?= output/demo
 
-.PHONY: setup demo test clean-demo pillow-simd
+.PHONY: setup demo test gpu-check clean-demo pillow-simd
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# The GPU paths (fp16/bf16 steps against timm, torch.compile, main.py under torchrun with NCCL) in one command
+# for a machine with a GPU, under 8 minutes; elsewhere it says there is no GPU.
+gpu-check: setup
+	$(PYTHON) -m benchmarks.gpu_check
 
 # Optional: swap Pillow for pillow-simd (needs libjpeg and zlib headers; builds in about a minute).
 pillow-simd: setup

@@ -1,29 +1,30 @@
-"""Images per second of our Swin-T against timm's (and Hugging Face's, when installed), same process.
+"""Images per second of our Swin against timm's twin (and Hugging Face's, when installed), in two comparisons.
 
-Modes: inference in fp32 and under autocast (bf16 on CPU; fp16 and bf16 on a GPU), and a training step
-(forward, cross-entropy, backward, AdamW step, each framework with its own AdamW set-up) in the same
-precisions. The models run alternately,
-``--rounds`` times, each round timing ``--iters`` steps after a warm-up; the report gives the median
-images/s of each model, the ratio ours/peer, and memory:
+* **model code alone**: every model in one process, the same optimizer (torch's fused AdamW on every parameter),
+  the C library's allocator defaults, the same batch. What separates the rows is the model code: for ours, the
+  model ``build_model`` builds for the device (on a CPU, with the CPU modules of ``models/cpu`` swapped in).
+* **framework defaults**: every framework in a process of its own, set up as its training script sets itself up:
+  ours with ``optimizer.build_optimizer``, freed host memory kept for reuse on a CPU (``HOST_MEMORY_CACHE``) and
+  TF32 + ``cudnn.benchmark`` on a GPU (``utils.cuda``); timm with ``create_optimizer_v2`` and, on a GPU, TF32 +
+  ``cudnn.benchmark`` as its train.py; Hugging Face with a plain AdamW. The parent alternates them round by round.
 
-* on a GPU: peak allocated memory of the step (``torch.cuda.max_memory_allocated``);
-* on the CPU: the bytes the training step keeps for backward (activations saved by autograd, counted
-  once per storage), which is what separates the implementations' peak memory; inference keeps none.
+Modes: inference in fp32 and under autocast (bf16 on a CPU; fp16 and bf16 on a GPU), and a training step
+(forward, cross-entropy, backward, optimizer step) in the same precisions. Each round times ``--iters`` steps
+after a warm-up; a row gives the median images/s of a model, the ratio ours/this, and memory: on a GPU the peak
+allocated memory of the step, on a CPU the bytes a training step keeps for backward (activations saved by
+autograd, counted once per storage).
 
-Each framework runs in a process of its own, set up as its training script sets itself up: ours keeps freed
-host memory for reuse (``HOST_MEMORY_CACHE``, utils/host_memory.py), the peers run with the C library's
-defaults. The parent process alternates them round by round. ``--same-process`` times all models in one
-process with the defaults instead: that isolates what the model code alone is worth.
-
-    .venv/bin/python -m benchmarks.speed                       # CPU, 2 threads, batch 8 / 8
-    .venv/bin/python -m benchmarks.speed --modes train-bf16 --rounds 7
-    .venv/bin/python -m benchmarks.speed --checkpoint          # also ours with activation checkpointing
-    .venv/bin/python -m benchmarks.speed --threads 1 --clock cpu   # steadier when other jobs share the CPU
-    .venv/bin/python -m benchmarks.speed --same-process        # model code only, same allocator for all
+    .venv/bin/python -m benchmarks.speed                            # CPU, 2 threads, batch 8: both comparisons
+    .venv/bin/python -m benchmarks.speed --comparison model --modes train-fp32 --rounds 7
+    .venv/bin/python -m benchmarks.speed --reference --checkpoint   # also ours without the CPU swap, and with
+                                                                    # activation checkpointing
+    .venv/bin/python -m benchmarks.speed --arch swinv2-t            # SwinV2-T 256 against timm's
+    .venv/bin/python -m benchmarks.speed --threads 1 --clock cpu    # steadier when other jobs share the CPU
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import statistics
 import sys
@@ -38,25 +39,36 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import create_model  # noqa: E402
+from models import cpu, create_model  # noqa: E402
 
-__all__ = ['build_model', 'model_names', 'make_step', 'saved_bytes', 'run', 'Runner']
+__all__ = ['ARCHS', 'build_model', 'model_names', 'make_optimizer', 'make_step', 'saved_bytes', 'run', 'Runner',
+           'format_rows']
 
-NAME = 'swin_tiny_patch4_window7_224'
+# architecture -> (our registered name, timm's name, image size); drop path 0.2 for both, the paper's
+ARCHS = {'swin-t': ('swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', 224),
+         'swinv2-t': ('swinv2_tiny_patch4_window8_256', 'swinv2_tiny_window8_256', 256)}
+COMPARISONS = {'model': 'model code alone: one process, the same fused AdamW, allocator defaults',
+               'framework': 'framework defaults: a process each, its own optimizer set-up and allocator'}
 
 
-def build_model(name: str) -> nn.Module:
-    """'ours', 'ours-ckpt' (with activation checkpointing), 'timm' or 'hf' (Hugging Face transformers):
-    Swin-T with drop path 0.2, the paper's."""
-    if name in ('ours', 'ours-ckpt'):
-        return create_model(NAME, drop_path_rate=0.2, use_checkpoint=name == 'ours-ckpt')
+def build_model(name: str, arch: str = 'swin-t', device: torch.device = torch.device('cpu'),
+                **overrides) -> nn.Module:
+    """'ours' (as ``build_model`` builds it for ``device``), 'ours-ref' (the reference model, no CPU swap),
+    'ours-ckpt' (ours with activation checkpointing), 'timm' or 'hf' (Hugging Face transformers, Swin-T only).
+    ``overrides`` (e.g. embed_dim, depths, img_size) go to our constructor and timm's alike."""
+    ours_name, timm_name, _ = ARCHS[arch]
+    if name.startswith('ours'):
+        model = create_model(ours_name, **{'drop_path_rate': 0.2, 'use_checkpoint': name == 'ours-ckpt', **overrides})
+        return cpu.accelerate(model) if device.type == 'cpu' and name != 'ours-ref' else model
     if name == 'timm':
         import timm
-        return timm.create_model(NAME, drop_path_rate=0.2)
-    if name == 'hf':
+        return timm.create_model(timm_name, **{'drop_path_rate': 0.2, **overrides})
+    if overrides:
+        raise ValueError(f"{name}: no size overrides")
+    if name == 'hf' and arch == 'swin-t':
         from transformers import SwinConfig, SwinForImageClassification
         return _LogitsOnly(SwinForImageClassification(SwinConfig(drop_path_rate=0.2, num_labels=1000)))
-    raise ValueError(f"unknown model {name!r}")
+    raise ValueError(f"no model {name!r} for {arch}")
 
 
 class _LogitsOnly(nn.Module):
@@ -74,15 +86,13 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def make_optimizer(name: str, model: nn.Module, choice: str = 'framework') -> torch.optim.Optimizer:
-    """Each framework's own AdamW set-up (lr 1e-4, weight decay 0.05, no decay on norms, biases and tables).
-
-    ours: ``optimizer.build_optimizer`` (``choice`` 'fused' / 'foreach' forces that kernel instead);
-    timm: ``timm.optim.create_optimizer_v2`` as its train.py calls it; others: plain ``torch.optim.AdamW``.
-    """
+def make_optimizer(name: str, model: nn.Module, comparison: str) -> torch.optim.Optimizer:
+    """AdamW, lr 1e-4, weight decay 0.05. 'model': torch's fused AdamW on every parameter, for every framework.
+    'framework': each framework's own set-up (ours: ``optimizer.build_optimizer``; timm: ``create_optimizer_v2``
+    as its train.py calls it; others: a plain ``torch.optim.AdamW``)."""
+    if comparison == 'model':
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     if name.startswith('ours'):
-        if choice != 'framework':
-            return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **{choice: True})
         from config import get_default_config
         from optimizer import build_optimizer
         cfg = get_default_config()
@@ -94,11 +104,25 @@ def make_optimizer(name: str, model: nn.Module, choice: str = 'framework') -> to
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
 
-def make_step(model: nn.Module, mode: str, dtype: Optional[torch.dtype], batch: int,
+def _framework_setup(name: str, device: torch.device) -> None:
+    """What the framework's training script sets up in its process before it builds the model."""
+    if name.startswith('ours'):
+        if device.type == 'cpu':
+            from utils.host_memory import keep_freed_memory
+            keep_freed_memory()
+        else:
+            from utils.cuda import configure_cuda
+            configure_cuda(allow_tf32=True)
+    elif name == 'timm' and device.type == 'cuda':  # as timm's train.py does
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def make_step(model: nn.Module, mode: str, dtype: Optional[torch.dtype], batch: int, img_size: int,
               device: torch.device, optimizer: Optional[torch.optim.Optimizer] = None) -> Callable[[], None]:
     """One inference pass or one training step of ``model`` on a fixed random batch (training:
     cross-entropy, backward, ``optimizer`` step; default a plain AdamW)."""
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
     if mode == 'infer':
         model.eval()
@@ -109,20 +133,23 @@ def make_step(model: nn.Module, mode: str, dtype: Optional[torch.dtype], batch: 
         return step
     model.train()
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
         with _autocast(device, dtype):
             loss = F.cross_entropy(model(x), target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return step
 
 
-def saved_bytes(model: nn.Module, dtype: Optional[torch.dtype], batch: int, device: torch.device) -> int:
+def saved_bytes(model: nn.Module, dtype: Optional[torch.dtype], batch: int, img_size: int,
+                device: torch.device) -> int:
     """Bytes that autograd keeps between the forward and the backward of one training step."""
     model.train()
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -144,48 +171,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CLOCK = time.perf_counter  # --clock cpu: time.process_time, steadier on a machine shared with other jobs
-
-
-def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
-    _sync(device)
-    start = CLOCK()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return CLOCK() - start
-
-
 class Runner:
     """Times one model: ``prepare(mode)`` builds its step, warms up and measures memory; ``time(iters)`` times it."""
 
-    def __init__(self, name: str, device: torch.device, threads: int, clock: str, optimizer: str,
-                 framework_setup: bool):
-        global CLOCK
-        CLOCK = time.process_time if clock == 'cpu' else time.perf_counter
+    def __init__(self, name: str, arch: str, device: torch.device, threads: int, clock: str, comparison: str,
+                 overrides: Optional[dict] = None):
+        self.clock = time.process_time if clock == 'cpu' else time.perf_counter
         if device.type != 'cuda':
             torch.set_num_threads(threads)
-        if framework_setup and name.startswith('ours'):
-            from utils.host_memory import keep_freed_memory
-            keep_freed_memory()
+        if comparison == 'framework':
+            _framework_setup(name, device)
         torch.manual_seed(0)
-        self.name, self.device, self.optimizer = name, device, optimizer
-        self.model = build_model(name).to(device)
+        self.name, self.device, self.comparison = name, device, comparison
+        overrides = overrides or {}
+        self.img_size = overrides.get('img_size', ARCHS[arch][2])
+        self.model = build_model(name, arch, device, **overrides).to(device)
         self.step: Optional[Callable[[], None]] = None
 
     def prepare(self, kind: str, dtype: Optional[torch.dtype], batch: int, warmup: int) -> Optional[float]:
         self.step = None  # the previous mode's buffers go first
-        opt = make_optimizer(self.name, self.model, self.optimizer) if kind == 'train' else None
-        self.step = make_step(self.model, kind, dtype, batch, self.device, opt)
+        opt = make_optimizer(self.name, self.model, self.comparison) if kind == 'train' else None
+        self.step = make_step(self.model, kind, dtype, batch, self.img_size, self.device, opt)
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
-        _time(self.step, warmup, self.device)
+        self.time(warmup)
         if self.device.type == 'cuda':
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        return saved_bytes(self.model, dtype, batch, self.device) / 2 ** 20 if kind == 'train' else None
+        return saved_bytes(self.model, dtype, batch, self.img_size, self.device) / 2 ** 20 if kind == 'train' else None
 
     def time(self, iters: int) -> float:
-        return _time(self.step, iters, self.device)
+        _sync(self.device)
+        start = self.clock()
+        for _ in range(iters):
+            self.step()
+        _sync(self.device)
+        return self.clock() - start
 
 
 def _serve(conn, args: tuple) -> None:
@@ -223,39 +243,39 @@ class _RemoteRunner:
         self.process.join(timeout=60)
 
 
-def model_names(checkpoint: bool, peers: bool) -> List[str]:
-    """The models to time: ours (and with activation checkpointing), then the installed peers."""
-    names = ['ours'] + (['ours-ckpt'] if checkpoint else [])
+def model_names(arch: str, reference: bool, checkpoint: bool, peers: bool) -> List[str]:
+    """The models to time: ours (the reference, with activation checkpointing, if asked), then installed peers."""
+    names = ['ours'] + (['ours-ref'] if reference else []) + (['ours-ckpt'] if checkpoint else [])
     if peers:
-        names += [n for n, module in (('timm', 'timm'), ('hf', 'transformers')) if _installed(module)]
+        names += [n for n, module in (('timm', 'timm'), ('hf', 'transformers'))
+                  if importlib.util.find_spec(module) is not None and (n != 'hf' or arch == 'swin-t')]
     return names
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def run(modes: List[str], batch: Dict[str, int], rounds: int, iters: int, warmup: int, device: torch.device,
-        checkpoint: bool = False, peers: bool = True, optimizer: str = 'framework', same_process: bool = False,
-        threads: int = 2, clock: str = 'wall') -> List[dict]:
-    """Time every model in every mode; returns one row per (mode, model)."""
-    dtypes = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    names = model_names(checkpoint, peers)
-    make = Runner if same_process else _RemoteRunner
-    runners = {k: make(k, device, threads, clock, optimizer, not same_process) for k in names}
+def run(comparison: str, modes: List[str], batch: Dict[str, int], rounds: int, iters: int, warmup: int,
+        device: torch.device, arch: str = 'swin-t', reference: bool = False, checkpoint: bool = False,
+        peers: bool = True, threads: int = 2, clock: str = 'wall', names: Optional[List[str]] = None,
+        overrides: Optional[dict] = None) -> List[dict]:
+    """Time every model in every mode for one comparison ('model' or 'framework'); one row per (mode, model).
+    ``names`` picks the models (default: :func:`model_names`); ``overrides`` resizes every model alike."""
+    make = Runner if comparison == 'model' else _RemoteRunner
+    names = names or model_names(arch, reference, checkpoint, peers)
+    runners = {k: make(k, arch, device, threads, clock, comparison, overrides) for k in names}
     rows = []
     try:
         for mode in modes:
             kind, prec = mode.split('-')
-            dtype, b = dtypes[prec], batch[kind]
+            dtype, b = DTYPES[prec], batch[kind]
             mem = {k: r.prepare(kind, dtype, b, warmup) for k, r in runners.items()}
             times: Dict[str, List[float]] = {k: [] for k in runners}
             for _ in range(rounds):
                 for k, r in runners.items():  # alternate the models inside every round
                     times[k].append(b * iters / r.time(iters))
-            rows += [dict(mode=mode, model=k, batch=b, img_s=statistics.median(times[k]), mem_mb=mem[k])
-                     for k in runners]
+            rows += [dict(comparison=comparison, mode=mode, model=k, batch=b, img_s=statistics.median(times[k]),
+                          mem_mb=mem[k]) for k in runners]
     finally:
         for r in runners.values():
             if isinstance(r, _RemoteRunner):
@@ -264,19 +284,25 @@ def run(modes: List[str], batch: Dict[str, int], rounds: int, iters: int, warmup
 
 
 def format_rows(rows: List[dict]) -> str:
-    """A table with the ratio of ours to every peer in the same mode."""
-    out = [f"{'mode':<11} {'model':<10} {'batch':>5} {'img/s':>8} {'ours/this':>9} {'mem MB':>8}"]
-    for r in rows:
-        ours = next(x['img_s'] for x in rows if x['mode'] == r['mode'] and x['model'] == 'ours')
-        mem = f"{r['mem_mb']:8.0f}" if r['mem_mb'] is not None else f"{'-':>8}"
-        out.append(f"{r['mode']:<11} {r['model']:<10} {r['batch']:>5} {r['img_s']:8.2f} "
-                   f"{ours / r['img_s']:9.2f} {mem}")
+    """One table per comparison, each row with the ratio of ours to that model in the same mode."""
+    out = []
+    for comparison in dict.fromkeys(r['comparison'] for r in rows):
+        out += [f"== {COMPARISONS[comparison]}",
+                f"{'mode':<11} {'model':<10} {'batch':>5} {'img/s':>8} {'ours/this':>9} {'mem MB':>8}"]
+        group = [r for r in rows if r['comparison'] == comparison]
+        for r in group:
+            ours = next(x['img_s'] for x in group if x['mode'] == r['mode'] and x['model'] == 'ours')
+            mem = f"{r['mem_mb']:8.0f}" if r['mem_mb'] is not None else f"{'-':>8}"
+            out.append(f"{r['mode']:<11} {r['model']:<10} {r['batch']:>5} {r['img_s']:8.2f} "
+                       f"{ours / r['img_s']:9.2f} {mem}")
     return '\n'.join(out)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--arch', choices=list(ARCHS), default='swin-t')
+    p.add_argument('--comparison', choices=['model', 'framework', 'both'], default='both')
     p.add_argument('--modes', nargs='+', default=None,
                    help='infer-fp32 infer-bf16 train-fp32 train-bf16 (and -fp16 on a GPU)')
     p.add_argument('--batch', type=int, default=None, help='inference batch (CPU 8, GPU 128)')
@@ -287,12 +313,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
                    help='cpu: CPU seconds of this process (use with --threads 1 on a busy machine)')
+    p.add_argument('--reference', action='store_true', help='also time our reference model (no CPU swap)')
     p.add_argument('--checkpoint', action='store_true', help='also time ours with activation checkpointing')
-    p.add_argument('--optimizer', choices=['framework', 'fused', 'foreach'], default='framework',
-                   help="ours: the framework's AdamW (optimizer.py) or this kernel")
     p.add_argument('--no-peers', action='store_true', help='only our model(s)')
-    p.add_argument('--same-process', action='store_true',
-                   help="all models in this process with the C library's allocator defaults (model code only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
@@ -303,15 +326,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     batch = {'infer': args.batch or (128 if gpu else 8), 'train': args.train_batch or (64 if gpu else 8)}
     iters = args.iters or (20 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    torch.manual_seed(0)
-    rows = run(modes, batch, args.rounds, iters, warmup, device, args.checkpoint, not args.no_peers, args.optimizer,
-               args.same_process, args.threads, args.clock)
-    name = torch.cuda.get_device_name(device) if gpu else f'CPU, {torch.get_num_threads()} threads'
-    print(f"Swin-T 224, {name}, torch {torch.__version__}, median of {args.rounds} rounds x {iters} steps, "
-          f"{args.clock} clock, " + ('one process, default allocator' if args.same_process else
-                                     "each framework in its own process with its own set-up"))
-    print('memory: ' + ('peak allocated' if gpu else 'training: bytes saved for backward'))
-    print(format_rows(rows))
+    name = torch.cuda.get_device_name(device) if gpu else f'CPU, {args.threads} threads'
+    print(f"{args.arch}, {name}, torch {torch.__version__}, median of {args.rounds} rounds x {iters} steps, "
+          f"{args.clock} clock; memory: " + ('peak allocated' if gpu else 'training: bytes saved for backward'),
+          flush=True)
+    rows = []
+    for comparison in (['model', 'framework'] if args.comparison == 'both' else [args.comparison]):
+        rows += run(comparison, modes, batch, args.rounds, iters, warmup, device, args.arch, args.reference,
+                    args.checkpoint, not args.no_peers, args.threads, args.clock)
+        print(format_rows([r for r in rows if r['comparison'] == comparison]), flush=True)
 
 
 if __name__ == '__main__':
