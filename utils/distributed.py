@@ -184,22 +184,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over all processes, as a new tensor (``t`` itself when there is one process)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """``op`` over all processes, as a new tensor (``t`` itself when there is one process)."""
     if not is_dist_ready() or get_world_size() == 1:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all processes, as a new tensor (``t`` itself when there is one process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of ``t`` over all processes, as a new tensor (``t`` itself when there is one)."""
-    if not is_dist_ready() or get_world_size() == 1:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    """Element-wise maximum of ``t`` over all processes (``t`` itself when there is one process)."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
