@@ -135,6 +135,9 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.KEEP_CKPTS = 0  # (ours) keep only the newest N epoch checkpoints; 0 keeps all
+# (ours) every N optimizer steps a resumable mid-epoch checkpoint replaces the previous one (0: off), so a node
+# that dies without warning loses at most N steps
+_C.TRAIN.SAVE_STEPS = 0
 _C.TRAIN.COMPILE = False  # (ours) torch.compile the model
 _C.TRAIN.MAX_NONFINITE_STEPS = 20  # (ours) consecutive steps with inf/NaN loss or gradients that stop a run
 
@@ -372,7 +375,8 @@ _CHOICES = {
 # Keys that must be at least this number.
 _MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.IMG_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
             'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
-            'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0, 'TRAIN.MAX_NONFINITE_STEPS': 0}
+            'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0, 'TRAIN.MAX_NONFINITE_STEPS': 0,
+            'TRAIN.SAVE_STEPS': 0}
 
 
 def _get_key(cfg: CN, key: str) -> Any:

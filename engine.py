@@ -72,8 +72,12 @@ def no_sync(model: torch.nn.Module, accumulating: bool):
 
 
 def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int, logger: logging.Logger,
-                    start_step: int = 0, preemption=None) -> dict[str, Any]:
+                    start_step: int = 0, preemption=None,
+                    save_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Train one epoch from batch ``start_step`` on.
+
+    ``save_step(epoch, batches_done)`` writes the resumable mid-epoch checkpoint; it is called on every rank
+    after each TRAIN.SAVE_STEPS-th optimizer step (counted over the run) but the epoch's last.
 
     A step whose gradients are inf/NaN is skipped on every rank alike (DDP's all-reduce spreads them); more
     than TRAIN.MAX_NONFINITE_STEPS in a row end the run with a UserError. The step's numbers stay on the device
@@ -86,7 +90,7 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
     """
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
-    accum = config.TRAIN.ACCUMULATION_STEPS
+    accum, save_steps = config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.get('SAVE_STEPS', 0)
     num_steps = len(data_loader)
     stats = StepStats(ctx.device, config.TRAIN.MAX_NONFINITE_STEPS)
     meters, check_due = {'time': AverageMeter(), 'loss_scale': AverageMeter()}, False
@@ -105,6 +109,9 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
             ctx.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
             if ctx.model_ema is not None:
                 ctx.model_ema.update(ctx.model, step=(epoch * num_steps + idx) // accum)
+            if save_step is not None and save_steps and ((epoch * num_steps + idx + 1) // accum) % save_steps == 0 \
+                    and idx != num_steps - 1:
+                save_step(epoch, idx + 1)
         images += batch_size
         meters['time'].update(time.time() - end)
         end = time.time()

@@ -218,11 +218,14 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
         seed_process(mix_seed(config.SEED, epoch, env.rank))
         start_step = progress.step if epoch == progress.epoch else 0
         if start_step and progress.rng_states:
-            restore_rng_state(progress.rng_states[env.rank])
+            start_step = resume_position(progress, env, len(loader_train), logger)
         loader_train.set_epoch(epoch, start_step)
-        stats = train_one_epoch(config, ctx, loader_train, epoch, logger, start_step, preemption)
+        def save_step(epoch_: int, step: int) -> None:
+            save_step_checkpoint(config, env, ctx, model_without_ddp, epoch_, step, max_accuracy, logger)
+        stats = train_one_epoch(config, ctx, loader_train, epoch, logger, start_step, preemption, save_step)
         if stats['stopped_at'] is not None:
-            save_stopped_run(config, env, ctx, model_without_ddp, epoch, stats['stopped_at'], max_accuracy, logger)
+            save_step(epoch, stats['stopped_at'])
+            logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
             return
         scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
         if loader_val is not None:
@@ -244,19 +247,33 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
 
-def save_stopped_run(config, env: DistEnv, ctx: TrainContext, model_without_ddp, epoch: int, step: int,
-                     max_accuracy: float, logger) -> None:
-    """After a stop signal: rank 0 writes a checkpoint that resumes after ``step`` batches of ``epoch``."""
+def resume_position(progress: Progress, env: DistEnv, num_steps: int, logger) -> int:
+    """The batch to resume a mid-epoch checkpoint at. Written by as many processes as run now: each rank takes
+    its own random state back and starts where it stopped. Written by another number (a requeue on another
+    allocation): the batch that has seen as many images over all ranks, without the old random states."""
+    old_world = len(progress.rng_states)
+    if old_world == env.world_size:
+        restore_rng_state(progress.rng_states[env.rank])
+        return progress.step
+    step = min(progress.step * old_world // env.world_size, num_steps)
+    logger.warning(f"resuming a checkpoint of {old_world} processes on {env.world_size}: weights, optimizer, "
+                   f"scheduler and EMA carry over, the old ranks' random streams and batch order cannot; "
+                   f"epoch {progress.epoch} continues at batch {step} of {num_steps}")
+    return step
+
+
+def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_ddp, epoch: int, step: int,
+                         max_accuracy: float, logger) -> None:
+    """On every rank (it gathers their random states): rank 0 writes a checkpoint that resumes after ``step``
+    batches of ``epoch`` (after a stop signal, or every TRAIN.SAVE_STEPS optimizer steps)."""
     rng_states = [capture_rng_state()]
     if env.distributed:
         rng_states = [None] * env.world_size
         torch.distributed.all_gather_object(rng_states, capture_rng_state())
     if env.is_main:
         save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
-                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, extra={'rng_states': rng_states},
-                        step=step)
+                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step, extra={'rng_states': rng_states})
     barrier()
-    logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
 
 
 def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Optional[Callable] = None) -> int:

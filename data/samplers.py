@@ -13,8 +13,12 @@ for any randomness outside our per-sample scope.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import random
+import signal
+import sys
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Sequence
 
@@ -69,13 +73,36 @@ def seeded_rngs(seed: int):
             torch.set_rng_state(saved[2])
 
 
+# A scheduler stops a job by signalling every process of it, loader workers included (SLURM's scancel and time
+# limit, Kubernetes, a Ctrl-C in the terminal): the workers leave these to the main process, which stops after
+# a step and writes a checkpoint; a worker dying of one would end the run with a DataLoader error instead.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL the moment its parent dies. A worker ignores the stop signals, and one
+    left behind by a SIGKILLed main process would keep that process's sockets open (inherited at fork) until
+    PyTorch's watchdog noticed, seconds later: its peers would not see the rank die, and a restarted job could
+    not connect. Elsewhere a no-op."""
+    if sys.platform.startswith('linux'):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class WorkerSeeder:
-    """``worker_init_fn`` seeding each worker from ``(seed, epoch, rank, worker id)``."""
+    """``worker_init_fn``: seeds each worker from ``(seed, epoch, rank, worker id)``, makes it ignore the stop
+    signals (:data:`STOP_SIGNALS`) and die with its main process."""
 
     def __init__(self, seed: int, epoch: int, rank: int):
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, worker_id: int) -> None:
+        _die_with_parent()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         seed_all(mix_seed(self.seed, self.epoch, self.rank, worker_id))
 
 

@@ -64,10 +64,11 @@ def run_main(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_main(args: list[str], cwd: Path) -> subprocess.Popen:
-    """``python main.py ARGS`` started in the background (stderr kept), for tests that signal it."""
+def start_main(args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
+    """``python main.py ARGS`` started in the background (stderr kept), for tests that signal it; with
+    ``new_group`` in a process group of its own, which a test can signal as a scheduler signals a job."""
     return subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
 def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -76,6 +77,7 @@ def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) 
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def start_torchrun(launch: list[str], args: list[str], cwd: Path) -> subprocess.Popen:
+def start_torchrun(launch: list[str], args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_group)

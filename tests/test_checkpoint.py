@@ -184,6 +184,18 @@ def test_keep_ckpts_prunes_the_oldest_epochs(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_2.pth', 'ckpt_epoch_3.pth']
 
 
+def test_a_step_checkpoint_replaces_the_one_before_and_an_epoch_checkpoint_replaces_both(tmp_path):
+    cfg = _cfg(tmp_path)
+    model, opt, sched, scaler = _state(cfg)
+    C.save_checkpoint(cfg, 0, model, 0.0, opt, sched, scaler, LOG)
+    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG, step=2)
+    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG, step=4)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_4.pth']
+    assert C.auto_resume_helper(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
+    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth']
+
+
 def test_auto_resume_takes_the_highest_epoch_and_skips_an_unreadable_one(tmp_path, caplog):
     assert C.auto_resume_helper(str(tmp_path)) is None
     for epoch in (2, 9, 10):

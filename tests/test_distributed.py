@@ -91,3 +91,18 @@ def test_two_gloo_processes_launched_like_srun_reduce_together(tmp_path):
     results = [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
     for rank, res in enumerate(results):
         assert res == {'rank': rank, 'world': 2, 'sum': 3.0, 'mean': 1.5, 'master': '127.0.0.1'}
+
+
+def test_a_slurm_job_without_master_port_takes_its_port_from_the_job_id():
+    env = {'SLURM_PROCID': '0', 'SLURM_LOCALID': '0', 'SLURM_NTASKS': '2', 'SLURM_STEP_NUM_TASKS': '2',
+           'SLURM_JOB_NODELIST': 'gpu01'}
+    ports = {D.resolve_launch({**env, 'SLURM_JOB_ID': job}).master_port for job in ('4711', '4712')}
+    assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)  # two jobs sharing gpu01 do not collide
+    assert D.resolve_launch({**env, 'SLURM_JOB_ID': '4711', 'MASTER_PORT': '1234'}).master_port == 1234
+
+
+@pytest.mark.parametrize('env', [{}, {'TORCHELASTIC_USE_AGENT_STORE': 'False'},
+                                 {'TORCHELASTIC_USE_AGENT_STORE': 'True', 'GROUP_WORLD_SIZE': '2'}])
+def test_env_rendezvous_makes_the_store_unless_one_torchrun_agent_shares_its_own(env):
+    # only one agent's restart count is the same on every rank; elsewhere env:// (and torch's own opt-out)
+    assert D.restart_round_store(env, '127.0.0.1', 1, 2) is None

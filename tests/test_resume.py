@@ -1,6 +1,7 @@
 """Exact resume: a run killed (SIGKILL) or stopped (SIGTERM) and restarted ends bit-identical."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -108,3 +109,39 @@ def test_sigterm_mid_epoch_writes_a_step_checkpoint_exits_0_and_resumes_bit_iden
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     _assert_identical(expected, _final_state(out))
     assert not list(run_dir.glob('ckpt_epoch_*_step_*.pth')), 'step checkpoints are superseded'
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_exits_0_and_resumes_bit_identical(reference):
+    """As SLURM's scancel or time limit deliver it: every process of the job, the 2 loader workers included."""
+    root, cfg, data, expected = reference
+    out = root / 'group'
+    run_dir = out / 'resume_test' / 'default'
+    args = _args(cfg, data, out)
+    proc = start_main(args, root, new_group=True)
+    _wait_for(lambda: (run_dir / 'log_rank0.txt').exists() and 'Train: [1/3][2/6]' in
+              (run_dir / 'log_rank0.txt').read_text(), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    assert list(run_dir.glob('ckpt_epoch_1_step_*.pth')), sorted(p.name for p in run_dir.iterdir())
+    restarted = run_main(args, cwd=root)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    _assert_identical(expected, _final_state(out))
+
+
+def test_save_steps_keeps_one_step_checkpoint_and_a_sigkill_after_it_loses_nothing(reference):
+    """A node that dies without warning: TRAIN.SAVE_STEPS 2 writes mid-epoch checkpoints (at batches 2 and 4 of
+    every 6-batch epoch), each replacing the one before; a restart resumes from the newest."""
+    root, cfg, data, expected = reference
+    out = root / 'save_steps'
+    run_dir = out / 'resume_test' / 'default'
+    args = _args(cfg, data, out) + ['--opts', 'TRAIN.SAVE_STEPS', '2']
+    proc = start_main(args, root, new_group=True)
+    _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # two only when the kill fell between writing the new one and removing the one before
+    step_files = [p.name for p in run_dir.glob('ckpt_epoch_*_step_*.pth')]
+    assert 1 <= len(step_files) <= 2 and not (run_dir / 'ckpt_epoch_2.pth').exists(), step_files
+    restarted = run_main(args, cwd=root)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    _assert_identical(expected, _final_state(out))

@@ -202,9 +202,9 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
                     scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
     """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
 
-    With ``step`` (a run stopped after ``step`` batches of ``epoch``) the file is
-    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; such files are removed once a
-    whole-epoch checkpoint at or after their epoch is written.
+    With ``step`` (``step`` batches of ``epoch`` done: a stop signal, or TRAIN.SAVE_STEPS) the file is
+    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; it replaces the step files before it,
+    and all are removed once a whole-epoch checkpoint at or after their epoch is written.
     """
     state = {
         'model': unwrap_model(model).state_dict(),
@@ -229,17 +229,16 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     logger.info(f"{path} saving......")
     save_file_atomic(state, path)
     logger.info(f"{path} saved !!!")
-    if step is None:
-        _remove_step_files(config.OUTPUT, up_to_epoch=epoch)
+    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path)
     prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger)
     return path
 
 
-def _remove_step_files(output_dir: str, up_to_epoch: int) -> None:
-    """Mid-epoch checkpoints are superseded by a whole-epoch one of the same or a later epoch."""
+def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str) -> None:
+    """Mid-epoch checkpoints are superseded by any newer checkpoint (``keep``) of the same or a later epoch."""
     for name in os.listdir(output_dir):
         m = CKPT_PATTERN.match(name)
-        if m and m.group(2) is not None and int(m.group(1)) <= up_to_epoch:
+        if m and m.group(2) is not None and int(m.group(1)) <= up_to_epoch and name != os.path.basename(keep):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(output_dir, name))
 

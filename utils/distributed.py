@@ -101,6 +101,14 @@ def _int_env(env: Mapping[str, str], key: str) -> int:
         raise UserError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def slurm_job_port(env: Mapping[str, str]) -> int:
+    """The rendezvous port of a SLURM job without MASTER_PORT: 15000 + SLURM_JOB_ID mod 20000, so two jobs whose
+    first node is the same do not both take 29500 (the default without a job id)."""
+    if env.get('SLURM_JOB_ID', '').isdigit():
+        return 15000 + int(env['SLURM_JOB_ID']) % 20000
+    return DEFAULT_MASTER_PORT
+
+
 def resolve_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     """Read ranks and the rendezvous address from the launcher's variables (torchrun first, then SLURM)."""
     env = os.environ if env is None else env
@@ -113,7 +121,7 @@ def resolve_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
         nodelist = next((env[k] for k in _SLURM_NODELIST_VARS if env.get(k)), None)
         hosts = expand_hostlist(nodelist) if nodelist else []
         addr = env.get('MASTER_ADDR') or (hosts[0] if hosts else '127.0.0.1')
-        port = _int_env(env, 'MASTER_PORT') if 'MASTER_PORT' in env else DEFAULT_MASTER_PORT
+        port = _int_env(env, 'MASTER_PORT') if 'MASTER_PORT' in env else slurm_job_port(env)
         return LaunchInfo('slurm', rank=_int_env(env, 'SLURM_PROCID'),
                           world_size=_int_env(env, 'SLURM_STEP_NUM_TASKS'),
                           local_rank=_int_env(env, 'SLURM_LOCALID') if 'SLURM_LOCALID' in env else 0,
@@ -144,6 +152,23 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device('cpu')
 
 
+def restart_round_store(env: Mapping[str, str], master_addr: str, master_port: int,
+                        world_size: int) -> Optional[dist.Store]:
+    """The store of a restarted single-node torchrun group, or None to let ``env://`` make it.
+
+    torchrun (torch >= 2.5) shares its own store with the workers and keeps it across ``--max-restarts``
+    rounds without a per-round prefix (pytorch#135712): a restarted rank can read an address its dead
+    predecessor published and hang or fail in gloo's connectFullMesh (NCCL's unique id alike). One agent's
+    restart count is the same for all its workers, so it prefixes the round. With several nodes the agents'
+    counts differ; there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is torch's own fix (README, On a cluster).
+    """
+    if env.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or env.get('GROUP_WORLD_SIZE', '1') != '1':
+        return None
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=False,
+                          timeout=dist.constants.default_pg_timeout)
+    return dist.PrefixStore(f"swin/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = 'auto') -> DistEnv:
     """Set up this process from the launcher's environment; a process group only when world_size > 1."""
     info = resolve_launch()
@@ -157,9 +182,11 @@ def init_distributed(device: str = 'auto') -> DistEnv:
                               LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
                               MASTER_PORT=str(info.master_port))
         cuda = torch_device.type == 'cuda'
+        store = restart_round_store(os.environ, info.master_addr, info.master_port, info.world_size)
+        where = {'store': store} if store is not None else {'init_method': 'env://'}
         # device_id binds NCCL to this process's GPU up front (no guessing in barrier()).
-        dist.init_process_group(backend='nccl' if cuda else 'gloo', init_method='env://', rank=info.rank,
-                                world_size=info.world_size, **({'device_id': torch_device} if cuda else {}))
+        dist.init_process_group(backend='nccl' if cuda else 'gloo', rank=info.rank, world_size=info.world_size,
+                                **where, **({'device_id': torch_device} if cuda else {}))
     return DistEnv(rank=info.rank, local_rank=info.local_rank, world_size=info.world_size, device=torch_device)
 
 

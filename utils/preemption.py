@@ -1,4 +1,5 @@
-"""Stop cleanly when the scheduler asks: SIGTERM (preemption, ``scancel``) and SIGUSR1 (SLURM's warning).
+"""Stop cleanly when the scheduler asks: SIGTERM (preemption, ``scancel``), SIGUSR1 (SLURM's warning) and a first
+Ctrl-C (SIGINT; a second one ends the run at once, as Python's default does).
 
 The signal handler only raises a flag (``received``). The training loop reads it at its log steps and agrees
 on it across ranks in the one max all-reduce it runs there (engine.StepStats.read), so every rank stops after
@@ -13,12 +14,14 @@ from typing import Iterable
 class PreemptionHandler:
     """Records whether a stop signal arrived; installs and restores the signal handlers."""
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the step
         self.received = signum
 
     def install(self) -> 'PreemptionHandler':
