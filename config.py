@@ -193,6 +193,9 @@ _C.AMP_DTYPE = 'auto'  # (ours) auto: float16 on CUDA, bfloat16 on CPU; or float
 _C.HOST_MEMORY_CACHE = True  # (ours) CPU runs: keep freed host memory for reuse (glibc malloc), utils/host_memory.py
 _C.CPU_KERNELS = True  # (ours) CPU runs: swap in our CPU modules and kernels (models/cpu); False: the reference model
 _C.ALLOW_TF32 = True  # (ours) CUDA runs: TF32 tensor cores for fp32 matmuls and convolutions
+# (ours) Runs of several processes: when one rank fails, the others end within a few seconds with its message;
+# a rank that stops answering ends them after this many seconds (utils/peers.py). 0: no watch.
+_C.PEER_TIMEOUT = 120.0
 _C.OUTPUT = ''
 _C.TAG = 'default'
 _C.SAVE_FREQ = 1
@@ -376,7 +379,7 @@ _CHOICES = {
 _MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.IMG_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
             'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
             'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0, 'TRAIN.MAX_NONFINITE_STEPS': 0,
-            'TRAIN.SAVE_STEPS': 0}
+            'TRAIN.SAVE_STEPS': 0, 'PEER_TIMEOUT': 0.0}
 
 
 def _get_key(cfg: CN, key: str) -> Any:

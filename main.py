@@ -36,6 +36,7 @@ from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
 from utils.host_memory import keep_freed_memory
+from utils.peers import PeerWatch, failure_priority
 from utils.errors import UserError
 from utils.preemption import PreemptionHandler
 from utils.pretrained import load_pretrained
@@ -279,13 +280,16 @@ def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_
 def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Optional[Callable] = None) -> int:
     """Entry point: user mistakes become one line on stderr and exit status 2, without a traceback.
 
-    ``parse(argv) -> (args, config)`` and ``entry(config, env)`` default to this script's; the SimMIM
-    scripts pass their own.
+    With several processes, a failure on one rank ends the others within seconds, with its message
+    (utils/peers.py). ``parse(argv) -> (args, config)`` and ``entry(config, env)`` default to this script's;
+    the SimMIM scripts pass their own.
     """
-    env = None
+    env = watch = None
     try:
         _, config = parse(argv)
         env = init_distributed()
+        if env.distributed and config.PEER_TIMEOUT > 0:
+            watch = PeerWatch(env.rank, timeout=config.PEER_TIMEOUT)
         if env.device.type == 'cpu' and config.HOST_MEMORY_CACHE:  # on a GPU node it would only grow host memory
             keep_freed_memory()
         if env.device.type == 'cuda':
@@ -296,7 +300,16 @@ def run(argv: list[str] | None = None, parse: Callable = parse_option, entry: Op
         (entry or main)(config, env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if watch is not None:
+            watch.report(str(e), status=2, priority=failure_priority(e))
         return 2
+    except BaseException as e:
+        if watch is not None:
+            watch.report(f"{type(e).__name__}: {e}".splitlines()[0], status=1, priority=failure_priority(e))
+        raise
+    else:
+        if watch is not None:
+            watch.stop()
     finally:
         if env is not None:
             cleanup()

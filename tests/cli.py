@@ -71,6 +71,18 @@ def start_main(args: list[str], cwd: Path, new_group: bool = False) -> subproces
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
+def start_ranks(args: list[str], cwd: Path, world_size: int) -> list[subprocess.Popen]:
+    """``world_size`` processes of ``python main.py ARGS`` that rendezvous by themselves, as srun starts
+    them (no agent watching them: a rank that fails must end the others on its own)."""
+    port, procs = free_port(), []
+    for rank in range(world_size):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun LAUNCH main.py ARGS`` in ``cwd``."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
