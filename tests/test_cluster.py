@@ -1,7 +1,8 @@
-"""Runs as a cluster delivers failures, on 2 processes under torchrun: a job stopped by SIGTERM to its whole
-process group (launcher, ranks, loader workers) and requeued on 1 process resumes from its step checkpoint and
-finishes; a worker killed with SIGKILL under ``--max-restarts 1`` is restarted with its peer, both resume from
-the newest step checkpoint, and the run ends with the weights of an uninterrupted one."""
+"""Runs as a cluster delivers failures, on 2 processes under torchrun with 2 loader workers each: SIGTERM to
+every process of the job (launcher, ranks, loader workers) mid-epoch ends it with exit 0, and the same command
+ends with the weights of an uninterrupted run; a job stopped so and requeued on 1 process resumes and finishes;
+a worker killed with SIGKILL under ``--max-restarts 1`` is restarted with its peer, both resume from the newest
+step checkpoint, and the run ends with the uninterrupted run's weights."""
 from __future__ import annotations
 
 import contextlib
@@ -49,15 +50,33 @@ PRINT_FREQ: 1
 
 @pytest.fixture(scope='module')
 def job(tmp_path_factory):
-    """Data and config of a 2-process job (48 images, batch 4 per process: 6 steps per epoch)."""
+    """Data and config of a 2-process job (48 images, batch 4 per process: 6 steps per epoch), and the final
+    checkpoint of its uninterrupted run."""
     root = tmp_path_factory.mktemp('cluster')
     data = write_image_folder(root / 'data', num_classes=3, train_per_class=16, val_per_class=2)
     cfg = write_tiny_config(root, CONFIG)
-    return root, cfg, data
+    ref = torchrun(LAUNCH, _args(cfg, data, root / 'uninterrupted'), root)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    return root, cfg, data, _final(root / 'uninterrupted' / 'cluster_test' / 'default')
+
+
+LAUNCH = ['--standalone', '--nproc_per_node=2']
 
 
 def _args(cfg: Path, data: Path, out: Path) -> list[str]:
     return ['--cfg', str(cfg), '--data-path', str(data), '--output', str(out)]
+
+
+def _final(run_dir: Path) -> dict:
+    return torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
+
+
+def _assert_same_weights(expected: dict, got: dict) -> None:
+    for key, value in expected['model'].items():
+        assert torch.equal(value, got['model'][key]), key
+    for pid, state in expected['optimizer']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(value, got['optimizer']['state'][pid][name]), (pid, name)
 
 
 def _wait_for(predicate, timeout: float = 240) -> None:
@@ -67,16 +86,61 @@ def _wait_for(predicate, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def test_a_job_stopped_on_2_processes_and_requeued_on_1_resumes_and_finishes(job):
-    root, cfg, data = job
-    out = root / 'requeue'
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """torchrun's worker processes, as {rank: pid}."""
+    workers = {}
+    for pid in Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split():
+        with contextlib.suppress(OSError):
+            env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+            rank = next(int(v[5:]) for v in env if v.startswith(b'RANK='))
+            workers[rank] = int(pid)
+    return workers
+
+
+def _signal_whole_job(launcher_pid: int, sig: int) -> None:
+    """As SLURM signals a job step: every process. torchrun starts each worker in a session of its own (with
+    its loader workers), so the launcher's group and each worker's group."""
+    workers = _workers(launcher_pid)
+    os.killpg(launcher_pid, sig)
+    for pid in workers.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+
+
+def _stop_mid_epoch(cfg: Path, data: Path, out: Path, root: Path) -> Path:
+    """Start the 2-process job, SIGTERM every process of it in epoch 1: every rank ends by writing (rank 0) a step
+    checkpoint and saying so. (torchrun itself, signalled, exits 1 with its SignalException whatever its workers
+    did, so only the ranks' own logs tell.)"""
     run_dir = out / 'cluster_test' / 'default'
-    proc = start_torchrun(['--standalone', '--nproc_per_node=2'], _args(cfg, data, out), root, new_group=True)
-    _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
-    os.killpg(proc.pid, signal.SIGTERM)  # the scheduler ends the job: the launcher, both ranks, their workers
-    proc.communicate(timeout=120)
-    step_files = list(run_dir.glob('ckpt_epoch_1_step_*.pth'))
-    assert step_files and not (run_dir / 'ckpt_epoch_1.pth').exists()
+    proc = start_torchrun(LAUNCH, _args(cfg, data, out), root, new_group=True)
+    try:
+        _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
+        _signal_whole_job(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for rank in (0, 1):
+        assert 'stopped by a signal after writing a checkpoint' in (run_dir / f'log_rank{rank}.txt').read_text(), \
+            output[-4000:]
+    assert 'Traceback' not in output.split('Received 15 death signal')[0]  # nothing failed before the stop
+    assert list(run_dir.glob('ckpt_epoch_1_step_*.pth')) and not (run_dir / 'ckpt_epoch_1.pth').exists()
+    return run_dir
+
+
+def test_sigterm_to_every_process_of_a_2_process_job_exits_0_and_the_same_command_ends_identical(job):
+    root, cfg, data, expected = job
+    out = root / 'stopped'
+    run_dir = _stop_mid_epoch(cfg, data, out, root)
+    again = torchrun(LAUNCH, _args(cfg, data, out), root)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    _assert_same_weights(expected, _final(run_dir))
+
+
+def test_a_job_stopped_on_2_processes_and_requeued_on_1_resumes_and_finishes(job):
+    root, cfg, data, _ = job
+    out = root / 'requeue'
+    run_dir = _stop_mid_epoch(cfg, data, out, root)
     requeued = run_main(_args(cfg, data, out), cwd=root)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     log = (run_dir / 'log_rank0.txt').read_text()
@@ -84,40 +148,19 @@ def test_a_job_stopped_on_2_processes_and_requeued_on_1_resumes_and_finishes(job
     assert (run_dir / 'ckpt_epoch_1.pth').exists() and not list(run_dir.glob('ckpt_epoch_1_step_*.pth'))
 
 
-def _worker_of_rank(launcher_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker process with RANK ``rank``."""
-    children = Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split()
-    for pid in children:
-        with contextlib.suppress(OSError):
-            if f'RANK={rank}'.encode() in Path(f'/proc/{pid}/environ').read_bytes().split(b'\0'):
-                return int(pid)
-    raise AssertionError(f'no worker of rank {rank} among {children}')
-
-
-def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
-
-
 def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_as_an_uninterrupted_one(job):
-    root, cfg, data = job
-    launch = ['--standalone', '--nproc_per_node=2']
-    ref = torchrun(launch, _args(cfg, data, root / 'uninterrupted'), root)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    root, cfg, data, expected = job
     out = root / 'elastic'
     run_dir = out / 'cluster_test' / 'default'
-    proc = start_torchrun(launch + ['--max-restarts', '1'], _args(cfg, data, out), root, new_group=True)
+    proc = start_torchrun(LAUNCH + ['--max-restarts', '1'], _args(cfg, data, out), root, new_group=True)
     try:
         _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
-        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
+        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
         output = proc.communicate(timeout=300)[0]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
     log = (run_dir / 'log_rank0.txt').read_text()
     assert re.search(r'Resuming from \S*ckpt_epoch_1_step_\d+\.pth', log), 'the restarted group resumes mid-epoch'
-    expected, got = _weights(root / 'uninterrupted' / 'cluster_test' / 'default'), _weights(run_dir)
-    for key, value in expected['model'].items():
-        assert torch.equal(value, got['model'][key]), key
-    for pid, state in expected['optimizer']['state'].items():
-        for name, value in state.items():
-            assert torch.equal(value, got['optimizer']['state'][pid][name]), (pid, name)
+    _assert_same_weights(expected, _final(run_dir))
