@@ -8,7 +8,8 @@ from .complexity import count_flops, count_params
 from .registry import create_model, is_model, list_models, register_model
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
+from .swin_transformer_moe import SwinTransformerMoE
 from .swin_transformer_v2 import SwinTransformerV2
 
 __all__ = ['build_model', 'create_model', 'list_models', 'is_model', 'register_model', 'count_flops',
-           'count_params', 'SwinTransformer', 'SwinTransformerV2', 'SwinMLP']
+           'count_params', 'SwinTransformer', 'SwinTransformerV2', 'SwinMLP', 'SwinTransformerMoE']

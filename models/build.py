@@ -11,6 +11,7 @@ from . import cpu
 from .simmim import SimMIM
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
+from .swin_transformer_moe import SwinTransformerMoE
 from .swin_transformer_v2 import SwinTransformerV2
 
 __all__ = ['build_model']
@@ -41,8 +42,16 @@ def _build(model_type: str, config) -> nn.Module:
     if model_type == 'swin_mlp':
         return SwinMLP(**_common_args(config, config.MODEL.SWIN_MLP))
     if model_type == 'swin_moe':
-        raise UserError("MODEL.TYPE 'swin_moe': Swin-MoE needs the tutel library and is not supported")
-    raise UserError(f"unknown MODEL.TYPE {model_type!r} (choose from swin, swinv2, swin_mlp)")
+        sub = config.MODEL.SWIN_MOE
+        return SwinTransformerMoE(
+            **_common_args(config, sub), qkv_bias=sub.QKV_BIAS, qk_scale=sub.QK_SCALE, mlp_fc2_bias=sub.MLP_FC2_BIAS,
+            init_std=sub.INIT_STD, pretrained_window_sizes=list(sub.PRETRAINED_WINDOW_SIZES),
+            moe_blocks=[list(b) for b in sub.MOE_BLOCKS], num_local_experts=sub.NUM_LOCAL_EXPERTS,
+            top_value=sub.TOP_VALUE, capacity_factor=sub.CAPACITY_FACTOR, cosine_router=sub.COSINE_ROUTER,
+            normalize_gate=sub.NORMALIZE_GATE, use_bpr=sub.USE_BPR, is_gshard_loss=sub.IS_GSHARD_LOSS,
+            gate_noise=sub.GATE_NOISE, cosine_router_dim=sub.COSINE_ROUTER_DIM,
+            cosine_router_init_t=sub.COSINE_ROUTER_INIT_T, moe_drop=sub.MOE_DROP, aux_loss_weight=sub.AUX_LOSS_WEIGHT)
+    raise UserError(f"unknown MODEL.TYPE {model_type!r} (choose from swin, swinv2, swin_moe, swin_mlp)")
 
 
 def build_model(config, is_pretrain: bool = False, device: Union[str, torch.device] = 'cpu') -> nn.Module:
@@ -70,6 +79,6 @@ def _build_reference(config) -> nn.Module:
     try:
         return _build(model_type, config)
     except ValueError as e:
-        section = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP'}[model_type]
+        section = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}[model_type]
         raise UserError(f"cannot build MODEL.TYPE {model_type!r} with DATA.IMG_SIZE {config.DATA.IMG_SIZE} and "
                         f"MODEL.{section}.* as given: {e}") from None

@@ -162,13 +162,14 @@ class Mlp(nn.Module):
     """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
-                 out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0):
+                 out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0,
+                 fc2_bias: bool = True):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=fc2_bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

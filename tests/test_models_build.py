@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from config import get_default_config, merge_yaml
-from models import (SwinMLP, SwinTransformer, SwinTransformerV2, build_model, count_params, create_model, is_model,
+from models import (SwinMLP, SwinTransformer, SwinTransformerMoE, SwinTransformerV2, build_model, count_params, create_model, is_model,
                     list_models)
 from utils.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 ALL_YAMLS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob('*.yaml'))
-FAMILY = {'swin': SwinTransformer, 'swinv2': SwinTransformerV2, 'swin_mlp': SwinMLP}
+FAMILY = {'swin': SwinTransformer, 'swinv2': SwinTransformerV2, 'swin_mlp': SwinMLP, 'swin_moe': SwinTransformerMoE}
 
 
 def _cfg(yaml: str = None, **changes):
@@ -96,9 +96,19 @@ def test_swinv2_default_pretrained_window_sizes_fit_any_number_of_stages():
     assert len(model.layers) == 2
 
 
-def test_swin_moe_is_refused_naming_tutel():
-    with pytest.raises(UserError, match='tutel'):
-        build_model(_cfg(MODEL__TYPE='swin_moe'))
+def test_swin_moe_builds_natively_with_its_moe_blocks_and_official_keys():
+    model = build_model(_cfg(MODEL__TYPE='swin_moe', DATA__IMG_SIZE=64, MODEL__SWIN_MOE__EMBED_DIM=16,
+                             MODEL__SWIN_MOE__DEPTHS=[2, 2], MODEL__SWIN_MOE__NUM_HEADS=[1, 2],
+                             MODEL__SWIN_MOE__WINDOW_SIZE=4, MODEL__SWIN_MOE__MOE_BLOCKS=[[-1], [1]]))
+    keys = model.state_dict().keys()
+    assert 'layers.1.blocks.1.mlp._moe_layer.gates.0.wg.weight' in keys
+    assert 'layers.1.blocks.0.mlp.fc1.weight' in keys and not any('layers.0' in k and '_moe_layer' in k for k in keys)
+
+
+def test_swin_moe_without_gate_noise_for_the_load_loss_is_a_user_error_naming_the_section():
+    with pytest.raises(UserError, match='MODEL.SWIN_MOE.*GATE_NOISE'):
+        build_model(_cfg(MODEL__TYPE='swin_moe', MODEL__SWIN_MOE__GATE_NOISE=0.0,
+                         MODEL__SWIN_MOE__MOE_BLOCKS=[[-1], [-1], [1], [-1]]))
 
 
 def test_unknown_model_type_is_named():
