@@ -33,7 +33,8 @@ class TrainContext:
     mixup_fn: Optional[Callable] = None
     model_ema: Any = None
     tb_writer: Any = None
-    # (ctx, batch) -> (loss, batch size): classification by default; SimMIM passes its own.
+    # (ctx, batch) -> (loss, batch size[, {name: part of the loss}]): classification by default; SimMIM and
+    # Swin-MoE (whose parts 'loss-cls' and 'loss-aux' join the log line) pass their own.
     loss_fn: Callable = None
 
     def __post_init__(self):
@@ -48,6 +49,17 @@ def classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int]:
         samples, targets = ctx.mixup_fn(samples, targets)
     with autocast(ctx.device, ctx.amp_dtype):
         return ctx.criterion(ctx.model(samples), targets), samples.shape[0]
+
+
+def moe_classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int, dict]:
+    """Swin-MoE: cross-entropy plus the model's weighted auxiliary load-balancing loss (official main_moe.py)."""
+    samples, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
+    if ctx.mixup_fn is not None:
+        samples, targets = ctx.mixup_fn(samples, targets)
+    with autocast(ctx.device, ctx.amp_dtype):
+        logits, l_aux = ctx.model(samples)
+        l_cls = ctx.criterion(logits, targets)
+    return l_cls + l_aux, samples.shape[0], {'loss-cls': l_cls, 'loss-aux': l_aux}
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -99,10 +111,10 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
     for idx, batch in enumerate(data_loader, start=start_step):
         update = (idx + 1) % accum == 0
         with no_sync(ctx.model, not update):
-            loss, batch_size = ctx.loss_fn(ctx, batch)
+            loss, batch_size, *parts = ctx.loss_fn(ctx, batch)
             grad_norm = ctx.loss_scaler(loss / accum, ctx.optimizer, clip_grad=config.TRAIN.CLIP_GRAD or None,
                                         parameters=ctx.model.parameters(), update_grad=update)
-        stats.add_loss(loss, batch_size)
+        stats.add_loss(loss, batch_size, parts[0] if parts else None)
         if update:
             stats.add_step(grad_norm, ctx.loss_scaler.last_skipped, idx)
             ctx.optimizer.zero_grad(set_to_none=True)
@@ -155,6 +167,7 @@ class StepStats:
         self.values = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
         self.values[self._FIELDS.index('exceeded_at')] = -1
         self._at = {name: i for i, name in enumerate(self._FIELDS)}
+        self.parts: dict[str, torch.Tensor] = {}  # name -> [last, sum] of a part of the loss (Swin-MoE)
 
     def _get(self, name: str) -> torch.Tensor:
         return self.values[self._at[name]]
@@ -162,9 +175,13 @@ class StepStats:
     def _set(self, name: str, value: torch.Tensor) -> None:
         self.values[self._at[name]] = value
 
-    def add_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+    def add_loss(self, loss: torch.Tensor, batch_size: int, parts: Optional[dict] = None) -> None:
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
+        for name, value in (parts or {}).items():
+            value = value.detach().double().to(self.values.device)
+            total = self.parts.get(name, torch.zeros(2, dtype=torch.float64, device=self.values.device))[1]
+            self.parts[name] = torch.stack([value, total + torch.where(finite, value * batch_size, 0.0)])
         self._set('loss_sum', self._get('loss_sum') + torch.where(finite, loss * batch_size, 0.0))
         self._set('loss_count', self._get('loss_count') + finite * batch_size)
         self._set('loss', loss)
@@ -190,8 +207,11 @@ class StepStats:
                              self._get('exceeded_at')])
         if agree:
             flags = all_reduce_max(flags)
-        stop, exceeded_at, *values = torch.cat([flags, self.values]).tolist()
+        stop, exceeded_at, *values = torch.cat([flags, self.values, *self.parts.values()]).tolist()
         read = dict(zip(self._FIELDS, values), stop=bool(stop), exceeded_at=int(exceeded_at))
+        count = read['loss_count'] or float('nan')
+        parts = values[len(self._FIELDS):]
+        read['parts'] = {name: (parts[2 * i], parts[2 * i + 1] / count) for i, name in enumerate(self.parts)}
         read['loss_avg'] = read['loss_sum'] / read['loss_count'] if read['loss_count'] else float('nan')
         read['grad_norm_avg'] = read['norm_sum'] / read['norm_count'] if read['norm_count'] else float('nan')
         read['skipped'] = int(read['skipped'])
@@ -219,6 +239,7 @@ def log_train_step(config, ctx: TrainContext, read: dict, meters: dict, epoch: i
         f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t'
         f'time {step_time.val:.4f} ({step_time.avg:.4f})\t'
         f'loss {read["loss"]:.4f} ({read["loss_avg"]:.4f})\t'
+        + ''.join(f'{name} {last:.4f} ({avg:.4f})\t' for name, (last, avg) in read['parts'].items()) +
         f'grad_norm {read["grad_norm"]:.4f} ({read["grad_norm_avg"]:.4f})\t'
         f'loss_scale {scale.val:.4f} ({scale.avg:.4f})\t'
         f'mem {memory_mb(ctx.device):.0f}MB')
@@ -251,6 +272,8 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             output = model(images)
+        if isinstance(output, tuple):  # Swin-MoE: (logits, auxiliary loss)
+            output = output[0]
         output = output.float()
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(targets[:, None])

@@ -24,14 +24,15 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from config import get_config, scale_learning_rates
 from data import build_loader
 from data.samplers import mix_seed
-from engine import TrainContext, throughput, train_one_epoch, validate
+from engine import TrainContext, moe_classification_loss, throughput, train_one_epoch, validate
 from logger import create_logger, create_tb_writer
 from lr_scheduler import build_scheduler
 from models import build_model
 from models.complexity import count_flops, count_params
+from models.moe import exclude_experts_from_ddp, moe_param_counts
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
-from utils.checkpoint import auto_resume_helper, load_checkpoint, save_checkpoint
+from utils.checkpoint import auto_resume_helper, checkpoint_tag, load_checkpoint, save_checkpoint, writes_checkpoints
 from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -100,8 +101,18 @@ def build_criterion(config, mixup_fn):
     return torch.nn.CrossEntropyLoss()
 
 
+def is_moe(config) -> bool:
+    return config.MODEL.TYPE == 'swin_moe'
+
+
 def log_model_size(model: torch.nn.Module, config, logger) -> None:
     logger.info(f"number of params: {count_params(model)}")
+    if is_moe(config):  # official main_moe.py: one expert's worth per MoE layer, and all experts of the job
+        single, whole = moe_param_counts(model)
+        logger.info(f"number of params single: {single}")
+        logger.info(f"number of params whole: {whole}")
+        logger.info(f"number of GFLOPs: {model.flops() / 1e9}")  # routing is data-dependent: the official formula
+        return
     img_size = config.DATA.IMG_SIZE
     logger.info(f"number of GFLOPs: {count_flops(model, img_size) / 1e9}")
 
@@ -152,6 +163,10 @@ def main(config, env: DistEnv) -> None:
             return
 
     optimizer = build_optimizer(config, model)
+    if is_moe(config):
+        experts = exclude_experts_from_ddp(model, env.world_size)
+        logger.info(f"{len(experts)} expert parameters stay out of DDP's all-reduce (gradients divided by "
+                    f"{env.world_size})")
     model = wrap_model(config, env, model)
     loss_scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)
     n_iter = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
@@ -175,7 +190,8 @@ def main(config, env: DistEnv) -> None:
 
     ctx = TrainContext(model=model, criterion=build_criterion(config, mixup_fn), optimizer=optimizer,
                        lr_scheduler=lr_scheduler, loss_scaler=loss_scaler, device=env.device, amp_dtype=amp_dtype,
-                       mixup_fn=mixup_fn, model_ema=model_ema, tb_writer=create_tb_writer(config.OUTPUT, env.rank))
+                       mixup_fn=mixup_fn, model_ema=model_ema, tb_writer=create_tb_writer(config.OUTPUT, env.rank),
+                       loss_fn=moe_classification_loss if is_moe(config) else None)
     with PreemptionHandler() as preemption:
         train(config, env, ctx, model_without_ddp, loader_train, loader_val, len(dataset_val),
               Progress(start_epoch, resumed.get('step', 0), max_accuracy, resumed.get('rng_states')),
@@ -187,7 +203,7 @@ def pick_resume_file(config, logger) -> str:
     stopped. Evaluation: an explicit --resume wins; without one, the newest checkpoint is evaluated."""
     resume = config.MODEL.RESUME
     if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and resume):
-        latest = auto_resume_helper(config.OUTPUT, logger)
+        latest = auto_resume_helper(config.OUTPUT, logger, tag=checkpoint_tag(config))
         if latest:
             if resume:
                 logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
@@ -242,7 +258,7 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
             for name, value in scalars.items():
                 ctx.tb_writer.add_scalar(name, value, epoch)
             ctx.tb_writer.flush()
-        if env.is_main and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
+        if writes_checkpoints(config, env.rank) and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
                             ctx.loss_scaler, logger, model_ema=ctx.model_ema)
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -271,7 +287,7 @@ def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_
     if env.distributed:
         rng_states = [None] * env.world_size
         torch.distributed.all_gather_object(rng_states, capture_rng_state())
-    if env.is_main:
+    if writes_checkpoints(config, env.rank):
         save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
                         ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step, extra={'rng_states': rng_states})
     barrier()

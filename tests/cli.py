@@ -58,9 +58,9 @@ def _env() -> dict:
     return env
 
 
-def run_main(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python main.py ARGS`` in ``cwd``: one process, no launcher."""
-    return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
+def run_main(args: list[str], cwd: Path, timeout: int = 240, script: str = 'main.py') -> subprocess.CompletedProcess:
+    """``python main.py ARGS`` (or another script of the repository) in ``cwd``: one process, no launcher."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -83,9 +83,10 @@ def start_ranks(args: list[str], cwd: Path, world_size: int) -> list[subprocess.
     return procs
 
 
-def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun LAUNCH main.py ARGS`` in ``cwd``."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
+def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300,
+             script: str = 'main.py') -> subprocess.CompletedProcess:
+    """``torchrun LAUNCH main.py ARGS`` (or another script) in ``cwd``."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 

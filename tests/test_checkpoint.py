@@ -219,3 +219,20 @@ def test_ema_update_averages_and_copies_on_the_first_step():
         model.weight.fill_(4.0)
     ema.update(model, step=5)
     assert torch.allclose(ema.module.weight, torch.full((2, 2), 3.0))
+
+
+def test_swin_moe_ranks_find_and_prune_only_their_own_files(tmp_path):
+    from utils.checkpoint import checkpoint_files, checkpoint_tag, prune_checkpoints
+    config = get_default_config()
+    config.MODEL.TYPE = 'swin_moe'
+    assert checkpoint_tag(config, 1) == '.rank1'
+    config.TRAIN.MOE.SAVE_MASTER = True
+    assert checkpoint_tag(config, 1) == '.global'
+    for name in ('ckpt_epoch_0.pth.rank0', 'ckpt_epoch_0.pth.rank1', 'ckpt_epoch_1.pth.rank0',
+                 'ckpt_epoch_1.pth.rank1', 'ckpt_epoch_2.pth'):
+        (tmp_path / name).write_bytes(b'')
+    assert [os.path.basename(p) for _, p in checkpoint_files(str(tmp_path), tag='.rank1')] == [
+        'ckpt_epoch_0.pth.rank1', 'ckpt_epoch_1.pth.rank1']
+    prune_checkpoints(str(tmp_path), keep=1, tag='.rank1')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'ckpt_epoch_0.pth.rank0', 'ckpt_epoch_1.pth.rank0', 'ckpt_epoch_1.pth.rank1', 'ckpt_epoch_2.pth']

@@ -24,12 +24,12 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from utils.distributed import unwrap_model
+from utils.distributed import get_rank, unwrap_model
 from utils.errors import UserError
 
 # ckpt_epoch_{N}.pth after a whole epoch; ckpt_epoch_{N}_step_{S}.pth when a run was stopped after
 # step S of epoch N (preemption), which resumes mid-epoch.
-CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
+CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth(\.rank\d+|\.global)?$')
 # Buffers the model recomputes from its architecture: absent or stale in old files, never an error.
 TOLERATED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 _STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema',
@@ -173,23 +173,37 @@ def _progress(match: re.Match) -> tuple[int, float]:
     return int(match.group(1)), float(step) if step is not None else float('inf')
 
 
-def checkpoint_files(output_dir: str, whole_epochs_only: bool = False) -> list[tuple[int, str]]:
-    """(epoch, path) of every checkpoint in ``output_dir``, least progress first."""
+def checkpoint_tag(config, rank: Optional[int] = None) -> str:
+    """What ends this rank's checkpoint file names after ``.pth``: nothing (rank 0 writes one file), or for
+    Swin-MoE the official layout: ``.rank{r}`` (every rank writes its own, with its experts), ``.global`` (rank 0
+    alone, with TRAIN.MOE.SAVE_MASTER)."""
+    if config.MODEL.TYPE != 'swin_moe':
+        return ''
+    return '.global' if config.TRAIN.MOE.SAVE_MASTER else f'.rank{get_rank() if rank is None else rank}'
+
+
+def writes_checkpoints(config, rank: int) -> bool:
+    """Whether ``rank`` writes checkpoint files (rank 0; every rank for Swin-MoE's per-rank files)."""
+    return rank == 0 or checkpoint_tag(config, rank).startswith('.rank')
+
+
+def checkpoint_files(output_dir: str, whole_epochs_only: bool = False, tag: str = '') -> list[tuple[int, str]]:
+    """(epoch, path) of every checkpoint in ``output_dir`` whose name ends in ``tag``, least progress first."""
     if not os.path.isdir(output_dir):
         return []
     found = [(_progress(m), os.path.join(output_dir, name))
-             for name in os.listdir(output_dir) if (m := CKPT_PATTERN.match(name))]
+             for name in os.listdir(output_dir) if (m := CKPT_PATTERN.match(name)) and (m.group(3) or '') == tag]
     if whole_epochs_only:
         found = [item for item in found if item[0][1] == float('inf')]
     return [(progress[0], path) for progress, path in sorted(found)]
 
 
-def prune_checkpoints(output_dir: str, keep: int, logger=None) -> list[str]:
+def prune_checkpoints(output_dir: str, keep: int, logger=None, tag: str = '') -> list[str]:
     """Delete all but the ``keep`` newest epoch checkpoints (keep <= 0: delete nothing); returns the removed."""
     if keep <= 0:
         return []
     removed = []
-    for _, path in checkpoint_files(output_dir, whole_epochs_only=True)[:-keep]:
+    for _, path in checkpoint_files(output_dir, whole_epochs_only=True, tag=tag)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
             removed.append(path)
@@ -225,27 +239,30 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     suffix = '' if step is None else f'_step_{step}'
     if step is not None:
         state['step'] = int(step)
-    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}{suffix}.pth')
+    tag = checkpoint_tag(config)
+    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}{suffix}.pth{tag}')
     logger.info(f"{path} saving......")
     save_file_atomic(state, path)
     logger.info(f"{path} saved !!!")
-    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path)
-    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger)
+    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path, tag=tag)
+    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger, tag=tag)
     return path
 
 
-def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str) -> None:
+def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str, tag: str = '') -> None:
     """Mid-epoch checkpoints are superseded by any newer checkpoint (``keep``) of the same or a later epoch."""
     for name in os.listdir(output_dir):
         m = CKPT_PATTERN.match(name)
-        if m and m.group(2) is not None and int(m.group(1)) <= up_to_epoch and name != os.path.basename(keep):
+        if (m and m.group(2) is not None and (m.group(3) or '') == tag and int(m.group(1)) <= up_to_epoch
+                and name != os.path.basename(keep)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(output_dir, name))
 
 
-def auto_resume_helper(output_dir: str, logger=None) -> Optional[str]:
-    """The newest readable ``ckpt_epoch_N.pth`` (by N) in ``output_dir``; unreadable ones are skipped."""
-    found = checkpoint_files(output_dir)
+def auto_resume_helper(output_dir: str, logger=None, tag: str = '') -> Optional[str]:
+    """The newest readable ``ckpt_epoch_N.pth`` (by N; names ending in ``tag``, see :func:`checkpoint_tag`) in
+    ``output_dir``; unreadable ones are skipped."""
+    found = checkpoint_files(output_dir, tag=tag)
     if logger is not None:
         logger.info(f"All checkpoints found in {output_dir}: {[os.path.basename(p) for _, p in found]}")
     for _, path in reversed(found):
@@ -344,6 +361,9 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
     EVAL_MODE, or a weights-only file: only the model is loaded, and (0.0, TRAIN.START_EPOCH) comes
     back. ``extra_out``, if given, receives the checkpoint's non-standard entries (e.g. RNG states).
     """
+    tag = checkpoint_tag(config)
+    if tag and str(path).endswith('.pth'):  # official main_moe: --resume NAME.pth reads this rank's NAME.pth.rankR
+        path = f'{path}{tag}'
     logger.info(f"==============> Resuming from {path}....................")
     ckpt = load_file_safe(_local_path(str(path)))
     model = unwrap_model(model)

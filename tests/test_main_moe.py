@@ -1,0 +1,113 @@
+"""main_moe.py as the official one is used: a tiny Swin-MoE trains under ``torchrun --nproc_per_node 2`` (gloo,
+one expert per rank), every rank writes its own checkpoint file, a longer run auto-resumes from them, ``--eval``
+reads ``NAME.pth`` as each rank's ``NAME.pth.rank{R}``, and the official configs count the official parameters."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from cli import run_main, torchrun, write_tiny_config
+from config import get_default_config, merge_yaml
+from conftest import write_image_folder
+from models.moe import moe_param_counts
+from models.swin_transformer_moe import SwinTransformerMoE
+
+CONFIG = """\
+MODEL:
+  TYPE: swin_moe
+  NAME: moe_test
+  NUM_CLASSES: 3
+  SWIN_MOE:
+    EMBED_DIM: 16
+    DEPTHS: [2, 2]
+    NUM_HEADS: [1, 2]
+    WINDOW_SIZE: 4
+    MLP_FC2_BIAS: False
+    INIT_STD: 0.005
+    MOE_BLOCKS: [[1], [1]]
+    NUM_LOCAL_EXPERTS: 1
+    MOE_DROP: 0.1
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 4
+  NUM_WORKERS: 0
+AUG:
+  AUTO_AUGMENT: none
+  MIXUP: 0.0
+  CUTMIX: 0.0
+TRAIN:
+  EPOCHS: 1
+  WARMUP_EPOCHS: 0
+  BASE_LR: 0.01
+PRINT_FREQ: 1
+"""
+LAUNCH = ['--standalone', '--nproc_per_node=2']
+
+
+def _moe(args, root):
+    return torchrun(LAUNCH, args, root, script='main_moe.py')
+
+
+def test_a_tiny_swin_moe_trains_on_2_processes_saves_per_rank_files_resumes_and_evaluates(tmp_path):
+    data = write_image_folder(tmp_path / 'data', num_classes=3, train_per_class=8, val_per_class=2)
+    cfg = write_tiny_config(tmp_path, CONFIG)
+    args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(tmp_path / 'out')]
+    run_dir = tmp_path / 'out' / 'moe_test' / 'default'
+    first = _moe(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    log = (run_dir / 'log_rank0.txt').read_text()
+    assert re.search(r'loss-cls \d+\.\d{4} \(\d+\.\d{4}\)\tloss-aux \d+\.\d{4} \(\d+\.\d{4}\)', log)
+    files = [torch.load(run_dir / f'ckpt_epoch_0.pth.rank{r}', weights_only=True) for r in (0, 1)]
+    expert = 'layers.0.blocks.1.mlp._moe_layer.experts.batched_fc1_w'
+    gate = 'layers.0.blocks.1.mlp._moe_layer.gates.0.wg.weight'
+    assert files[0]['model'][expert].shape[0] == 1 and files[0]['model'][gate].shape[0] == 2  # 2 experts in all
+    assert not torch.equal(files[0]['model'][expert], files[1]['model'][expert])  # each rank its own expert
+    assert torch.equal(files[0]['model'][gate], files[1]['model'][gate])  # the rest kept in step by DDP
+
+    longer = _moe(args + ['--opts', 'TRAIN.EPOCHS', '2'], tmp_path)
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr[-3000:]
+    for r in (0, 1):
+        assert f'Resuming from {run_dir}/ckpt_epoch_0.pth.rank{r}' in (run_dir / f'log_rank{r}.txt').read_text()
+    assert (run_dir / 'ckpt_epoch_1.pth.rank1').exists()
+
+    evaluated = _moe(['--eval', '--resume', str(run_dir / 'ckpt_epoch_1.pth')] + args[:4] +
+                     ['--output', str(tmp_path / 'eval')], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    eval_log = (tmp_path / 'eval' / 'moe_test' / 'default' / 'log_rank1.txt').read_text()
+    assert 'ckpt_epoch_1.pth.rank1' in eval_log and ' * Acc@1 ' in eval_log
+
+
+def test_main_moe_refuses_a_model_that_is_not_swin_moe(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    result = run_main(['--cfg', str(cfg), '--data-path', str(tmp_path)], tmp_path, script='main_moe.py')
+    assert result.returncode == 2 and 'main_moe.py trains MODEL.TYPE swin_moe' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+# (config, GPUs, "number of params single", "whole"): the official model's counts with 21841 classes, by the
+# official main_moe.py's rule (trainable parameters; an expert counted once / for every expert of the job)
+OFFICIAL_COUNTS = [
+    ('swin_moe_small_patch4_window12_192_densebaseline_22k', 32, 65_757_553, 65_757_553),
+    ('swin_moe_small_patch4_window12_192_8expert_32gpu_22k', 32, 65_791_345, 173_257_585),
+    ('swin_moe_small_patch4_window12_192_32expert_32gpu_22k', 32, 65_892_721, 541_814_641),
+    ('swin_moe_small_patch4_window12_192_cosine_router_32expert_32gpu_22k', 32, 66_923_387, 542_845_307),
+    ('swin_moe_small_patch4_window12_192_64expert_64gpu_22k', 64, 66_027_889, 1_033_224_049),
+    ('swin_moe_base_patch4_window12_192_16expert_32gpu_22k', 32, 109_374_161, 518_656_721),
+    ('swin_moe_base_patch4_window12_192_cosine_router_32expert_32gpu_22k', 32, 110_810_331, 956_660_955),
+]
+
+
+@pytest.mark.parametrize('name, gpus, single, whole', OFFICIAL_COUNTS)
+def test_the_official_configs_have_the_official_parameter_counts(name, gpus, single, whole):
+    config = get_default_config()
+    merge_yaml(config, f'configs/swinmoe/{name}.yaml')
+    sub = config.MODEL.SWIN_MOE
+    with torch.device('meta'):
+        model = SwinTransformerMoE(
+            img_size=config.DATA.IMG_SIZE, num_classes=21841, embed_dim=sub.EMBED_DIM, depths=sub.DEPTHS,
+            num_heads=sub.NUM_HEADS, window_size=sub.WINDOW_SIZE, mlp_fc2_bias=sub.MLP_FC2_BIAS,
+            moe_blocks=sub.MOE_BLOCKS, num_local_experts=sub.NUM_LOCAL_EXPERTS, cosine_router=sub.COSINE_ROUTER,
+            expert_world_size=gpus)
+    assert moe_param_counts(model) == (single, whole)
