@@ -1,5 +1,6 @@
 """Expert parallelism: 2 processes x 1 local expert (and 2 processes sharing 1 expert, NUM_LOCAL_EXPERTS -2) give
-the outputs and gradients of 1 process holding every expert, on the same tokens (gloo, all-to-all)."""
+the outputs and gradients of 1 process holding every expert, on the same tokens (gloo, all-to-all), and every
+rank measures the same gradient norm, the one process's."""
 from __future__ import annotations
 
 import socket
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.moe import ExpertParallel, MoELayer, exclude_experts_from_ddp
+from utils.amp import job_grad_norm
 
 C, H = 8, 16
 
@@ -56,7 +58,9 @@ def _worker(rank: int, port: int, num_local_experts: int, reference: dict, resul
     _loss(y, l_aux).backward()
     gate_grad = layer.gates[0].wg.weight.grad.clone()
     dist.all_reduce(gate_grad)  # what DDP does for the shared parameters (mean over ranks)
-    torch.save({'y': y.detach(), 'gate': gate_grad / 2,
+    layer.gates[0].wg.weight.grad = gate_grad / 2
+    norm = job_grad_norm(list(layer.parameters()))
+    torch.save({'y': y.detach(), 'gate': gate_grad / 2, 'norm': norm,
                 'experts': {n: p.grad for n, p in layer.experts.named_parameters()}}, f'{results}/{rank}.pt')
     dist.destroy_process_group()
 
@@ -70,14 +74,12 @@ def test_two_processes_equal_one_process_holding_every_expert(tmp_path, num_loca
         got = torch.load(tmp_path / f'{rank}.pt', weights_only=True)
         torch.testing.assert_close(got['y'], outs[rank], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got['gate'], grads['gates.0.wg.weight'], rtol=1e-5, atol=1e-6)
+        # every rank clips by the norm of the whole job's gradient (the one process's norm)
+        torch.testing.assert_close(got['norm'], torch.nn.utils.get_total_norm(list(grads.values())), rtol=1e-5, atol=0)
         for name, grad in got['experts'].items():
             whole = grads[f'experts.{name}']
             if num_local_experts > 0:
                 expected = whole[rank:rank + 1]
-            elif name == 'batched_fc2_bias':
-                expected = whole  # gathered and cut to C: each rank's slice covers half
-                size = grad.shape[1]
-                expected = whole[:, rank * size:(rank + 1) * size]
             else:
                 size = grad.shape[1]
                 expected = whole[:, rank * size:(rank + 1) * size]

@@ -42,6 +42,23 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
     return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
 
+def job_grad_norm(parameters: list[torch.Tensor], norm_type: float = 2.0) -> Optional[torch.Tensor]:
+    """The norm of the whole job's gradient where some parameters live on one rank only (Swin-MoE's experts,
+    ``skip_allreduce``): the shared parameters' part (the same on every rank after DDP) plus every rank's own
+    part, summed over the ranks, so that every rank clips by the same factor and skips the same steps, and the
+    shared weights stay equal. None without rank-local parameters or a process group (use :func:`grad_norm`)."""
+    own = [p.grad for p in parameters if p.grad is not None and getattr(p, 'skip_allreduce', False)]
+    if not own or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if norm_type != 2.0:
+        raise ValueError("job_grad_norm sums squares over the ranks: the 2-norm only")
+    shared = [p.grad for p in parameters if p.grad is not None and not getattr(p, 'skip_allreduce', False)]
+    own_sq = torch.nn.utils.get_total_norm(own).float() ** 2
+    torch.distributed.all_reduce(own_sq)
+    shared_sq = torch.nn.utils.get_total_norm(shared).float() ** 2 if shared else torch.zeros_like(own_sq)
+    return (own_sq + shared_sq.to(own_sq.device)).sqrt()
+
+
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """``optimizer.step()`` unless the 0-d tensor ``skip`` is true.
 
@@ -95,7 +112,11 @@ class GradScalerWithNorm:
             parameters = [p for group in optimizer.param_groups for p in group['params']]
         parameters = list(parameters)  # may be a generator, and is used twice
         self._scaler.unscale_(optimizer)
-        if clip_grad:
+        norm = job_grad_norm(parameters)
+        if norm is not None:  # experts on every rank of their own (Swin-MoE): one norm for the whole job
+            if clip_grad:
+                torch.nn.utils.clip_grads_with_norm_(parameters, clip_grad, norm)
+        elif clip_grad:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = grad_norm(parameters)
