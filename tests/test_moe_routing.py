@@ -89,3 +89,16 @@ def test_a_token_dropped_by_every_expert_gets_zero_so_the_block_passes_its_resid
 def test_the_load_loss_without_gate_noise_is_refused():
     with pytest.raises(ValueError, match='GATE_NOISE'):
         MoELayer(8, 16, ExpertParallel(2), gate_noise=0.0)
+
+
+def test_the_layer_routes_hand_made_gate_logits_through_softmax_then_top_k():
+    layer = MoELayer(2, 4, ExpertParallel(2), capacity_factor=1.0, batch_prioritized_routing=True).eval()
+    with torch.no_grad():
+        layer.gates[0].wg.weight.copy_(torch.eye(2))  # the tokens are their own gate logits
+    logits = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    routing, _ = layer.route(logits)
+    probs = logits.softmax(dim=1)
+    assert routing.capacity == 2 and routing.experts[:, 0].tolist() == [0, 0, 1, 0]
+    torch.testing.assert_close(routing.gates[:, 0], probs.max(dim=1).values)
+    # expert 0 is asked by tokens 1 (p=0.95), 3 (0.88), 0 (0.73): the least sure, token 0, is dropped
+    assert routing.kept[:, 0].tolist() == [False, True, True, True]
