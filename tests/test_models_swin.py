@@ -40,6 +40,9 @@ def test_every_registered_variant_gives_logits_at_tiny_width(name):
                          num_classes=7).eval()
     with torch.no_grad():
         feats = model.forward_features(torch.randn(1, 3, size, size))
+        if isinstance(feats, tuple):  # Swin-MoE (official): (features, auxiliary loss)
+            feats, aux = feats
+            assert aux.shape == () and torch.isfinite(aux)
         logits = model.forward_head(feats)
         pooled = model.forward_head(feats, pre_logits=True)
     assert logits.shape == (1, 7) and torch.isfinite(logits).all()

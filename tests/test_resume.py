@@ -122,7 +122,8 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_exits_0_and_resu
               (run_dir / 'log_rank0.txt').read_text(), proc)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
-    assert list(run_dir.glob('ckpt_epoch_1_step_*.pth')), sorted(p.name for p in run_dir.iterdir())
+    # (on a loaded machine the run may be a few steps further on when the signal lands)
+    assert list(run_dir.glob('ckpt_epoch_*_step_*.pth')), sorted(p.name for p in run_dir.iterdir())
     restarted = run_main(args, cwd=root)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     _assert_identical(expected, _final_state(out))
