@@ -32,7 +32,8 @@ from models.complexity import count_flops, count_params
 from models.moe import exclude_experts_from_ddp, moe_param_counts
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
-from utils.checkpoint import auto_resume_helper, checkpoint_tag, load_checkpoint, save_checkpoint, writes_checkpoints
+from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_checkpoint, save_moe_final,
+                              writes_checkpoints)
 from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -261,6 +262,8 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
         if writes_checkpoints(config, env.rank) and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
                             ctx.loss_scaler, logger, model_ema=ctx.model_ema)
+    if checkpoint_tag(config).startswith('.rank'):
+        save_moe_final(config, model_without_ddp, env.rank, logger)
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
 

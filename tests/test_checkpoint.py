@@ -236,3 +236,12 @@ def test_swin_moe_ranks_find_and_prune_only_their_own_files(tmp_path):
     prune_checkpoints(str(tmp_path), keep=1, tag='.rank1')
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'ckpt_epoch_0.pth.rank0', 'ckpt_epoch_1.pth.rank0', 'ckpt_epoch_1.pth.rank1', 'ckpt_epoch_2.pth']
+
+
+def test_with_save_master_only_rank_0_writes_swin_moe_checkpoints():
+    from utils.checkpoint import writes_checkpoints
+    config = get_default_config()
+    config.MODEL.TYPE = 'swin_moe'
+    assert writes_checkpoints(config, 1)
+    config.TRAIN.MOE.SAVE_MASTER = True
+    assert writes_checkpoints(config, 0) and not writes_checkpoints(config, 1)

@@ -78,6 +78,18 @@ def test_a_tiny_swin_moe_trains_on_2_processes_saves_per_rank_files_resumes_and_
     eval_log = (tmp_path / 'eval' / 'moe_test' / 'default' / 'log_rank1.txt').read_text()
     assert 'ckpt_epoch_1.pth.rank1' in eval_log and ' * Acc@1 ' in eval_log
 
+    # the release layout: experts per rank, the rest in .master; --pretrained NAME.pth merges them back
+    final = {name: torch.load(run_dir / f'ckpt_epoch_final.pth.{name}', weights_only=True)['model']
+             for name in ('rank0', 'rank1', 'master')}
+    assert expert in final['rank1'] and gate not in final['rank1'] and gate in final['master']
+    assert torch.equal(final['rank1'][expert], torch.load(run_dir / 'ckpt_epoch_1.pth.rank1',
+                                                          weights_only=True)['model'][expert])
+    tuned = _moe(['--eval', '--pretrained', str(run_dir / 'ckpt_epoch_final.pth')] + args[:4] +
+                 ['--output', str(tmp_path / 'tuned')], tmp_path)
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    tuned_log = (tmp_path / 'tuned' / 'moe_test' / 'default' / 'log_rank1.txt').read_text()
+    assert 'merged' in tuned_log and 'ckpt_epoch_final.pth.master' in tuned_log and ' * Acc@1 ' in tuned_log
+
 
 def test_main_moe_refuses_a_model_that_is_not_swin_moe(tmp_path):
     cfg = write_tiny_config(tmp_path)

@@ -249,6 +249,20 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     return path
 
 
+def save_moe_final(config, model: torch.nn.Module, rank: int, logger) -> None:
+    """Swin-MoE's final weights in the official release layout (every rank): ``ckpt_epoch_final.pth.rank{R}``
+    with this rank's expert parameters, and from rank 0 ``ckpt_epoch_final.pth.master`` with the rest (the files
+    of the released models; ``--pretrained .../ckpt_epoch_final.pth`` merges them back)."""
+    model = unwrap_model(model)
+    experts = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+    state = model.state_dict()
+    base = os.path.join(config.OUTPUT, 'ckpt_epoch_final.pth')
+    save_file_atomic({'model': {k: v for k, v in state.items() if k in experts}}, f'{base}.rank{rank}')
+    if rank == 0:
+        save_file_atomic({'model': {k: v for k, v in state.items() if k not in experts}}, f'{base}.master')
+    logger.info(f"{base}.rank{rank} saved !!!")
+
+
 def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str, tag: str = '') -> None:
     """Mid-epoch checkpoints are superseded by any newer checkpoint (``keep``) of the same or a later epoch."""
     for name in os.listdir(output_dir):

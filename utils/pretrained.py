@@ -243,6 +243,25 @@ def _state_of(ckpt: dict, path: str) -> dict:
     raise UserError(f"{path}: no 'model' entry (found keys: {sorted(ckpt)[:8]})")
 
 
+def _moe_state(config, path: str, logger: logging.Logger) -> Optional[dict]:
+    """Swin-MoE weights as the official release ships them: ``NAME.pth`` means this rank's ``NAME.pth.rank{R}``
+    (its experts), merged with ``NAME.pth.master`` (everything else) where that file exists; ``.global``
+    (TRAIN.MOE.SAVE_MASTER) as it is. None: an ordinary single file."""
+    from utils.checkpoint import checkpoint_tag
+    base = path[:-len('.master')] if path.endswith('.master') else path
+    if not base.endswith('.pth'):
+        return None
+    tag = checkpoint_tag(config)
+    own = base + tag
+    if not os.path.exists(_local_path(own)):
+        return None
+    state = _state_of(load_file_safe(_local_path(own)), own)
+    if os.path.exists(_local_path(base + '.master')):
+        state = {**state, **_state_of(load_file_safe(_local_path(base + '.master')), base + '.master')}
+        logger.info(f"merged {own} with {base}.master")
+    return state
+
+
 def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map: Optional[list[int]] = None
                     ) -> PretrainedReport:
     """Initialise ``model`` from MODEL.PRETRAINED for fine-tuning; returns what was changed.
@@ -252,7 +271,9 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
     path = str(config.MODEL.PRETRAINED)
     logger.info(f"==============> Loading weight {path} for fine-tuning......")
     model = unwrap_model(model)
-    state = _state_of(load_file_safe(_local_path(path)), path)
+    state = _moe_state(config, path, logger) if config.MODEL.TYPE == 'swin_moe' else None
+    if state is None:
+        state = _state_of(load_file_safe(_local_path(path)), path)
     if class_map is None:
         class_map = _class_map_for(config, state, model)
     adapted, report = adapt_state_dict(state, model, class_map)
