@@ -95,6 +95,13 @@ class Routing:
     def kept(self) -> torch.Tensor:
         return self.locations < self.capacity
 
+    def placement(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the kept choices: their tokens, their flat slots in ``[E * capacity]`` and their gate values."""
+        kept = self.kept
+        tokens = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1).expand_as(kept)[kept]
+        slots = (self.experts * self.capacity + self.locations)[kept]
+        return tokens, slots, self.gates[kept]
+
 
 def _slot_in_expert(mask: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
     """``[T, E]`` one-hot choices -> ``[T, E]`` running count - 1 per expert, in token order or in ``order``."""
@@ -305,10 +312,11 @@ class MoELayer(nn.Module):
         shape, tokens = x.shape, x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             routing, l_aux = self.route(tokens)
-            dispatched = self.dispatch(tokens.float(), routing)
+            placement = routing.placement()
+            dispatched = self.dispatch(tokens.float(), placement, routing.capacity)
         out = self.run_experts(dispatched.to(x.dtype), routing.capacity)
         with torch.autocast(x.device.type, enabled=False):
-            y = self.combine(out.float(), routing, tokens.shape[0])
+            y = self.combine(out.float(), placement, tokens.shape[0])
         return y.to(x.dtype).reshape(shape), l_aux
 
     def route(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor]:
@@ -325,13 +333,11 @@ class MoELayer(nn.Module):
             l_aux = load_importance_loss(F.softmax(logits, dim=1), noisy, routing.experts, self.gate_noise)
         return routing, l_aux
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def dispatch(self, tokens: torch.Tensor, placement: tuple, capacity: int) -> torch.Tensor:
         """``[E, capacity, C]``: every kept choice's token in its expert's slot, zeros elsewhere."""
-        kept = routing.kept
-        token_ids = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1).expand_as(kept)[kept]
-        slots = (routing.experts * routing.capacity + routing.locations)[kept]
-        buffer = tokens.new_zeros(self.num_experts * routing.capacity, tokens.shape[1])
-        return buffer.index_add(0, slots, tokens[token_ids]).view(self.num_experts, routing.capacity, -1)
+        token_ids, slots, _ = placement
+        buffer = tokens.new_zeros(self.num_experts * capacity, tokens.shape[1])
+        return buffer.index_add(0, slots, tokens[token_ids]).view(self.num_experts, capacity, -1)
 
     def run_experts(self, dispatched: torch.Tensor, capacity: int) -> torch.Tensor:
         """Send each expert's slots to the rank that holds it, run the experts there, and send the results back."""
@@ -347,12 +353,10 @@ class MoELayer(nn.Module):
         out = out.view(p.local_experts, p.world_size, -1, c).transpose(0, 1).reshape(p.world_size, -1, c)
         return _AllToAll.apply(out.contiguous(), None).view(self.num_experts, capacity, c)
 
-    def combine(self, out: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    def combine(self, out: torch.Tensor, placement: tuple, num_tokens: int) -> torch.Tensor:
         """``y[t] = sum over t's kept choices of gate * expert output``; dropped choices add nothing."""
-        kept = routing.kept
-        token_ids = torch.arange(num_tokens, device=out.device).unsqueeze(1).expand_as(kept)[kept]
-        slots = (routing.experts * routing.capacity + routing.locations)[kept]
-        picked = out.reshape(-1, out.shape[-1])[slots] * routing.gates[kept].unsqueeze(1)
+        token_ids, slots, gates = placement
+        picked = out.reshape(-1, out.shape[-1])[slots] * gates.unsqueeze(1)
         return out.new_zeros(num_tokens, out.shape[-1]).index_add(0, token_ids, picked)
 
 

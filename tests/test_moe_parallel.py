@@ -3,23 +3,16 @@ the outputs and gradients of 1 process holding every expert, on the same tokens 
 rank measures the same gradient norm, the one process's."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cli import free_port
 from models.moe import ExpertParallel, MoELayer, exclude_experts_from_ddp
 from utils.amp import job_grad_norm
 
 C, H = 8, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _tokens(rank: int) -> torch.Tensor:
@@ -69,7 +62,7 @@ def _worker(rank: int, port: int, num_local_experts: int, reference: dict, resul
 def test_two_processes_equal_one_process_holding_every_expert(tmp_path, num_local_experts, num_experts):
     layer, outs, grads = _single_process(num_experts)
     reference = {'state': {k: v.detach().clone() for k, v in layer.state_dict().items()}}
-    mp.spawn(_worker, args=(_free_port(), num_local_experts, reference, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), num_local_experts, reference, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f'{rank}.pt', weights_only=True)
         torch.testing.assert_close(got['y'], outs[rank], rtol=1e-5, atol=1e-6)
