@@ -25,7 +25,8 @@ __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
     'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'shifted_window_mask', 'relative_position_index',
     'window_attention', 'drop_path_rates', 'check_resolution', 'init_weights', 'DerivedBuffersMixin',
-    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced',
+    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'padded_size', 'merged_size',
+    'stage_resolutions', 'ShiftedWindowMixin',
 ]
 
 # The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
@@ -107,8 +108,12 @@ class HierarchicalClassifierMixin:
 
     def init_stem(self, img_size, patch_size, in_chans: int, num_classes: int, embed_dim: int,
                   depths: Sequence[int], window_size: int, mlp_ratio: float, drop_rate: float, norm_layer: type,
-                  ape: bool, patch_norm: bool) -> None:
-        """The sizes, patch embedding, optional absolute position embedding and dropout every variant starts with."""
+                  ape: bool, patch_norm: bool, dynamic_img_size: bool = False) -> None:
+        """The sizes, patch embedding, optional absolute position embedding and dropout every variant starts with.
+
+        A fixed-size model must tile every stage with whole windows at ``img_size``; a ``dynamic_img_size`` one
+        pads instead, and ``img_size`` only sets the window clipping and the position table's grid.
+        """
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -116,10 +121,13 @@ class HierarchicalClassifierMixin:
         self.patch_norm = patch_norm
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
         self.mlp_ratio = mlp_ratio
-        check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
+        self.dynamic_img_size = dynamic_img_size
+        if not dynamic_img_size:
+            check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer=norm_layer if patch_norm else None)
+                                      norm_layer=norm_layer if patch_norm else None, dynamic=dynamic_img_size)
         self.patches_resolution = self.patch_embed.patches_resolution
+        self.stage_resolutions = stage_resolutions(self.patches_resolution, self.num_layers)
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
@@ -133,14 +141,32 @@ class HierarchicalClassifierMixin:
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(init_weights)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Images ``(B, C, H, W)`` -> patch tokens ``(B, L, embed_dim)`` (plus the position embedding, then dropout)
+        and their map size."""
+        size = self.patch_embed.grid_size(x.shape[-2:])
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
+            x = x + self.position_embedding(size)
+        return self.pos_drop(x), size
+
+    def position_embedding(self, size: Tuple[int, int]) -> torch.Tensor:
+        """The absolute position embedding ``(1, L, C)`` for a ``size`` map: the table itself at the built size,
+        else the table resized bicubically (official detection backbone)."""
+        if tuple(size) == tuple(self.patches_resolution):
+            return self.absolute_pos_embed
+        h, w = self.patches_resolution
+        grid = self.absolute_pos_embed.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=tuple(size), mode='bicubic', align_corners=False)
+        return grid.flatten(2).transpose(1, 2).contiguous()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
+        x, size = self.embed(x)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, size)
+            if layer.downsample is not None:
+                size = merged_size(size)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -180,28 +206,38 @@ class Mlp(nn.Module):
 class PatchEmbed(nn.Module):
     """Image to patch tokens: a strided convolution (``proj``), then an optional LayerNorm (``norm``).
 
-    The input must have exactly ``img_size``: the windows, masks and position tables of the
-    stages after it are built for that size (as in the official model).
+    A fixed-size model (``dynamic=False``, the official classifier) takes exactly ``img_size``: the windows,
+    masks and position tables of the stages after it are built for that size. With ``dynamic`` any size is
+    taken; the image is padded right and bottom with zeros to a multiple of the patch size (official detection
+    backbone), and :meth:`grid_size` says how many patches come out.
     """
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: Union[int, Sequence[int]] = 4,
-                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Optional[type] = None):
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Optional[type] = None, dynamic: bool = False):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        self.patches_resolution = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.dynamic = dynamic
+        self.patches_resolution = self.grid_size(self.img_size)
         self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
+    def grid_size(self, image_size: Sequence[int]) -> Tuple[int, int]:
+        """Patches ``(rows, columns)`` an image of ``(H, W)`` gives (partial patches count when dynamic)."""
+        (h, w), (ph, pw) = image_size, self.patch_size
+        return (-(-h // ph), -(-w // pw)) if self.dynamic else (h // ph, w // pw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
-        if (h, w) != self.img_size:
+        if self.dynamic:
+            x = F.pad(x, (0, -w % self.patch_size[1], 0, -h % self.patch_size[0]))
+        elif (h, w) != self.img_size:
             raise ValueError(f"input image size {h}x{w} does not match the model's img_size "
-                             f"{self.img_size[0]}x{self.img_size[1]} (resize the images, or build the model "
-                             "for this size)")
+                             f"{self.img_size[0]}x{self.img_size[1]} (resize the images, build the model for this "
+                             "size, or build it with dynamic_img_size=True)")
         x = self.proj(x).flatten(2).transpose(1, 2)  # B, Ph*Pw, C
         return self.norm(x) if self.norm is not None else x
 
@@ -230,18 +266,22 @@ class PatchMerging(nn.Module):
     def _norm_dim(self) -> int:
         return 4 * self.dim
 
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H*W, C) -> (B, H/2*W/2, 4C)``."""
-        h, w = self.input_resolution
+    def merge(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 4C)``; an odd ``size`` (default: ``input_resolution``) is
+        first padded right and bottom with zeros (official detection backbone)."""
+        h, w = size or self.input_resolution
         b, _, c = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
         # (B, H/2, row parity, W/2, column parity, C) -> column parity, then row parity, then C: the official
         # concatenation [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]] in one copy (and one in
         # backward, where the four slices would each zero-fill a full-size gradient)
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5)
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5)
         return x.reshape(b, -1, 4 * c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(self.merge(x)))
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.reduction(self.norm(self.merge(x, size)))
 
     def flops(self) -> int:
         h, w = self.input_resolution
@@ -261,14 +301,19 @@ class BasicLayer(nn.Module):
         self.downsample = downsample
         self.use_checkpoint = use_checkpoint
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Row-major tokens of a ``size`` map (default: the size the stage was built for) through the blocks and
+        the downsampling."""
+        x = self.forward_blocks(x, size)
+        return x if self.downsample is None else self.downsample(x, size)
+
+    def forward_blocks(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The blocks alone: the stage's output before its patch merging."""
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, size, use_reentrant=False)
             else:
-                x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
+                x = blk(x, size)
         return x
 
     def flops(self) -> int:
@@ -292,26 +337,39 @@ def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> t
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
-def shifted_windows(x: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
-                    shift_size: int) -> torch.Tensor:
-    """Row-major tokens ``(B, H*W, C)`` -> windows ``(B * nW, ws*ws, C)`` of the map cyclically shifted up and
-    left by ``shift_size`` (no shift: plain windows)."""
-    h, w = input_resolution
+def padded_size(size: Tuple[int, int], multiple: int) -> Tuple[int, int]:
+    """``size`` rounded up to multiples of ``multiple``: the map a block pads to before cutting windows."""
+    return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
+
+
+def shifted_windows(x: torch.Tensor, size: Tuple[int, int], window_size: int, shift_size: int) -> torch.Tensor:
+    """Row-major tokens ``(B, H*W, C)`` of a ``size`` map -> windows ``(B * nW, ws*ws, C)``.
+
+    A map that the window does not tile is padded right and bottom with zeros to window multiples (official
+    detection backbone); then it is cyclically shifted up and left by ``shift_size`` (no shift: plain windows).
+    """
+    h, w = size
     b, _, c = x.shape
     x = x.view(b, h, w, c)
+    hp, wp = padded_size(size, window_size)
+    if (hp, wp) != (h, w):
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
     if shift_size > 0:
         x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    return window_partition(x, window_size).view(-1, window_size * window_size, c)
+    return window_partition(x, window_size).reshape(-1, window_size * window_size, c)
 
 
-def merge_windows(windows: torch.Tensor, input_resolution: Tuple[int, int], window_size: int,
-                  shift_size: int) -> torch.Tensor:
-    """Inverse of :func:`shifted_windows`: windows ``(B * nW, ws*ws, C)`` -> row-major tokens ``(B, H*W, C)``."""
-    h, w = input_resolution
+def merge_windows(windows: torch.Tensor, size: Tuple[int, int], window_size: int, shift_size: int) -> torch.Tensor:
+    """Inverse of :func:`shifted_windows`: windows ``(B * nW, ws*ws, C)`` -> row-major tokens ``(B, H*W, C)`` of the
+    ``size`` map (the padding cut off)."""
+    h, w = size
+    hp, wp = padded_size(size, window_size)
     c = windows.shape[-1]
-    x = window_reverse(windows.view(-1, window_size, window_size, c), window_size, h, w)
+    x = window_reverse(windows.view(-1, window_size, window_size, c), window_size, hp, wp)
     if shift_size > 0:
         x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
+    if (hp, wp) != (h, w):
+        x = x[:, :h, :w]
     return x.reshape(-1, h * w, c)
 
 
@@ -320,6 +378,20 @@ def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size:
     if min(input_resolution) <= window_size:
         return min(input_resolution), 0
     return window_size, shift_size
+
+
+def stage_resolutions(patches_resolution: Tuple[int, int], num_layers: int) -> list:
+    """Token map size of each stage: patch merging halves it, rounding up (odd maps are padded)."""
+    sizes = [tuple(patches_resolution)]
+    for _ in range(num_layers - 1):
+        sizes.append(merged_size(sizes[-1]))
+    return sizes
+
+
+def merged_size(size: Tuple[int, int]) -> Tuple[int, int]:
+    """The map size after patch merging."""
+    return -(-size[0] // 2), -(-size[1] // 2)
+
 
 def check_resolution(img_size: Tuple[int, int], patch_size: Tuple[int, int], num_layers: int,
                      window_size: int) -> None:
@@ -378,6 +450,43 @@ def shifted_window_mask(input_resolution: Tuple[int, int], window_size: int, shi
     region = window_partition(region, window_size).view(-1, window_size * window_size)
     diff = region.unsqueeze(1) - region.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+
+
+@functools.lru_cache(maxsize=32)
+def _shift_mask_on(padded: Tuple[int, int], window_size: int, shift_size: int, device: torch.device) -> torch.Tensor:
+    return shifted_window_mask(padded, window_size, shift_size, device=device)
+
+
+class ShiftedWindowMixin:
+    """For blocks that cut (shifted) windows: the size of the incoming map and the shift mask that fits it.
+
+    Expects ``input_resolution``, ``window_size`` and ``shift_size``; :meth:`init_shift_mask` registers the mask
+    for the built size as the derived buffer ``attn_mask``. A map of another size (a dynamic-size model) gets the
+    mask of its padded size, built once per size and device.
+    """
+
+    def init_shift_mask(self) -> None:
+        mask = None
+        if self.shift_size > 0:
+            mask = shifted_window_mask(padded_size(self.input_resolution, self.window_size), self.window_size,
+                                       self.shift_size)
+        self.register_buffer('attn_mask', mask, persistent=False)
+
+    def map_size(self, x: torch.Tensor, size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        """``size`` (default: the built ``input_resolution``), checked against the tokens of ``x``."""
+        h, w = size or self.input_resolution
+        if x.shape[1] != h * w:
+            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
+        return h, w
+
+    def shift_mask(self, size: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """The ``(nW, N, N)`` additive mask for a ``size`` map, or None for an unshifted block."""
+        if self.attn_mask is None:
+            return None
+        padded = padded_size(size, self.window_size)
+        if padded == padded_size(self.input_resolution, self.window_size):
+            return self.attn_mask
+        return _shift_mask_on(padded, self.window_size, self.shift_size, self.attn_mask.device)
 
 
 @derived_buffer

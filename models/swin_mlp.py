@@ -7,14 +7,15 @@ border and no mask is needed. Names follow the official release.
 """
 from __future__ import annotations
 
-from typing import Sequence, Set, Tuple, Union
+from typing import Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window, drop_path_rates,
-                     init_weights, trunc_normal_, window_partition, window_reverse)
+                     init_weights, padded_size, trunc_normal_, window_partition, window_reverse)
+from .features import BackboneMixin
 from .registry import register_model
 
 __all__ = ['SwinMLPBlock', 'SwinMLP']
@@ -47,23 +48,26 @@ class SwinMLPBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def spatial_mix(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C) -> (B, H, W, C)``: mix positions within each (padded, shifted) window."""
+        """``(B, H, W, C) -> (B, H, W, C)``: mix positions within each (padded, shifted) window. A map the window
+        does not tile is first padded right and bottom with zeros to window multiples, as in the attention models."""
         b, h, w, c = x.shape
         ws, nh = self.window_size, self.num_heads
-        if self.shift_size > 0:
-            left, right, top, bottom = self.padding
-            x = F.pad(x, (0, 0, left, right, top, bottom))
+        hp, wp = padded_size((h, w), ws)
+        left, right, top, bottom = self.padding if self.shift_size > 0 else (0, 0, 0, 0)
+        if (left, right + wp - w, top, bottom + hp - h) != (0, 0, 0, 0):
+            x = F.pad(x, (0, 0, left, right + wp - w, top, bottom + hp - h))
         hp, wp = x.shape[1], x.shape[2]
         win = window_partition(x, ws).view(-1, ws * ws, nh, c // nh).transpose(1, 2)  # B*nW, nH, N, C/nH
         win = self.spatial_mlp(win.reshape(-1, nh * ws * ws, c // nh))
         win = win.view(-1, nh, ws * ws, c // nh).transpose(1, 2).reshape(-1, ws, ws, c)
         x = window_reverse(win, ws, hp, wp)
-        if self.shift_size > 0:
+        if (hp, wp) != (h, w):
             x = x[:, top:top + h, left:left + w, :]
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.input_resolution
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Row-major tokens of a ``size`` map (default: the built ``input_resolution``) in and out."""
+        h, w = size or self.input_resolution
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {length}")
@@ -87,7 +91,7 @@ class SwinMLPBlock(nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
-class SwinMLP(HierarchicalClassifierMixin, nn.Module):
+class SwinMLP(BackboneMixin, HierarchicalClassifierMixin, nn.Module):
     """Swin-MLP classifier: the Swin V1 layout (patch embedding, 4 stages with patch merging at the end
     of the first three, LayerNorm, average pooling, ``head``) built from :class:`SwinMLPBlock`."""
 
@@ -95,18 +99,21 @@ class SwinMLP(HierarchicalClassifierMixin, nn.Module):
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
-                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False):
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
+                 dynamic_img_size: Optional[bool] = None, features_only: bool = False,
+                 out_indices: Optional[Sequence[int]] = None, out_norm: bool = False, frozen_stages: int = -1):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
         self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, norm_layer, ape, patch_norm)
+                       drop_rate, norm_layer, ape, patch_norm,
+                       dynamic_img_size=features_only if dynamic_img_size is None else dynamic_img_size)
 
         dpr = drop_path_rates(drop_path_rate, depths)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             dim = int(embed_dim * 2 ** i)
-            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            res = self.stage_resolutions[i]
             first = sum(depths[:i])
             blocks = [SwinMLPBlock(dim, res, num_heads[i], window_size=window_size,
                                    shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
@@ -118,6 +125,7 @@ class SwinMLP(HierarchicalClassifierMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.init_backbone(features_only, out_indices, out_norm, frozen_stages, norm_layer)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

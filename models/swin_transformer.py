@@ -17,7 +17,8 @@ from torch import nn
 
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, merge_windows, relative_position_index,
-                     shifted_window_mask, shifted_windows, to_2tuple, trunc_normal_, window_attention)
+                     ShiftedWindowMixin, shifted_windows, to_2tuple, trunc_normal_, window_attention)
+from .features import BackboneMixin
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'SwinTransformer']
@@ -77,7 +78,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}'
 
 
-class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
+class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     """Pre-norm block: (shifted) window attention, then an MLP, each in a residual branch.
 
     Where the stage is no larger than ``window_size`` the window shrinks to the stage and the shift is
@@ -104,18 +105,15 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
-                if self.shift_size > 0 else None)
-        self.register_buffer('attn_mask', mask, persistent=False)
+        self.init_shift_mask()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Row-major tokens ``(B, H*W, C)`` in and out."""
-        h, w = self.input_resolution
-        if x.shape[1] != h * w:
-            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        windows = shifted_windows(self.norm1(x), self.input_resolution, self.window_size, self.shift_size)
-        windows = self.attn(windows, self.attn_mask)
-        y = merge_windows(windows, self.input_resolution, self.window_size, self.shift_size)
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Row-major tokens ``(B, H*W, C)`` of a ``size`` map (default: the built ``input_resolution``) in and out;
+        a map the window does not tile is padded for the attention (see :func:`~models.layers.shifted_windows`)."""
+        size = self.map_size(x, size)
+        windows = shifted_windows(self.norm1(x), size, self.window_size, self.shift_size)
+        windows = self.attn(windows, self.shift_mask(size))
+        y = merge_windows(windows, size, self.window_size, self.shift_size)
         x = self.drop_path.residual(x, y)
         return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
@@ -130,12 +128,17 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
-class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
+class SwinTransformer(BackboneMixin, HierarchicalClassifierMixin, nn.Module):
     """Swin Transformer classifier: patch embedding, 4 stages (patch merging at the end of the first
     three), final LayerNorm, average pooling, linear ``head``.
 
     Arguments keep the official names. ``fused_window_process`` is accepted for compatibility with
     official configs (the official fused CUDA kernel for shift + partition); it changes nothing here.
+
+    Backbone arguments (:mod:`models.features`): ``dynamic_img_size`` takes any input size, padding as the official
+    detection backbone does (default: on for ``features_only``); ``features_only`` returns the ``out_indices``
+    stages' maps; ``out_norm`` adds a LayerNorm ``norm{i}`` per output; ``frozen_stages`` freezes the stem and the
+    first stages.
     """
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -144,18 +147,21 @@ class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
-                 fused_window_process: bool = False):
+                 fused_window_process: bool = False,
+                 dynamic_img_size: Optional[bool] = None, features_only: bool = False,
+                 out_indices: Optional[Sequence[int]] = None, out_norm: bool = False, frozen_stages: int = -1):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
         self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, norm_layer, ape, patch_norm)
+                       drop_rate, norm_layer, ape, patch_norm,
+                       dynamic_img_size=features_only if dynamic_img_size is None else dynamic_img_size)
 
         dpr = drop_path_rates(drop_path_rate, depths)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             dim = int(embed_dim * 2 ** i)
-            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            res = self.stage_resolutions[i]
             first = sum(depths[:i])
             blocks = [SwinTransformerBlock(dim, res, num_heads[i], window_size=window_size,
                                            shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
@@ -168,6 +174,7 @@ class SwinTransformer(HierarchicalClassifierMixin, nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
+        self.init_backbone(features_only, out_indices, out_norm, frozen_stages, norm_layer)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

@@ -19,7 +19,8 @@ from torch import nn
 from . import layers
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, clip_window,
                      derived_buffer, drop_path_rates, init_weights, log_spaced, merge_windows, relative_position_index,
-                     shifted_window_mask, shifted_windows, to_2tuple, window_attention)
+                     ShiftedWindowMixin, shifted_windows, to_2tuple, window_attention)
+from .features import BackboneMixin
 from .registry import register_model
 
 __all__ = ['WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'SwinTransformerV2', 'relative_coords_table']
@@ -118,7 +119,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
                 f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
 
 
-class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
+class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     """Res-post-norm block: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``.
 
     Window clipping and the derived ``attn_mask`` work as in V1.
@@ -145,17 +146,15 @@ class SwinTransformerBlock(DerivedBuffersMixin, nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
-                if self.shift_size > 0 else None)
-        self.register_buffer('attn_mask', mask, persistent=False)
+        self.init_shift_mask()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.input_resolution
-        if x.shape[1] != h * w:
-            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        windows = shifted_windows(x, self.input_resolution, self.window_size, self.shift_size)
-        windows = self.attn(windows, self.attn_mask)
-        y = merge_windows(windows, self.input_resolution, self.window_size, self.shift_size)
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Row-major tokens of a ``size`` map (default: the built size) in and out, padded for the attention as in
+        V1."""
+        size = self.map_size(x, size)
+        windows = shifted_windows(x, size, self.window_size, self.shift_size)
+        windows = self.attn(windows, self.shift_mask(size))
+        y = merge_windows(windows, size, self.window_size, self.shift_size)
         x = self.drop_path.residual(x, self.norm1(y))
         return self.drop_path.residual(x, self.norm2(self.mlp(x)))
 
@@ -182,15 +181,15 @@ class PatchMerging(layers.PatchMerging):
     def _norm_dim(self) -> int:
         return 2 * self.dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(self.merge(x)))
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.norm(self.reduction(self.merge(x, size)))
 
     def flops(self) -> int:
         h, w = self.input_resolution
         return (h // 2) * (w // 2) * 4 * self.dim * 2 * self.dim + h * w * self.dim // 2
 
 
-class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
+class SwinTransformerV2(BackboneMixin, HierarchicalClassifierMixin, nn.Module):
     """Swin Transformer V2 classifier; same layout and arguments as V1 (no ``qk_scale``: attention is
     cosine) plus ``pretrained_window_sizes``, one per stage (0: not fine-tuned from another window)."""
 
@@ -200,19 +199,22 @@ class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False,
-                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
+                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
+                 dynamic_img_size: Optional[bool] = None, features_only: bool = False,
+                 out_indices: Optional[Sequence[int]] = None, out_norm: bool = False, frozen_stages: int = -1):
         super().__init__()
         if not len(depths) == len(num_heads) == len(pretrained_window_sizes):
             raise ValueError(f"depths {list(depths)}, num_heads {list(num_heads)} and pretrained_window_sizes "
                              f"{list(pretrained_window_sizes)} must have one entry per stage")
         self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, norm_layer, ape, patch_norm)
+                       drop_rate, norm_layer, ape, patch_norm,
+                       dynamic_img_size=features_only if dynamic_img_size is None else dynamic_img_size)
 
         dpr = drop_path_rates(drop_path_rate, depths)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             dim = int(embed_dim * 2 ** i)
-            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
+            res = self.stage_resolutions[i]
             first = sum(depths[:i])
             blocks = [SwinTransformerBlock(dim, res, num_heads[i], window_size=window_size,
                                            shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
@@ -229,6 +231,7 @@ class SwinTransformerV2(HierarchicalClassifierMixin, nn.Module):
         for layer in self.layers:
             for blk in layer.blocks:
                 blk.init_respostnorm()
+        self.init_backbone(features_only, out_indices, out_norm, frozen_stages, norm_layer)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
