@@ -48,6 +48,7 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
+_C.MODEL.DYNAMIC_IMG_SIZE = False  # (ours) any input size, padded as the official detection backbone
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4

@@ -26,21 +26,26 @@ def _common_args(config, sub) -> dict:
                 patch_norm=sub.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
 
 
+def _backbone_args(config) -> dict:
+    """What the V1, V2 and Swin-MLP backbones take beyond the shared arguments."""
+    return dict(dynamic_img_size=config.MODEL.DYNAMIC_IMG_SIZE)
+
+
 def _build(model_type: str, config) -> nn.Module:
     if model_type == 'swin':
         sub = config.MODEL.SWIN
         # FUSED_WINDOW_PROCESS is accepted and ignored: the plain roll + partition path is used.
         return SwinTransformer(**_common_args(config, sub), qkv_bias=sub.QKV_BIAS, qk_scale=sub.QK_SCALE,
-                               fused_window_process=config.FUSED_WINDOW_PROCESS)
+                               fused_window_process=config.FUSED_WINDOW_PROCESS, **_backbone_args(config))
     if model_type == 'swinv2':
         sub = config.MODEL.SWINV2
         pretrained = list(sub.PRETRAINED_WINDOW_SIZES)
         if not any(pretrained):  # the all-zero default fits any number of stages
             pretrained = [0] * len(sub.DEPTHS)
         return SwinTransformerV2(**_common_args(config, sub), qkv_bias=sub.QKV_BIAS,
-                                 pretrained_window_sizes=pretrained)
+                                 pretrained_window_sizes=pretrained, **_backbone_args(config))
     if model_type == 'swin_mlp':
-        return SwinMLP(**_common_args(config, config.MODEL.SWIN_MLP))
+        return SwinMLP(**_common_args(config, config.MODEL.SWIN_MLP), **_backbone_args(config))
     if model_type == 'swin_moe':
         sub = config.MODEL.SWIN_MOE
         return SwinTransformerMoE(

@@ -78,6 +78,18 @@ def test_config_keys_reach_the_constructor():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
 
 
+@pytest.mark.parametrize('family', ['swin', 'swinv2', 'swin_mlp'])
+def test_dynamic_img_size_key_builds_a_model_that_takes_any_size(family):
+    section = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP'}[family]
+    cfg = _cfg(**{'DATA__IMG_SIZE': 32, 'MODEL__TYPE': family, 'MODEL__DYNAMIC_IMG_SIZE': True,
+                  f'MODEL__{section}__EMBED_DIM': 16, f'MODEL__{section}__DEPTHS': [2, 2],
+                  f'MODEL__{section}__NUM_HEADS': [1, 2], f'MODEL__{section}__WINDOW_SIZE': 4})
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 45, 71)).shape == (1, 1000)
+    assert model.dynamic_img_size and not build_model(_tiny_swin()).dynamic_img_size
+
+
 def test_swinv2_and_swin_mlp_read_their_own_sections():
     v2 = build_model(_cfg(MODEL__TYPE='swinv2', DATA__IMG_SIZE=64, MODEL__SWINV2__EMBED_DIM=16,
                           MODEL__SWINV2__NUM_HEADS=[1, 2, 4, 8], MODEL__SWINV2__WINDOW_SIZE=8,
