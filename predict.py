@@ -3,6 +3,7 @@
     python predict.py --weights output/swin_tiny_patch4_window7_224/default/ckpt_epoch_299.pth photo.jpg
     python predict.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml \\
         --weights swin_tiny_patch4_window7_224.pth --device cpu photos/
+    python predict.py --weights CKPT --native-size photo.jpg   # at the photo's own resolution, no crop
 
 The model comes from ``--cfg`` (and ``--opts``), or, for checkpoints written by main.py, from the
 config saved inside them. Class names: the sub-folders of ``--data-path`` (its ``train`` folder when it
@@ -19,6 +20,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 import yaml
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
 
 from config import get_default_config, merge_opts, merge_yaml
 from data.datasets import IMG_EXTENSIONS, find_classes
@@ -41,6 +44,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--topk', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--native-size', action='store_true',
+                        help='classify each image at its own resolution (no resize or crop): the model is built '
+                             'with MODEL.DYNAMIC_IMG_SIZE, which pads to patch and window multiples')
     return parser.parse_args(argv)
 
 
@@ -77,6 +83,8 @@ def build_config(args: argparse.Namespace, ckpt: dict):
         raise UserError(f"{args.weights} holds no config: pass the model's --cfg")
     if args.opts:
         merge_opts(cfg, list(args.opts))
+    if getattr(args, 'native_size', False):
+        cfg.MODEL.DYNAMIC_IMG_SIZE = True
     cfg.freeze()
     return cfg
 
@@ -141,7 +149,11 @@ def predict(model: torch.nn.Module, files: Sequence[str], transform, device: tor
         kept, tensors = _load_images(files[start:start + batch_size], transform)
         if not tensors:
             continue
-        probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
+        if len({t.shape for t in tensors}) == 1:
+            logits = model(torch.stack(tensors).to(device))
+        else:  # images at their own sizes (--native-size): one at a time
+            logits = torch.cat([model(t[None].to(device)) for t in tensors])
+        probs = logits.float().softmax(dim=-1)
         values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for path, v, i in zip(kept, values.tolist(), indices.tolist()):
             yield path, list(zip(i, v))
@@ -169,8 +181,11 @@ def main(args: argparse.Namespace) -> None:
     load_model_state(model, state, args.weights)
     model.to(device)
     names = class_names(cfg, args.data_path)
-    transform, _, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION,
-                                           crop=cfg.TEST.CROP, fast=False)
+    if args.native_size:  # the evaluation normalisation alone
+        transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    else:
+        transform, _, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION,
+                                               crop=cfg.TEST.CROP, fast=False)
     for path, top in predict(model, image_files(args.images), transform, device, args.topk, args.batch_size):
         print(path)
         for index, prob in top:

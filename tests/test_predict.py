@@ -69,3 +69,16 @@ def test_a_missing_image_is_one_line_naming_it(trained, capsys):
     _, ckpt, _ = trained
     assert predict.run(['nowhere.png', '--weights', str(ckpt)]) == 2
     assert capsys.readouterr().err.strip() == 'error: no such image or folder: nowhere.png'
+
+
+def test_native_size_classifies_images_at_their_own_resolution(trained, tmp_path, capsys):
+    _, ckpt, data = trained
+    from PIL import Image
+    images = []
+    for c, size in enumerate([(45, 71), (37, 29), (52, 40)]):  # (width, height): none a multiple of patch or window
+        path = tmp_path / f'odd_{c}.png'
+        Image.open(data / 'train' / f'class_{c}' / f'train_{c}_1.png').resize(size).save(path)
+        images.append(path)
+    assert predict.run([str(p) for p in images] + ['--weights', str(ckpt), '--native-size', '--device', 'cpu']) == 0
+    best = _top(capsys.readouterr().out)
+    assert [best[str(p)][1] for p in images] == ['class_0', 'class_1', 'class_2']
