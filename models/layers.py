@@ -447,7 +447,7 @@ def shifted_window_mask(input_resolution: Tuple[int, int], window_size: int, shi
         for ws in cuts:
             region[:, hs, ws, :] = label
             label += 1
-    region = window_partition(region, window_size).view(-1, window_size * window_size)
+    region = window_partition(region, window_size).reshape(-1, window_size * window_size)
     diff = region.unsqueeze(1) - region.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
