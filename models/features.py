@@ -112,7 +112,9 @@ class BackboneMixin:
         (default: ``out_indices``), the stage's output before its patch merging (through ``norm{i}`` when built
         with ``out_norm``)."""
         wanted = set(self.out_indices if indices is None else (i % self.num_layers for i in indices))
-        b = x.shape[0]
+        if not wanted:
+            return []
+        last, b = max(wanted), x.shape[0]
         x, size = self.embed(x)
         outputs = []
         for i, layer in enumerate(self.layers):
@@ -120,7 +122,7 @@ class BackboneMixin:
             if i in wanted:
                 y = getattr(self, f'norm{i}')(x) if hasattr(self, f'norm{i}') else x
                 outputs.append(y.view(b, size[0], size[1], -1).permute(0, 3, 1, 2).contiguous())
-            if i == max(wanted):
+            if i == last:
                 break
             if layer.downsample is not None:
                 x, size = layer.downsample(x, size), merged_size(size)

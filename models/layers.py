@@ -25,7 +25,7 @@ __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
     'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'shifted_window_mask', 'relative_position_index',
     'window_attention', 'drop_path_rates', 'check_resolution', 'init_weights', 'DerivedBuffersMixin',
-    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'padded_size', 'merged_size',
+    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'padded_size', 'merged_size', 'map_size',
     'stage_resolutions', 'ShiftedWindowMixin',
 ]
 
@@ -337,6 +337,14 @@ def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> t
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
+def map_size(x: torch.Tensor, size: Optional[Tuple[int, int]], built: Tuple[int, int]) -> Tuple[int, int]:
+    """The map size of the row-major tokens ``x``: ``size``, or the ``built`` one when None, checked against them."""
+    h, w = size or built
+    if x.shape[1] != h * w:
+        raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
+    return h, w
+
+
 def padded_size(size: Tuple[int, int], multiple: int) -> Tuple[int, int]:
     """``size`` rounded up to multiples of ``multiple``: the map a block pads to before cutting windows."""
     return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
@@ -471,13 +479,6 @@ class ShiftedWindowMixin:
             mask = shifted_window_mask(padded_size(self.input_resolution, self.window_size), self.window_size,
                                        self.shift_size)
         self.register_buffer('attn_mask', mask, persistent=False)
-
-    def map_size(self, x: torch.Tensor, size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-        """``size`` (default: the built ``input_resolution``), checked against the tokens of ``x``."""
-        h, w = size or self.input_resolution
-        if x.shape[1] != h * w:
-            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-        return h, w
 
     def shift_mask(self, size: Tuple[int, int]) -> Optional[torch.Tensor]:
         """The ``(nW, N, N)`` additive mask for a ``size`` map, or None for an unshifted block."""

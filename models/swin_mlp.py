@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window, drop_path_rates,
-                     init_weights, padded_size, trunc_normal_, window_partition, window_reverse)
+                     init_weights, map_size, padded_size, trunc_normal_, window_partition, window_reverse)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -67,10 +67,8 @@ class SwinMLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens of a ``size`` map (default: the built ``input_resolution``) in and out."""
-        h, w = size or self.input_resolution
-        b, length, c = x.shape
-        if length != h * w:
-            raise ValueError(f"expected {h}x{w}={h * w} tokens, got {length}")
+        h, w = map_size(x, size, self.input_resolution)
+        b, _, c = x.shape
         y = self.spatial_mix(self.norm1(x).view(b, h, w, c)).reshape(b, h * w, c)
         x = self.drop_path.residual(x, y)
         return self.drop_path.residual(x, self.mlp(self.norm2(x)))

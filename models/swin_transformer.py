@@ -17,7 +17,7 @@ from torch import nn
 
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging,
                      clip_window, drop_path_rates, init_weights, merge_windows, relative_position_index,
-                     ShiftedWindowMixin, shifted_windows, to_2tuple, trunc_normal_, window_attention)
+                     ShiftedWindowMixin, map_size, shifted_windows, to_2tuple, trunc_normal_, window_attention)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -110,7 +110,7 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens ``(B, H*W, C)`` of a ``size`` map (default: the built ``input_resolution``) in and out;
         a map the window does not tile is padded for the attention (see :func:`~models.layers.shifted_windows`)."""
-        size = self.map_size(x, size)
+        size = map_size(x, size, self.input_resolution)
         windows = shifted_windows(self.norm1(x), size, self.window_size, self.shift_size)
         windows = self.attn(windows, self.shift_mask(size))
         y = merge_windows(windows, size, self.window_size, self.shift_size)

@@ -19,7 +19,7 @@ from torch import nn
 from . import layers
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, clip_window,
                      derived_buffer, drop_path_rates, init_weights, log_spaced, merge_windows, relative_position_index,
-                     ShiftedWindowMixin, shifted_windows, to_2tuple, window_attention)
+                     ShiftedWindowMixin, map_size, shifted_windows, to_2tuple, window_attention)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -151,7 +151,7 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens of a ``size`` map (default: the built size) in and out, padded for the attention as in
         V1."""
-        size = self.map_size(x, size)
+        size = map_size(x, size, self.input_resolution)
         windows = shifted_windows(x, size, self.window_size, self.shift_size)
         windows = self.attn(windows, self.shift_mask(size))
         y = merge_windows(windows, size, self.window_size, self.shift_size)

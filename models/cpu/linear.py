@@ -76,7 +76,9 @@ class CastCache:
         entry = self._entries.get(name)
         if entry is None or entry[0] != key:
             with torch.autocast(tensors[0].device.type, enabled=False):
-                entry = (key, compute())
+                # the entry holds its source tensors: while it lives, no new tensor can take a source's address
+                # (a dynamic-size model's shift masks come and go) and be mistaken for it
+                entry = (key, compute(), tuple(tensors))
             self._entries[name] = entry
         return entry[1]
 

@@ -105,10 +105,7 @@ class WindowAttention(CastCacheMixin, swin_transformer.WindowAttention):
         dtype = dtype or table.dtype
         if not linear.applies(table):
             return reference(mask).to(dtype)
-        # the entry keeps the mask alive: a dynamic-size model's masks come and go, and a new one must not be
-        # taken for a freed one that had its address
-        return self._cache.get('bias', (table, mask), dtype,
-                               lambda: (reference(mask).contiguous().to(dtype), mask))[0]
+        return self._cache.get('bias', (table, mask), dtype, lambda: reference(mask).contiguous().to(dtype))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
