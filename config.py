@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Any
+from typing import Any, Sequence, Tuple, Union
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -26,7 +26,7 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process
 _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet'  # or 'imagenet22K'
-_C.DATA.IMG_SIZE = 224
+_C.DATA.IMG_SIZE = 224  # or [H, W] (ours): a non-square input
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'  # no | full | part
@@ -208,6 +208,8 @@ _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
+# Keys that take an int or a pair [H, W].
+_SIZE_KEYS = frozenset({'DATA.IMG_SIZE'})
 # Keys whose default is None accept any value; these are the types a value may have.
 _NONE_DEFAULT_TYPES = {'MODEL.SWIN.QK_SCALE': (int, float), 'MODEL.SWIN_MOE.QK_SCALE': (int, float),
                        'AUG.CUTMIX_MINMAX': (list, tuple)}
@@ -218,11 +220,34 @@ def get_default_config() -> CN:
     return _C.clone()
 
 
+def img_size_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """``(height, width)`` of a ``DATA.IMG_SIZE`` value: an int (a square) or ``[H, W]``."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _coerce_size(value: Any, key: str) -> Union[int, list]:
+    """An image size key: an int, or a pair [H, W] of ints (a one-element list means a square)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    items = list(value) if pair else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise UserError(f"bad value for config key {key}: {value!r} (expected an int or a pair [H, W] of ints)")
+    if min(items) < 1:
+        raise UserError(f"bad value for config key {key}: {value!r} (sides must be >= 1)")
+    return items if pair else items[0]
+
+
 def _coerce(value: Any, default: Any, key: str) -> Any:
     """Return ``value`` converted to the type of ``default``, or raise UserError naming ``key``."""
     if isinstance(value, str) and not isinstance(default, str):
         # As yacs does: YAML reads '5e-4' as a string, and --opts values arrive as text.
         value = _parse_opt_value(value)
+    if key in _SIZE_KEYS:
+        return _coerce_size(value, key)
     if value is None or default is None:
         allowed = _NONE_DEFAULT_TYPES.get(key)
         if value is None or allowed is None or isinstance(value, allowed):
@@ -377,7 +402,7 @@ _CHOICES = {
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
 }
 # Keys that must be at least this number.
-_MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.IMG_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
+_MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
             'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
             'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0, 'TRAIN.MAX_NONFINITE_STEPS': 0,
             'TRAIN.SAVE_STEPS': 0, 'PEER_TIMEOUT': 0.0}

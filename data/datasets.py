@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -55,14 +55,14 @@ class ImageListDataset(Dataset):
         transform: applied to the decoded image.
         decoder: bytes -> image (``decode_pil`` or ``decode_tensor``).
         on_bad: ``'replace'`` (draw another sample) or ``'blank'`` (black image, own label).
-        blank_size: side of the black stand-in image.
+        blank_size: side, or (H, W), of the black stand-in image.
         lazy: list the files on first use rather than now (cheap construction for eval runs).
     """
 
     max_attempts = 50
 
     def __init__(self, transform: Optional[Callable] = None, decoder: Callable = decode_pil,
-                 on_bad: str = 'replace', blank_size: int = 224, lazy: bool = False):
+                 on_bad: str = 'replace', blank_size: Union[int, Sequence[int]] = 224, lazy: bool = False):
         self.transform, self.decoder = transform, decoder
         self.on_bad, self.blank_size = on_bad, blank_size
         self.replacement_pool: Optional[Sequence[int]] = None  # indices replacements are drawn from

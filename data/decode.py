@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from config import img_size_hw
+
 try:
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # torchvision >= 0.29 deprecates its decoders; without them Pillow decodes everything
@@ -137,8 +139,9 @@ def draft_reduce(img: Image.Image, factor: int) -> float:
     return width / reduced[1][2]  # draft reports where the full image lies in decoded pixels
 
 
-def blank_image(decoder, size: int) -> object:
-    """A black ``size`` x ``size`` stand-in of the decoder's output type (unreadable validation images)."""
+def blank_image(decoder, size) -> object:
+    """A black stand-in of ``size`` (a side or (H, W)) of the decoder's output type (unreadable validation images)."""
+    height, width = img_size_hw(size)
     if decoder is decode_tensor:
-        return torch.zeros(3, size, size, dtype=torch.uint8)
-    return Image.new('RGB', (size, size))
+        return torch.zeros(3, height, width, dtype=torch.uint8)
+    return Image.new('RGB', (width, height))

@@ -1,7 +1,7 @@
 """Data for SimMIM pre-training: random patch masks, the light augmentation, and a masked loader.
 
 ``build_loader_simmim(config)`` returns ``(dataset, loader)``; the loader yields ``(images, masks)``:
-normalised images ``(B, 3, S, S)`` and masks ``(B, S / p, S / p)`` (1 = hidden) at the model's patch
+normalised images ``(B, 3, H, W)`` and masks ``(B, H / p, W / p)`` (1 = hidden) at the model's patch
 size ``p``. Masks hide DATA.MASK_RATIO of the DATA.MASK_PATCH_SIZE squares (rounded up), as the
 official MaskGenerator does. Images come from the folder DATA_PATH/train (or DATA_PATH itself when it
 has no train folder, as the official script reads it); labels are ignored.
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from config import img_size_hw
 from utils.errors import UserError
 
 from .build import dist_info
@@ -35,15 +36,16 @@ _MASK_STREAM = 0x5111A  # separates the mask seeds from the augmentation seeds
 
 
 class MaskGenerator:
-    """Random square masks: ``mask_ratio`` of the ``mask_patch_size`` cells of an ``input_size`` image.
+    """Random masks: ``mask_ratio`` of the ``mask_patch_size`` square cells of an ``input_size`` image
+    (a side or (H, W)).
 
-    Returns a ``(input_size / model_patch_size)``-square int array, each cell repeated over the model
-    patches it covers.
+    Returns an ``(H / model_patch_size, W / model_patch_size)`` int array, each cell repeated over the
+    model patches it covers.
     """
 
-    def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
-                 mask_ratio: float = 0.6):
-        if input_size % mask_patch_size:
+    def __init__(self, input_size: Union[int, Sequence[int]] = 192, mask_patch_size: int = 32,
+                 model_patch_size: int = 4, mask_ratio: float = 0.6):
+        if any(side % mask_patch_size for side in img_size_hw(input_size)):
             raise UserError(f"DATA.IMG_SIZE {input_size} is not a multiple of DATA.MASK_PATCH_SIZE {mask_patch_size}")
         if mask_patch_size % model_patch_size:
             raise UserError(f"DATA.MASK_PATCH_SIZE {mask_patch_size} is not a multiple of the model's "
@@ -52,25 +54,25 @@ class MaskGenerator:
             raise UserError(f"DATA.MASK_RATIO must be between 0 and 1, got {mask_ratio}")
         self.input_size, self.mask_patch_size = input_size, mask_patch_size
         self.model_patch_size, self.mask_ratio = model_patch_size, mask_ratio
-        self.rand_size = input_size // mask_patch_size
+        self.rand_size = tuple(side // mask_patch_size for side in img_size_hw(input_size))
         self.scale = mask_patch_size // model_patch_size
-        self.token_count = self.rand_size ** 2
+        self.token_count = self.rand_size[0] * self.rand_size[1]
         self.mask_count = int(np.ceil(self.token_count * mask_ratio))
 
     def __call__(self, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         rng = rng if rng is not None else np.random.default_rng()
         cells = np.zeros(self.token_count, dtype=np.int64)
         cells[rng.permutation(self.token_count)[:self.mask_count]] = 1
-        grid = cells.reshape(self.rand_size, self.rand_size)
+        grid = cells.reshape(self.rand_size)
         return grid.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
 
     def batch(self, n: int, seed: int) -> torch.Tensor:
-        """``(n, S / p, S / p)`` masks drawn from one generator seeded with ``seed``."""
+        """``(n, H / p, W / p)`` masks drawn from one generator seeded with ``seed``."""
         rng = np.random.default_rng(seed)
         return torch.from_numpy(np.stack([self(rng) for _ in range(n)]))
 
 
-def build_simmim_transform(img_size: int):
+def build_simmim_transform(img_size: Union[int, Sequence[int]]):
     """``(transform, decoder, batch_finish)``: random resized crop (scale 0.67-1), flip, normalise."""
     crop = TensorRandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bilinear')
     return FastTrainTransform(crop, None), decode_tensor, BatchNormalize(exact=False)

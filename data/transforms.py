@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,18 +35,21 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from config import img_size_hw
+
 from .augment_ops import use_fast_affine, use_safe_posterize
 from .decode import (PIL_SIMD, decode_pil, decode_tensor, draft_reduce, jpeg_reduction, jpeg_size, load_rgb,
                      open_image)
 
 _TENSOR_INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')
+ImageSize = Union[int, Sequence[int]]  # a square side or (height, width)
 
 
 # ---------------------------------------------------------------------------------- training
-def _timm_train(img_size: int, interpolation: str, color_jitter: float, auto_augment: Optional[str],
+def _timm_train(img_size: tuple[int, int], interpolation: str, color_jitter: float, auto_augment: Optional[str],
                 re_prob: float, re_mode: str, re_count: int, separate: bool):
     return create_transform(
-        input_size=img_size, is_training=True, color_jitter=color_jitter if color_jitter > 0 else None,
+        input_size=img_size if img_size[0] != img_size[1] else img_size[0], is_training=True, color_jitter=color_jitter if color_jitter > 0 else None,
         auto_augment=auto_augment if auto_augment and auto_augment != 'none' else None,
         re_prob=re_prob, re_mode=re_mode, re_count=re_count, interpolation=interpolation, separate=separate)
 
@@ -71,11 +74,11 @@ def resized_crop_tensor(img: torch.Tensor, box: tuple[int, int, int, int], size:
 
 
 class TensorRandomResizedCrop:
-    """RandomResizedCrop of a uint8 (3, H, W) tensor to (3, size, size), boxes drawn by torchvision's
+    """RandomResizedCrop of a uint8 (3, H, W) tensor to (3, *size), boxes drawn by torchvision's
     ``RandomResizedCrop.get_params`` (for pipelines that crop after decoding, e.g. ``data.simmim``)."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = 'bicubic'):
-        self.size, self.scale, self.ratio, self.mode = (size, size), scale, ratio, interpolation
+    def __init__(self, size: ImageSize, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = 'bicubic'):
+        self.size, self.scale, self.ratio, self.mode = img_size_hw(size), scale, ratio, interpolation
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         box = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
@@ -106,12 +109,13 @@ class RandomResizedCropDecoder:
       same pixels), or, on stock Pillow, torch does (see :func:`resized_crop_tensor`; 4x faster
       than stock Pillow's resize).
 
-    Returns a PIL image or a uint8 (3, H, W) tensor; either way ``size`` x ``size`` RGB.
+    Returns a PIL image or a uint8 (3, H, W) tensor; either way RGB of ``size`` (a side or (H, W)).
     """
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = 'bicubic',
+    def __init__(self, size: ImageSize, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = 'bicubic',
                  reduce: bool = True, pil_resize: Optional[bool] = None):
-        self.size, self.scale, self.ratio, self.mode = (size, size), tuple(scale), tuple(ratio), interpolation
+        self.size, self.scale, self.ratio, self.mode = img_size_hw(size), tuple(scale), tuple(ratio), interpolation
+        self.pil_size = self.size[::-1]  # Pillow sizes are (width, height)
         self.reduce = reduce
         self.pil_resize = PIL_SIMD if pil_resize is None else pil_resize
 
@@ -123,12 +127,12 @@ class RandomResizedCropDecoder:
         box = RandomResizedCropAndInterpolation.get_params(_size_only(width, height), self.scale, self.ratio)
         top, left, h, w = box
         if self.reduce and size is not None:
-            factor = jpeg_reduction(min(h / self.size[1], w / self.size[0]) / 2)
+            factor = jpeg_reduction(min(h / self.size[0], w / self.size[1]) / 2)
             if factor > 1:
                 return self._reduced(open_image(data), box, factor)
         pixels = decode_tensor(data)  # JPEGs through torchvision: faster than Pillow's decoder
         if self.pil_resize:  # Pillow-SIMD: crop, then resize, as timm does
-            return _pil_crop(pixels, box).resize(self.size, _PIL_RESAMPLE[self.mode])
+            return _pil_crop(pixels, box).resize(self.pil_size, _PIL_RESAMPLE[self.mode])
         return resized_crop_tensor(pixels, box, self.size, self.mode)
 
     def _reduced(self, img: Image.Image, box: tuple[int, int, int, int], factor: int) -> Image.Image:
@@ -137,9 +141,9 @@ class RandomResizedCropDecoder:
         scale = draft_reduce(img, factor)
         img = load_rgb(img)
         if scale == 1.0:  # Pillow declined to reduce: crop, then resize
-            return img.crop((left, top, left + w, top + h)).resize(self.size, _PIL_RESAMPLE[self.mode])
+            return img.crop((left, top, left + w, top + h)).resize(self.pil_size, _PIL_RESAMPLE[self.mode])
         located = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-        return img.resize(self.size, _PIL_RESAMPLE[self.mode], box=located)
+        return img.resize(self.pil_size, _PIL_RESAMPLE[self.mode], box=located)
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, '
@@ -205,18 +209,19 @@ class PilToUint8:
         return pil_to_uint8(image)
 
 
-def build_train_transform(img_size: int, interpolation: str = 'bicubic', color_jitter: float = 0.4,
+def build_train_transform(img_size: ImageSize, interpolation: str = 'bicubic', color_jitter: float = 0.4,
                           auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1', re_prob: float = 0.25,
                           re_mode: str = 'pixel', re_count: int = 1, fast: bool = True
                           ) -> tuple[Callable, Callable, Optional['BatchNormalize']]:
     """``(transform, decoder, batch_finish)`` for training; ``batch_finish`` is None on the plain path.
 
-    Images of at most 32 px use a random crop with 4 px of padding instead of the random resized crop
-    (as the official framework does for CIFAR-sized inputs). On the fast path the random resized
-    crop happens in the decoder (:class:`RandomResizedCropDecoder`).
+    ``img_size`` is a side or (height, width). Images of at most 32 px use a random crop with 4 px of
+    padding instead of the random resized crop (as the official framework does for CIFAR-sized inputs).
+    On the fast path the random resized crop happens in the decoder (:class:`RandomResizedCropDecoder`).
     """
+    img_size = img_size_hw(img_size)
     args = (img_size, interpolation, color_jitter, auto_augment, re_prob, re_mode, re_count)
-    small = img_size <= 32
+    small = max(img_size) <= 32
     if not fast:
         transform = _timm_train(*args, separate=False)
         if small:
@@ -240,10 +245,13 @@ def build_train_transform(img_size: int, interpolation: str = 'bicubic', color_j
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def build_eval_transform(img_size: int, interpolation: str = 'bicubic', crop: bool = True, fast: bool = True
+def build_eval_transform(img_size: ImageSize, interpolation: str = 'bicubic', crop: bool = True, fast: bool = True
                          ) -> tuple[Callable, Callable, Optional['BatchNormalize']]:
     """``(transform, decoder, batch_finish)``: resize to ``int(256 / 224 * size)`` and centre-crop
-    (or resize to the square when ``crop`` is off); images of at most 32 px are used as they are.
+    (or resize to the size when ``crop`` is off); images of at most 32 px are used as they are.
+
+    ``img_size`` is a side or (height, width). A non-square size keeps the aspect ratio as timm's
+    centre crop does: the image is scaled to just cover ``256 / 224`` times (H, W), then centre-cropped.
 
     Both paths compute the same float32 operations (``/255``, ``-mean``, ``/std``), so their batches
     are bitwise identical; the fast one runs them in the collate, on uint8 images. (Reduced JPEG
@@ -254,16 +262,37 @@ def build_eval_transform(img_size: int, interpolation: str = 'bicubic', crop: bo
         mode = InterpolationMode(interpolation)
     except ValueError:  # e.g. timm's 'random': bilinear, as the official framework falls back to
         mode = InterpolationMode.BILINEAR
+    height, width = img_size_hw(img_size)
     steps: list[Callable] = []
-    if img_size > 32:
-        if crop:
-            steps += [T.Resize(int(256 / 224 * img_size), interpolation=mode), T.CenterCrop(img_size)]
+    if max(height, width) > 32:
+        if not crop:
+            steps += [T.Resize((height, width), interpolation=mode)]
+        elif height == width:  # the official rule: the short side to int(256 / 224 * size)
+            steps += [T.Resize(int(256 / 224 * height), interpolation=mode), T.CenterCrop(height)]
         else:
-            steps += [T.Resize((img_size, img_size), interpolation=mode)]
+            cover = (int(256 / 224 * height), int(256 / 224 * width))
+            steps += [ResizeToCover(cover, interpolation=mode), T.CenterCrop((height, width))]
     if fast:
         return T.Compose(steps + [PilToUint8()]), decode_pil, BatchNormalize()
     steps += [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return T.Compose(steps), decode_pil, None
+
+
+class ResizeToCover:
+    """Resize a PIL image, keeping its aspect ratio, to the smallest size that covers ``(height, width)``."""
+
+    def __init__(self, size: tuple[int, int], interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size, self.interpolation = tuple(size), interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        scale = max(self.size[0] / height, self.size[1] / width)
+        # Rounded, then never below the target: a float product a hair under it must not cost a row.
+        out = (max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale)))
+        return T.functional.resize(image, list(out), interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})'
 
 
 # ---------------------------------------------------------------------------------- batch finishing
