@@ -535,7 +535,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     nw = bias.shape[0]
     images = bw // nw
     q, k, v = (t.reshape(images, nw * nh, n, d) for t in (q, k, v))
-    mask = _ImageBias.apply(bias.reshape(1, nw * nh, n, n), images, q.dtype)
+    bias = bias.reshape(1, nw * nh, n, n)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # Export (TorchScript, ONNX): a graph of standard ops, the bias broadcast over the images by SDPA itself;
+        # a custom autograd Function has no TorchScript or ONNX form.
+        mask = bias.to(q.dtype)
+    else:
+        mask = _ImageBias.apply(bias, images, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.reshape(bw, nh, n, d)
 

@@ -163,3 +163,16 @@ def test_pretrained_window4_fine_tunes_at_window8_better_than_from_scratch(tmp_p
     scratch_log = (tmp_path / 'out' / 'tiny_test' / 'scratch' / 'log_rank0.txt').read_text()
     assert 'relative_position_bias_table: [49, 1] -> [225, 1]' in ft_log and 'classifier head re-initialised' in ft_log
     assert _last_val_loss(ft_log) < _last_val_loss(scratch_log) - 0.1
+
+
+def test_the_shipped_22k_to_1k_map_keeps_the_official_rows_of_a_22k_head(tmp_path):
+    from utils.pretrained import DEFAULT_22K_MAP
+    rows = read_class_map(DEFAULT_22K_MAP)
+    assert len(rows) == 1000 == len(set(rows)) and 0 <= min(rows) and max(rows) < 21841
+    assert rows[:3] == [359, 368, 460] and rows[-1] == 21817  # the official data/map22kto1k.txt
+    source = build_model(tiny_cfg(MODEL__NUM_CLASSES=21841))
+    path = save_weights(source, tmp_path / 'w22k.pth')
+    model = build_model(tiny_cfg(MODEL__NUM_CLASSES=1000))
+    report = load_pretrained(tiny_cfg(pretrained=path, MODEL__NUM_CLASSES=1000), model, LOG)  # no class-map key
+    assert report.head.startswith('mapped: 21841 -> 1000')
+    assert torch.equal(model.head.weight, source.head.weight[torch.tensor(rows)])

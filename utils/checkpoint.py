@@ -123,11 +123,39 @@ def _as_config(record: Any) -> Any:
         return plain(record)
 
 
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+def load_safetensors(path: str) -> dict:
+    """A ``.safetensors`` file as a weights-only checkpoint: ``{'model': tensors}``, plus ``'config'`` (YAML text)
+    where the file's metadata holds one (our exports do). Nothing in such a file can run code."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework='pt', device='cpu') as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file: {_first_line(e)}") from None
+    ckpt: dict = {'model': state}
+    if metadata.get('config'):
+        ckpt['config'] = metadata['config']
+    return ckpt
+
+
 def load_file_safe(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """Load a checkpoint dict on the CPU without running any code from it; UserError naming ``path`` if not."""
+    """Load a checkpoint dict on the CPU without running any code from it; UserError naming ``path`` if not.
+
+    A ``.safetensors`` file reads as ``{'model': ..., 'config': ...}`` (see :func:`load_safetensors`).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    if path.endswith('.safetensors') or _is_safetensors(path):
+        return load_safetensors(path)
     if not _looks_like_torch_file(path):
         raise UserError(f"{path}: not a PyTorch checkpoint (truncated, or not written by torch.save)")
     try:
