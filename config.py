@@ -161,6 +161,13 @@ _C.TRAIN.LAYER_DECAY = 1.0
 _C.TRAIN.MOE = CN()
 _C.TRAIN.MOE.SAVE_MASTER = False
 
+# (ours) ddp: a full copy of weights, gradients and optimizer state per rank; fsdp: each sharded over the ranks
+# (FSDP2 fully_shard, utils/sharding.py)
+_C.TRAIN.SHARDING = 'ddp'
+_C.TRAIN.SHARDED_CKPT = False  # (ours) fsdp runs: each rank writes its shards (torch.distributed.checkpoint)
+_C.TRAIN.FSDP = CN()  # (ours)
+_C.TRAIN.FSDP.REDUCE_DTYPE = 'float32'  # gradient reduce-scatter dtype: float32, bfloat16 or float16
+_C.TRAIN.FSDP.RESHARD_AFTER_FORWARD = True  # free gathered weights after forward (less memory, one more gather)
 _C.TRAIN.EMA = CN()  # (ours) exponential moving average of the weights
 _C.TRAIN.EMA.ENABLE = False
 _C.TRAIN.EMA.DECAY = 0.9998
@@ -348,7 +355,7 @@ _FLAG_KEYS = {
     'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
     'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME',
     'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG',
-    'optim': 'TRAIN.OPTIMIZER.NAME', 'amp_dtype': 'AMP_DTYPE',
+    'optim': 'TRAIN.OPTIMIZER.NAME', 'amp_dtype': 'AMP_DTYPE', 'sharding': 'TRAIN.SHARDING',
 }
 # Boolean flags -> (config key, value set when the flag is given).
 _SWITCH_KEYS = {
@@ -398,7 +405,8 @@ def update_config(cfg: CN, args: Any) -> None:
 _CHOICES = {
     'DATA.CACHE_MODE': ('no', 'full', 'part'), 'DATA.DATASET': ('imagenet', 'imagenet22K'),
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe', 'swin_mlp'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'), 'TRAIN.SHARDING': ('ddp', 'fsdp'),
+    'TRAIN.FSDP.REDUCE_DTYPE': ('float32', 'bfloat16', 'float16'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
 }
 # Keys that must be at least this number.

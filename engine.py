@@ -16,8 +16,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from timm.utils import AverageMeter
 
+from config import img_size_hw
 from utils.distributed import all_reduce_max, all_reduce_sum
 from utils.errors import UserError
+from utils.sharding import is_sharded, set_gradient_sync
 
 
 @dataclass
@@ -77,7 +79,10 @@ def memory_mb(device: torch.device) -> float:
 
 
 def no_sync(model: torch.nn.Module, accumulating: bool):
-    """Skip DDP's gradient all-reduce on the steps that only accumulate."""
+    """Skip the gradient reduction on the steps that only accumulate: DDP's all-reduce, FSDP's reduce-scatter."""
+    if is_sharded(model):
+        set_gradient_sync(model, not accumulating)
+        return contextlib.nullcontext()
     if accumulating and hasattr(model, 'no_sync'):
         return model.no_sync()
     return contextlib.nullcontext()
@@ -285,11 +290,28 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
             logger.info(f'Test: [{idx}/{num_steps}]\tTime {time.time() - end:.3f}\t'
                         f'Loss {totals[2].item() / n:.4f}\tAcc@1 {100 * totals[0].item() / n:.3f}\t'
                         f'Acc@5 {100 * totals[1].item() / n:.3f}\tMem {memory_mb(device):.0f}MB')
+    if is_sharded(model):
+        join_sharded_forwards(config, model, device, amp_dtype, num_steps)
     totals = all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
     acc1, acc5, loss = 100 * totals[0].item() / count, 100 * totals[1].item() / count, totals[2].item() / count
     logger.info(f' * {label}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
     return acc1, acc5, loss
+
+
+def join_sharded_forwards(config, model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype],
+                          num_steps: int) -> None:
+    """FSDP all-gathers every unit's weights in each forward, with every rank taking part; a rank whose share of
+    the validation set has fewer batches runs throw-away forwards until all ranks have run as many."""
+    missing = int(all_reduce_max(torch.tensor(num_steps, device=device)).item()) - num_steps
+    if missing <= 0:
+        return
+    height, width = img_size_hw(config.DATA.IMG_SIZE)
+    chans = getattr(model, '_orig_mod', model).patch_embed.proj.in_channels
+    blank = torch.zeros(1, chans, height, width, device=device)
+    for _ in range(missing):
+        with autocast(device, amp_dtype):
+            model(blank)
 
 
 @torch.no_grad()

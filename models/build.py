@@ -64,7 +64,7 @@ def build_model(config, is_pretrain: bool = False, device: Union[str, torch.devi
 
     ``is_pretrain``: the SimMIM pre-training model around a headless backbone (MODEL.SIMMIM.*).
     For a CPU the reference modules are swapped for their CPU versions (:mod:`models.cpu`; same parameters and
-    keys) unless ``CPU_KERNELS`` is False; any other device gets the reference model. The model is returned on
+    keys) unless ``CPU_KERNELS`` is False or TRAIN.SHARDING is fsdp; any other device gets the reference model. The model is returned on
     the CPU, for the caller to move. A size or shape that the architecture cannot take is a UserError naming the
     keys involved.
     """
@@ -74,7 +74,10 @@ def build_model(config, is_pretrain: bool = False, device: Union[str, torch.devi
         target = config.MODEL.SIMMIM.NORM_TARGET
         return SimMIM(encoder, norm_target_patch_size=target.PATCH_SIZE if target.ENABLE else 0)
     model = _build_reference(config)
-    if torch.device(device).type == 'cpu' and config.get('CPU_KERNELS', True):
+    # FSDP (TRAIN.SHARDING fsdp) all-gathers fresh weight tensors for every forward: the CPU modules' caches of
+    # converted weights would only miss, so sharded runs keep the reference modules.
+    sharded = config.get('TRAIN', {}).get('SHARDING', 'ddp') == 'fsdp'
+    if torch.device(device).type == 'cpu' and config.get('CPU_KERNELS', True) and not sharded:
         cpu.accelerate(model)
     return model
 

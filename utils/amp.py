@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 import torch
 
 from utils.errors import UserError
+from utils.sharding import plain_tensor
 
 _DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
            'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
@@ -120,6 +121,7 @@ class GradScalerWithNorm:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         else:
             norm = grad_norm(parameters)
+        norm = plain_tensor(norm)  # over FSDP's sharded gradients the norm is a (replicated) DTensor
         # the norm of the unscaled gradients is finite exactly when GradScaler finds no inf/NaN in them
         self.last_skipped = torch.logical_not(torch.isfinite(norm.detach()))
         if self.enabled:
