@@ -78,6 +78,7 @@ def parse_option(argv: list[str] | None = None):
     parser.add_argument('--amp-dtype', type=str, choices=['auto', 'float16', 'bfloat16'],
                         help='(ours) mixed-precision type; auto: float16 on CUDA, bfloat16 on CPU')
     parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
+    parser.add_argument('--sharding', choices=['ddp', 'fsdp'], help='(ours) TRAIN.SHARDING')
     args = parser.parse_args(argv)
     return args, get_config(args)
 

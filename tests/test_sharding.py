@@ -44,5 +44,5 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_reshards_and_consolidates(t
 def test_main_refuses_fsdp_until_the_loop_uses_it(tmp_path, image_folder):
     from cli import write_tiny_config
     result = run_main(['--cfg', str(write_tiny_config(tmp_path)), '--data-path', str(image_folder),
-                       '--output', str(tmp_path / 'out'), '--opts', 'TRAIN.SHARDING', 'fsdp'], cwd=tmp_path)
+                       '--output', str(tmp_path / 'out'), '--sharding', 'fsdp'], cwd=tmp_path)
     assert result.returncode == 2 and 'TRAIN.SHARDING fsdp' in result.stderr and 'Traceback' not in result.stderr
