@@ -136,6 +136,8 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.KEEP_CKPTS = 0  # (ours) keep only the newest N epoch checkpoints; 0 keeps all
+_C.TRAIN.SAVE_BEST = True  # (ours) keep model_best.pth: the checkpoint of the best validation score so far
+_C.TRAIN.BEST_METRIC = 'acc1'  # (ours) the score that picks model_best.pth: acc1 (the model's) or ema_acc1
 # (ours) every N optimizer steps a resumable mid-epoch checkpoint replaces the previous one (0: off), so a node
 # that dies without warning loses at most N steps
 _C.TRAIN.SAVE_STEPS = 0
@@ -407,7 +409,7 @@ _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe', 'swin_mlp'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'), 'TRAIN.SHARDING': ('ddp', 'fsdp'),
     'TRAIN.FSDP.REDUCE_DTYPE': ('float32', 'bfloat16', 'float16'),
-    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'), 'TRAIN.BEST_METRIC': ('acc1', 'ema_acc1'),
 }
 # Keys that must be at least this number.
 _MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
@@ -435,6 +437,8 @@ def _check_values(cfg: CN) -> None:
     if not 0.0 <= cfg.DATA.MAX_BAD_FRACTION <= 1.0:
         raise UserError(f"bad value for config key DATA.MAX_BAD_FRACTION: {cfg.DATA.MAX_BAD_FRACTION!r} "
                         "(must be between 0 and 1)")
+    if cfg.TRAIN.BEST_METRIC == 'ema_acc1' and not cfg.TRAIN.EMA.ENABLE:
+        raise UserError("TRAIN.BEST_METRIC ema_acc1 needs TRAIN.EMA.ENABLE True")
 
 
 def get_config(args: Any) -> CN:

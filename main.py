@@ -32,8 +32,8 @@ from models.complexity import count_flops, count_params
 from models.moe import exclude_experts_from_ddp, moe_param_counts
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
-from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_checkpoint, save_moe_final,
-                              writes_checkpoints)
+from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_best_checkpoint,
+                              save_checkpoint, save_moe_final, writes_checkpoints)
 from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -43,6 +43,7 @@ from utils.errors import UserError
 from utils.preemption import PreemptionHandler
 from utils.pretrained import load_pretrained
 from utils.rng import capture_rng_state, restore_rng_state, seed_process
+from utils.summary import write_summary_row
 
 
 def parse_option(argv: list[str] | None = None):
@@ -199,7 +200,8 @@ def main(config, env: DistEnv) -> None:
                        loss_fn=moe_classification_loss if is_moe(config) else None)
     with PreemptionHandler() as preemption:
         train(config, env, ctx, model_without_ddp, loader_train, loader_val, len(dataset_val),
-              Progress(start_epoch, resumed.get('step', 0), max_accuracy, resumed.get('rng_states')),
+              Progress(start_epoch, resumed.get('step', 0), max_accuracy, resumed.get('rng_states'),
+                       resumed.get('best_score')),
               preemption, logger)
 
 
@@ -218,23 +220,27 @@ def pick_resume_file(config, logger) -> str:
 
 @dataclass
 class Progress:
-    """Where training (re)starts: epoch, batches already done in it, best accuracy, saved RNG states."""
+    """Where training (re)starts: epoch, batches already done in it, best accuracy, saved RNG states, and the
+    best TRAIN.BEST_METRIC so far (what model_best.pth holds; None when no checkpoint recorded one)."""
     epoch: int
     step: int = 0
     max_accuracy: float = 0.0
     rng_states: Optional[list] = None
+    best_score: Optional[float] = None
 
 
 def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_train, loader_val, num_val: int,
           progress: Progress, preemption: PreemptionHandler, logger) -> None:
-    """The epoch loop: train, evaluate (unless ``loader_val`` is None), checkpoint (rank 0), log.
+    """The epoch loop: train, evaluate (unless ``loader_val`` is None), keep the best, checkpoint, log.
 
     A stop signal ends it after a checkpoint that resumes mid-epoch.
     """
     logger.info("Start training")
     start_time = time.time()
     max_accuracy = progress.max_accuracy
+    best = BestTracker(config, env, progress.best_score, max_accuracy)
     for epoch in range(progress.epoch, config.TRAIN.EPOCHS):
+        epoch_start = time.time()
         # Each epoch's random draws (mixup, drop path) depend only on (seed, epoch, rank), so an epoch
         # resumed from a checkpoint repeats exactly; a mid-epoch stop saved the exact states instead.
         seed_process(mix_seed(config.SEED, epoch, env.rank))
@@ -243,32 +249,80 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
             start_step = resume_position(progress, env, len(loader_train), logger)
         loader_train.set_epoch(epoch, start_step)
         def save_step(epoch_: int, step: int) -> None:
-            save_step_checkpoint(config, env, ctx, model_without_ddp, epoch_, step, max_accuracy, logger)
+            save_step_checkpoint(config, env, ctx, model_without_ddp, epoch_, step, max_accuracy, logger,
+                                 best.extra())
         stats = train_one_epoch(config, ctx, loader_train, epoch, logger, start_step, preemption, save_step)
         if stats['stopped_at'] is not None:
             save_step(epoch, stats['stopped_at'])
             logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
             return
-        scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
-        if loader_val is not None:
-            acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
-            logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
-            max_accuracy = max(max_accuracy, acc1)
+        metrics = evaluate_epoch(config, ctx, loader_val, num_val, logger) if loader_val is not None else {}
+        if 'acc1' in metrics:
+            max_accuracy = max(max_accuracy, metrics['acc1'])
             logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-            scalars.update({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': loss})
-        if ctx.model_ema is not None and loader_val is not None:
-            scalars['val/ema_acc1'], scalars['val/ema_acc5'], _ = validate(
-                config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
-        if ctx.tb_writer is not None:
-            for name, value in scalars.items():
-                ctx.tb_writer.add_scalar(name, value, epoch)
-            ctx.tb_writer.flush()
+            if best.is_new_best(metrics[config.TRAIN.BEST_METRIC]):
+                save_best_checkpoint(config, epoch, model_without_ddp, metrics[config.TRAIN.BEST_METRIC],
+                                     ctx.optimizer, ctx.lr_scheduler, ctx.loss_scaler, logger, model_ema=ctx.model_ema)
         if writes_checkpoints(config, env.rank) and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
             save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
-                            ctx.loss_scaler, logger, model_ema=ctx.model_ema)
+                            ctx.loss_scaler, logger, model_ema=ctx.model_ema, extra=best.extra())
+        record_epoch(config, env, ctx, epoch, stats, metrics, time.time() - epoch_start)
     if checkpoint_tag(config).startswith('.rank'):
         save_moe_final(config, model_without_ddp, env.rank, logger)
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+
+def evaluate_epoch(config, ctx: TrainContext, loader_val, num_val: int, logger) -> dict:
+    """Validation after an epoch: acc1, acc5, loss of the model, and ema_acc1 / ema_acc5 with EMA on."""
+    acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
+    logger.info(f"Accuracy of the network on the {num_val} test images: {acc1:.1f}%")
+    metrics = {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+    if ctx.model_ema is not None:
+        metrics['ema_acc1'], metrics['ema_acc5'], _ = validate(
+            config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
+    return metrics
+
+
+class BestTracker:
+    """Decides when model_best.pth (TRAIN.SAVE_BEST) is rewritten: on a checkpoint-writing rank, when
+    TRAIN.BEST_METRIC beats the best so far. The best so far comes back on resume (the checkpoints carry it as
+    'best_score'; an older checkpoint's max_accuracy stands in for acc1), so a resumed run never replaces a
+    better file; without a recorded best the first validation writes one."""
+
+    def __init__(self, config, env: DistEnv, best_score: Optional[float], max_accuracy: float):
+        self.enabled = bool(config.TRAIN.SAVE_BEST) and writes_checkpoints(config, env.rank)
+        self.path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
+        if best_score is None and config.TRAIN.BEST_METRIC == 'acc1' and max_accuracy > 0:
+            best_score = max_accuracy
+        self.best_score = best_score
+
+    def is_new_best(self, score: float) -> bool:
+        """Record ``score``; True when this rank should write model_best.pth now."""
+        improved = self.best_score is None or score > self.best_score
+        if improved:
+            self.best_score = score
+        return self.enabled and (improved or not os.path.exists(self.path))
+
+    def extra(self) -> dict:
+        """The checkpoint entry that carries the best score across a resume."""
+        return {} if self.best_score is None else {'best_score': float(self.best_score)}
+
+
+def record_epoch(config, env: DistEnv, ctx: TrainContext, epoch: int, stats: dict, metrics: dict,
+                 seconds: float) -> None:
+    """An epoch's figures to TensorBoard and, on rank 0, a row of OUTPUT/summary.csv."""
+    lr = max(group['lr'] for group in ctx.optimizer.param_groups)
+    scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
+    scalars.update({f'val/{name}': value for name, value in metrics.items()})
+    if ctx.tb_writer is not None:
+        for name, value in scalars.items():
+            ctx.tb_writer.add_scalar(name, value, epoch)
+        ctx.tb_writer.flush()
+    if env.is_main:
+        write_summary_row(config.OUTPUT, {
+            'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'], 'val_loss': metrics.get('loss'),
+            'val_acc1': metrics.get('acc1'), 'val_acc5': metrics.get('acc5'), 'ema_acc1': metrics.get('ema_acc1'),
+            'images_per_second': stats['images_per_second'], 'epoch_seconds': seconds})
 
 
 def resume_position(progress: Progress, env: DistEnv, num_steps: int, logger) -> int:
@@ -287,7 +341,7 @@ def resume_position(progress: Progress, env: DistEnv, num_steps: int, logger) ->
 
 
 def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_ddp, epoch: int, step: int,
-                         max_accuracy: float, logger) -> None:
+                         max_accuracy: float, logger, extra: Optional[dict] = None) -> None:
     """On every rank (it gathers their random states): rank 0 writes a checkpoint that resumes after ``step``
     batches of ``epoch`` (after a stop signal, or every TRAIN.SAVE_STEPS optimizer steps)."""
     rng_states = [capture_rng_state()]
@@ -296,7 +350,8 @@ def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_
         torch.distributed.all_gather_object(rng_states, capture_rng_state())
     if writes_checkpoints(config, env.rank):
         save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
-                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step, extra={'rng_states': rng_states})
+                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step,
+                        extra={'rng_states': rng_states, **(extra or {})})
     barrier()
 
 

@@ -240,14 +240,9 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None, tag: str = '') ->
     return removed
 
 
-def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
-                    scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
-    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
-
-    With ``step`` (``step`` batches of ``epoch`` done: a stop signal, or TRAIN.SAVE_STEPS) the file is
-    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; it replaces the step files before it,
-    and all are removed once a whole-epoch checkpoint at or after their epoch is written.
-    """
+def checkpoint_state(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
+                     scaler, model_ema=None) -> dict:
+    """The official checkpoint dict (plus 'model_ema' when EMA is on)."""
     state = {
         'model': unwrap_model(model).state_dict(),
         'optimizer': _state_or_none(optimizer),
@@ -259,6 +254,30 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     }
     if model_ema is not None:
         state['model_ema'] = model_ema.state_dict()
+    return state
+
+
+def save_best_checkpoint(config, epoch: int, model: torch.nn.Module, accuracy: float, optimizer, lr_scheduler,
+                         scaler, logger, model_ema=None) -> str:
+    """Write ``<OUTPUT>/model_best.pth`` (TRAIN.SAVE_BEST) atomically: the epoch checkpoint's layout, so
+    ``--eval --resume`` and ``--pretrained`` take it. Its name matches no epoch pattern: pruning
+    (TRAIN.KEEP_CKPTS) never removes it and auto-resume never picks it."""
+    path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
+    save_file_atomic(checkpoint_state(config, epoch, model, accuracy, optimizer, lr_scheduler, scaler, model_ema),
+                     path)
+    logger.info(f"model_best.pth saved (Acc@1 {accuracy:.3f} at epoch {epoch})")
+    return path
+
+
+def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
+                    scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
+    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
+
+    With ``step`` (``step`` batches of ``epoch`` done: a stop signal, or TRAIN.SAVE_STEPS) the file is
+    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; it replaces the step files before it,
+    and all are removed once a whole-epoch checkpoint at or after their epoch is written.
+    """
+    state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
     if extra:
         clash = set(extra) & set(_STANDARD_KEYS)
         if clash:

@@ -1,0 +1,62 @@
+"""TRAIN.SAVE_BEST: model_best.pth holds the best validation epoch, survives pruning, and is never auto-resumed."""
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cli import run_main, write_tiny_config
+from main import BestTracker
+from utils.errors import UserError
+
+
+def test_model_best_is_the_best_epoch_survives_pruning_and_evaluates(tmp_path, image_folder):
+    cfg = write_tiny_config(tmp_path)
+    common = ['--cfg', str(cfg), '--data-path', str(image_folder), '--output', str(tmp_path / 'out')]
+    result = run_main([*common, '--opts', 'TRAIN.EPOCHS', '3', 'TRAIN.KEEP_CKPTS', '1'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / 'out' / 'tiny_test' / 'default'
+    log = (out / 'log_rank0.txt').read_text()
+    accs = [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', log)]
+    best = torch.load(out / 'model_best.pth', weights_only=True)
+    first_best = accs.index(max(accs))
+    assert best['epoch'] == first_best and abs(best['max_accuracy'] - max(accs)) < 1e-3
+    assert sorted(p.name for p in out.glob('*.pth')) == ['ckpt_epoch_2.pth', 'model_best.pth']
+    again = run_main([*common, '--eval', '--resume', str(out / 'model_best.pth'), '--tag', 'best'], cwd=tmp_path)
+    evaluated = float(re.search(r' \* Acc@1 ([\d.]+)', again.stdout + again.stderr).group(1))
+    assert again.returncode == 0 and abs(evaluated - max(accs)) < 1e-3
+    resumed = run_main([*common, '--opts', 'TRAIN.EPOCHS', '4', 'TRAIN.KEEP_CKPTS', '1'], cwd=tmp_path)
+    assert 'ckpt_epoch_2.pth' in resumed.stdout + resumed.stderr and 'Train: [3/4]' in resumed.stdout + resumed.stderr
+
+
+def _tracker(tmp_path, best_score=None, max_accuracy=0.0, save_best=True, metric='acc1', rank=0):
+    config = SimpleNamespace(TRAIN=SimpleNamespace(SAVE_BEST=save_best, BEST_METRIC=metric, MOE=None),
+                             OUTPUT=str(tmp_path), MODEL=SimpleNamespace(TYPE='swin'))
+    return BestTracker(config, SimpleNamespace(rank=rank), best_score, max_accuracy)
+
+
+def test_a_worse_score_after_resume_does_not_replace_the_best(tmp_path):
+    (tmp_path / 'model_best.pth').write_bytes(b'x')
+    best = _tracker(tmp_path, best_score=50.0)
+    assert not best.is_new_best(40.0)
+    assert best.is_new_best(60.0) and best.extra() == {'best_score': 60.0}
+
+
+def test_an_older_checkpoint_without_best_score_uses_its_max_accuracy_for_acc1_only(tmp_path):
+    (tmp_path / 'model_best.pth').write_bytes(b'x')
+    assert not _tracker(tmp_path, max_accuracy=50.0).is_new_best(40.0)
+    assert _tracker(tmp_path, max_accuracy=50.0, metric='ema_acc1').is_new_best(40.0)
+
+
+def test_the_first_validation_writes_one_and_only_checkpoint_ranks_write(tmp_path):
+    assert _tracker(tmp_path, best_score=90.0).is_new_best(10.0)  # no file yet
+    assert not _tracker(tmp_path, save_best=False).is_new_best(60.0)
+    assert not _tracker(tmp_path, rank=1).is_new_best(60.0)
+
+
+def test_best_metric_ema_acc1_needs_ema():
+    from config import get_config
+    with pytest.raises(UserError, match='TRAIN.BEST_METRIC ema_acc1 needs TRAIN.EMA.ENABLE'):
+        get_config(SimpleNamespace(cfg=None, opts=['TRAIN.BEST_METRIC', 'ema_acc1']))
