@@ -46,9 +46,9 @@ from utils.rng import capture_rng_state, restore_rng_state, seed_process
 from utils.summary import write_summary_row
 
 
-def parse_option(argv: list[str] | None = None):
-    """The official flags, plus a few of ours (marked); returns (args, frozen config)."""
-    parser = argparse.ArgumentParser('Swin Transformer training and evaluation script', add_help=True)
+def build_arg_parser(description: str = 'Swin Transformer training and evaluation script') -> argparse.ArgumentParser:
+    """The official flags, plus a few of ours (marked)."""
+    parser = argparse.ArgumentParser(description, add_help=True)
     parser.add_argument('--cfg', type=str, required=True, metavar="FILE", help='path to config file')
     parser.add_argument("--opts", help="Modify config options by adding 'KEY VALUE' pairs.", default=None,
                         nargs='+')
@@ -80,7 +80,12 @@ def parse_option(argv: list[str] | None = None):
                         help='(ours) mixed-precision type; auto: float16 on CUDA, bfloat16 on CPU')
     parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
     parser.add_argument('--sharding', choices=['ddp', 'fsdp'], help='(ours) TRAIN.SHARDING')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_option(argv: list[str] | None = None):
+    """main.py's command line; returns (args, frozen config)."""
+    args = build_arg_parser().parse_args(argv)
     return args, get_config(args)
 
 

@@ -391,6 +391,18 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str) -> str:
     return f"loaded {len(state)} tensors from {path} ({len(own) - len(state)} buffers recomputed)"
 
 
+def load_weights(path: str, model: torch.nn.Module, use_ema: bool = False) -> dict:
+    """Load only the weights of a checkpoint (``.pth`` of any layout we read, or ``.safetensors``) into
+    ``model``: its 'model' entry, or 'model_ema' with ``use_ema``. Returns ``{'epoch': E or None}``;
+    UserError naming ``path`` when it cannot be read or does not fit."""
+    ckpt = load_file_safe(_local_path(str(path)))
+    if use_ema and not isinstance(ckpt.get('model_ema'), dict):
+        raise UserError(f"{path}: no 'model_ema' entry (trained without TRAIN.EMA.ENABLE?)")
+    load_model_state(unwrap_model(model), ckpt['model_ema'] if use_ema else _model_state(ckpt, path), path)
+    epoch = ckpt.get('epoch')
+    return {'epoch': int(epoch) if isinstance(epoch, int) else None}
+
+
 def _load_training_state(ckpt: dict, path: str, optimizer, lr_scheduler, scaler, logger) -> None:
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
