@@ -437,6 +437,8 @@ def _check_values(cfg: CN) -> None:
     if not 0.0 <= cfg.DATA.MAX_BAD_FRACTION <= 1.0:
         raise UserError(f"bad value for config key DATA.MAX_BAD_FRACTION: {cfg.DATA.MAX_BAD_FRACTION!r} "
                         "(must be between 0 and 1)")
+    if cfg.TRAIN.SHARDED_CKPT and cfg.TRAIN.SHARDING != 'fsdp':
+        raise UserError("TRAIN.SHARDED_CKPT True needs TRAIN.SHARDING fsdp (a ddp run writes the single file)")
     if cfg.TRAIN.BEST_METRIC == 'ema_acc1' and not cfg.TRAIN.EMA.ENABLE:
         raise UserError("TRAIN.BEST_METRIC ema_acc1 needs TRAIN.EMA.ENABLE True")
 

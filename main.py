@@ -32,10 +32,10 @@ from models.complexity import count_flops, count_params
 from models.moe import exclude_experts_from_ddp, moe_param_counts
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
-from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_best_checkpoint,
-                              save_checkpoint, save_moe_final, writes_checkpoints)
+from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_best_checkpoint, save_moe_final,
+                              save_training_checkpoint)
 from utils.cuda import configure_cuda
-from utils.distributed import DistEnv, barrier, cleanup, init_distributed
+from utils.distributed import DistEnv, all_reduce_max, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
 from utils.host_memory import keep_freed_memory
 from utils.peers import PeerWatch, failure_priority
@@ -43,6 +43,7 @@ from utils.errors import UserError
 from utils.preemption import PreemptionHandler
 from utils.pretrained import load_pretrained
 from utils.rng import capture_rng_state, restore_rng_state, seed_process
+from utils.sharding import describe_held_bytes, held_bytes, is_sharded, shard_model
 from utils.summary import write_summary_row
 
 
@@ -137,9 +138,21 @@ def open_run_log(config, env: DistEnv):
     return logger
 
 
+def uses_sharding(config, env: DistEnv, logger) -> bool:
+    """TRAIN.SHARDING fsdp with several processes. One process has nothing to share the model with: it
+    trains the whole model (and still reads and writes sharded checkpoints)."""
+    if config.TRAIN.SHARDING != 'fsdp':
+        return False
+    if not env.distributed:
+        logger.warning("TRAIN.SHARDING fsdp in one process: nothing to shard over, the model stays whole")
+        return False
+    return True
+
+
 def wrap_model(config, env: DistEnv, model: torch.nn.Module) -> torch.nn.Module:
-    """DDP across processes (after the optimizer is built on the plain model), then torch.compile if asked."""
-    if env.distributed:
+    """DDP across processes (after the optimizer is built on the plain model) unless FSDP sharded it, then
+    torch.compile if asked."""
+    if env.distributed and not is_sharded(model):
         # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == 'cuda' else None, broadcast_buffers=False,
@@ -150,9 +163,6 @@ def wrap_model(config, env: DistEnv, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def main(config, env: DistEnv) -> None:
-    if config.TRAIN.SHARDING == 'fsdp':  # issue 19: the engine is in utils/sharding.py, the loop does not use it yet
-        raise UserError("TRAIN.SHARDING fsdp is not wired into main.py's training loop yet (utils/sharding.py holds "
-                        "the sharding, gathered and sharded checkpoints); use ddp")
     logger = open_run_log(config, env)
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     if env.device.type == 'cuda':  # uint8 batches cross to the GPU and are normalised there
@@ -173,6 +183,11 @@ def main(config, env: DistEnv) -> None:
         if config.EVAL_MODE:  # --eval --pretrained: evaluate released weights, adapted to this model
             return
 
+    model_ema = ModelEma(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+    if uses_sharding(config, env, logger):  # after loading weights, before the optimizer: it holds the shards
+        shard_model(model, config, env.device, amp_dtype)
+        if model_ema is not None:
+            shard_model(model_ema.module, config, env.device, amp_dtype)
     optimizer = build_optimizer(config, model)
     if is_moe(config):
         experts = exclude_experts_from_ddp(model, env.world_size)
@@ -182,7 +197,6 @@ def main(config, env: DistEnv) -> None:
     loss_scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)
     n_iter = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
     lr_scheduler = build_scheduler(config, optimizer, n_iter)
-    model_ema = ModelEma(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
 
     max_accuracy, start_epoch, resumed = 0.0, config.TRAIN.START_EPOCH, {}
     if resume:
@@ -261,16 +275,20 @@ def train(config, env: DistEnv, ctx: TrainContext, model_without_ddp, loader_tra
             save_step(epoch, stats['stopped_at'])
             logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")
             return
+        if epoch == progress.epoch:  # the optimizer state exists after the first step
+            logger.info(describe_held_bytes(held_bytes(model_without_ddp, ctx.optimizer), env.rank))
         metrics = evaluate_epoch(config, ctx, loader_val, num_val, logger) if loader_val is not None else {}
         if 'acc1' in metrics:
             max_accuracy = max(max_accuracy, metrics['acc1'])
             logger.info(f'Max accuracy: {max_accuracy:.2f}%')
             if best.is_new_best(metrics[config.TRAIN.BEST_METRIC]):
                 save_best_checkpoint(config, epoch, model_without_ddp, metrics[config.TRAIN.BEST_METRIC],
-                                     ctx.optimizer, ctx.lr_scheduler, ctx.loss_scaler, logger, model_ema=ctx.model_ema)
-        if writes_checkpoints(config, env.rank) and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
-            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
-                            ctx.loss_scaler, logger, model_ema=ctx.model_ema, extra=best.extra())
+                                     ctx.optimizer, ctx.lr_scheduler, ctx.loss_scaler, logger, model_ema=ctx.model_ema,
+                                     rank=env.rank)
+        if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            save_training_checkpoint(config, env.rank, epoch, model_without_ddp, max_accuracy, ctx.optimizer,
+                                     ctx.lr_scheduler, ctx.loss_scaler, logger, model_ema=ctx.model_ema,
+                                     extra=best.extra())
         record_epoch(config, env, ctx, epoch, stats, metrics, time.time() - epoch_start)
     if checkpoint_tag(config).startswith('.rank'):
         save_moe_final(config, model_without_ddp, env.rank, logger)
@@ -289,24 +307,32 @@ def evaluate_epoch(config, ctx: TrainContext, loader_val, num_val: int, logger) 
 
 
 class BestTracker:
-    """Decides when model_best.pth (TRAIN.SAVE_BEST) is rewritten: on a checkpoint-writing rank, when
-    TRAIN.BEST_METRIC beats the best so far. The best so far comes back on resume (the checkpoints carry it as
-    'best_score'; an older checkpoint's max_accuracy stands in for acc1), so a resumed run never replaces a
-    better file; without a recorded best the first validation writes one."""
+    """Decides when model_best.pth (TRAIN.SAVE_BEST) is rewritten: when TRAIN.BEST_METRIC beats the best so far
+    (the same decision on every rank: validation figures are the job's). The best so far comes back on resume
+    (the checkpoints carry it as 'best_score'; an older checkpoint's max_accuracy stands in for acc1), so a
+    resumed run never replaces a better file; without a recorded best, or without the file, the first
+    validation writes one."""
 
     def __init__(self, config, env: DistEnv, best_score: Optional[float], max_accuracy: float):
-        self.enabled = bool(config.TRAIN.SAVE_BEST) and writes_checkpoints(config, env.rank)
-        self.path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
+        self.enabled = bool(config.TRAIN.SAVE_BEST)
+        sharded_dir = config.TRAIN.SHARDING == 'fsdp' and config.TRAIN.SHARDED_CKPT and env.distributed
+        self.path = os.path.join(config.OUTPUT, 'model_best.dcp' if sharded_dir else
+                                 f'model_best.pth{checkpoint_tag(config)}')
         if best_score is None and config.TRAIN.BEST_METRIC == 'acc1' and max_accuracy > 0:
             best_score = max_accuracy
         self.best_score = best_score
+        self.device = env.device
 
     def is_new_best(self, score: float) -> bool:
         """Record ``score``; True when this rank should write model_best.pth now."""
         improved = self.best_score is None or score > self.best_score
         if improved:
             self.best_score = score
-        return self.enabled and (improved or not os.path.exists(self.path))
+        if not self.enabled:
+            return False
+        # every rank agrees (a sharded model is gathered by all of them): any rank missing the file rewrites it
+        missing = all_reduce_max(torch.tensor(float(not os.path.exists(self.path)), device=self.device))
+        return improved or bool(missing)
 
     def extra(self) -> dict:
         """The checkpoint entry that carries the best score across a resume."""
@@ -353,10 +379,9 @@ def save_step_checkpoint(config, env: DistEnv, ctx: TrainContext, model_without_
     if env.distributed:
         rng_states = [None] * env.world_size
         torch.distributed.all_gather_object(rng_states, capture_rng_state())
-    if writes_checkpoints(config, env.rank):
-        save_checkpoint(config, epoch, model_without_ddp, max_accuracy, ctx.optimizer, ctx.lr_scheduler,
-                        ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step,
-                        extra={'rng_states': rng_states, **(extra or {})})
+    save_training_checkpoint(config, env.rank, epoch, model_without_ddp, max_accuracy, ctx.optimizer,
+                             ctx.lr_scheduler, ctx.loss_scaler, logger, model_ema=ctx.model_ema, step=step,
+                             extra={'rng_states': rng_states, **(extra or {})})
     barrier()
 
 

@@ -29,7 +29,7 @@ from data.decode import decode_pil
 from data.transforms import build_eval_transform
 from models import build_model
 from utils.checkpoint import _local_path, load_file_safe, load_model_state
-from utils.errors import UserError
+from utils.errors import UserError, exit_status
 from utils.host_memory import keep_freed_memory
 
 
@@ -194,12 +194,7 @@ def main(args: argparse.Namespace) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: user mistakes are one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: main(parse_args(argv)))
 
 
 if __name__ == '__main__':

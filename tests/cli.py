@@ -1,6 +1,7 @@
 """Helpers for tests that run main.py as users do: a tiny config, subprocesses, free ports."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -94,3 +95,24 @@ def start_torchrun(launch: list[str], args: list[str], cwd: Path, new_group: boo
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=new_group)
+
+
+def torchrun_workers(launcher_pid: int) -> dict[int, int]:
+    """torchrun's worker processes, as {rank: pid}."""
+    workers = {}
+    for pid in Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split():
+        with contextlib.suppress(OSError):
+            env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+            rank = next(int(v[5:]) for v in env if v.startswith(b'RANK='))
+            workers[rank] = int(pid)
+    return workers
+
+
+def signal_whole_job(launcher_pid: int, sig: int) -> None:
+    """As SLURM signals a job step: every process. torchrun starts each worker in a session of its own (with
+    its loader workers), so the launcher's group and each worker's group."""
+    workers = torchrun_workers(launcher_pid)
+    os.killpg(launcher_pid, sig)
+    for pid in workers.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)

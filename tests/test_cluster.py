@@ -5,7 +5,6 @@ a worker killed with SIGKILL under ``--max-restarts 1`` is restarted with its pe
 step checkpoint, and the run ends with the uninterrupted run's weights."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import run_main, start_torchrun, torchrun, write_tiny_config
+from cli import run_main, signal_whole_job, start_torchrun, torchrun, torchrun_workers, write_tiny_config
 from conftest import write_image_folder
 
 CONFIG = """\
@@ -86,27 +85,6 @@ def _wait_for(predicate, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def _workers(launcher_pid: int) -> dict[int, int]:
-    """torchrun's worker processes, as {rank: pid}."""
-    workers = {}
-    for pid in Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split():
-        with contextlib.suppress(OSError):
-            env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
-            rank = next(int(v[5:]) for v in env if v.startswith(b'RANK='))
-            workers[rank] = int(pid)
-    return workers
-
-
-def _signal_whole_job(launcher_pid: int, sig: int) -> None:
-    """As SLURM signals a job step: every process. torchrun starts each worker in a session of its own (with
-    its loader workers), so the launcher's group and each worker's group."""
-    workers = _workers(launcher_pid)
-    os.killpg(launcher_pid, sig)
-    for pid in workers.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, sig)
-
-
 def _stop_mid_epoch(cfg: Path, data: Path, out: Path, root: Path) -> Path:
     """Start the 2-process job, SIGTERM every process of it in epoch 1: every rank ends by writing (rank 0) a step
     checkpoint and saying so. (torchrun itself, signalled, exits 1 with its SignalException whatever its workers
@@ -115,7 +93,7 @@ def _stop_mid_epoch(cfg: Path, data: Path, out: Path, root: Path) -> Path:
     proc = start_torchrun(LAUNCH, _args(cfg, data, out), root, new_group=True)
     try:
         _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
-        _signal_whole_job(proc.pid, signal.SIGTERM)
+        signal_whole_job(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
@@ -156,7 +134,7 @@ def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_as_an_
     proc = start_torchrun(LAUNCH + ['--max-restarts', '1'], _args(cfg, data, out), root, new_group=True)
     try:
         _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
-        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        os.kill(torchrun_workers(proc.pid)[1], signal.SIGKILL)
         output = proc.communicate(timeout=300)[0]
     finally:
         if proc.poll() is None:

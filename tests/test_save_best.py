@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cli import run_main, write_tiny_config
+from config import get_default_config
 from main import BestTracker
 from utils.errors import UserError
 
@@ -31,10 +32,11 @@ def test_model_best_is_the_best_epoch_survives_pruning_and_evaluates(tmp_path, i
     assert 'ckpt_epoch_2.pth' in resumed.stdout + resumed.stderr and 'Train: [3/4]' in resumed.stdout + resumed.stderr
 
 
-def _tracker(tmp_path, best_score=None, max_accuracy=0.0, save_best=True, metric='acc1', rank=0):
-    config = SimpleNamespace(TRAIN=SimpleNamespace(SAVE_BEST=save_best, BEST_METRIC=metric, MOE=None),
-                             OUTPUT=str(tmp_path), MODEL=SimpleNamespace(TYPE='swin'))
-    return BestTracker(config, SimpleNamespace(rank=rank), best_score, max_accuracy)
+def _tracker(tmp_path, best_score=None, max_accuracy=0.0, save_best=True, metric='acc1'):
+    config = get_default_config()
+    config.OUTPUT, config.TRAIN.SAVE_BEST, config.TRAIN.BEST_METRIC = str(tmp_path), save_best, metric
+    env = SimpleNamespace(rank=0, distributed=False, device=torch.device('cpu'))
+    return BestTracker(config, env, best_score, max_accuracy)
 
 
 def test_a_worse_score_after_resume_does_not_replace_the_best(tmp_path):
@@ -50,10 +52,9 @@ def test_an_older_checkpoint_without_best_score_uses_its_max_accuracy_for_acc1_o
     assert _tracker(tmp_path, max_accuracy=50.0, metric='ema_acc1').is_new_best(40.0)
 
 
-def test_the_first_validation_writes_one_and_only_checkpoint_ranks_write(tmp_path):
+def test_the_first_validation_writes_one_unless_save_best_is_off(tmp_path):
     assert _tracker(tmp_path, best_score=90.0).is_new_best(10.0)  # no file yet
     assert not _tracker(tmp_path, save_best=False).is_new_best(60.0)
-    assert not _tracker(tmp_path, rank=1).is_new_best(60.0)
 
 
 def test_best_metric_ema_acc1_needs_ema():

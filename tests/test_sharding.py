@@ -39,10 +39,3 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_reshards_and_consolidates(t
     assert all(torch.equal(single['optimizer']['state'][n]['exp_avg_sq'], s['exp_avg_sq'])
                for n, s in whole['optimizer']['state'].items())
     assert single['epoch'] == 0
-
-
-def test_main_refuses_fsdp_until_the_loop_uses_it(tmp_path, image_folder):
-    from cli import write_tiny_config
-    result = run_main(['--cfg', str(write_tiny_config(tmp_path)), '--data-path', str(image_folder),
-                       '--output', str(tmp_path / 'out'), '--sharding', 'fsdp'], cwd=tmp_path)
-    assert result.returncode == 2 and 'TRAIN.SHARDING fsdp' in result.stderr and 'Traceback' not in result.stderr

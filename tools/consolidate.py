@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from utils.checkpoint import load_file_safe, save_file_atomic
-from utils.errors import UserError
+from utils.errors import UserError, exit_status
 from utils.sharding import SHARDED_META, is_sharded_checkpoint
 
 
@@ -47,14 +47,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('folder', help='a sharded checkpoint folder (ckpt_epoch_N.dcp)')
     parser.add_argument('output', help='the single-file checkpoint to write (.pth)')
     args = parser.parse_args(argv)
-    try:
+
+    def write() -> None:
         ckpt = consolidate(args.folder)
         save_file_atomic(ckpt, args.output)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.output}: {len(ckpt['model'])} model tensors from {args.folder} (epoch {ckpt.get('epoch')})")
-    return 0
+        print(f"{args.output}: {len(ckpt['model'])} model tensors from {args.folder} (epoch {ckpt.get('epoch')})")
+    return exit_status(write)
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ from torch import nn
 from config import img_size_hw
 from models import build_model
 from utils.checkpoint import TOLERATED_BUFFERS, _local_path, load_file_safe, load_model_state
-from utils.errors import UserError
+from utils.errors import UserError, exit_status
 
 FORMATS = ('onnx', 'torchscript', 'safetensors')
 CHECK_BATCHES = (1, 3)  # with --dynamic-batch: a batch other than the traced one shows the axis is free
@@ -225,12 +225,7 @@ def export(args: argparse.Namespace) -> float:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: user mistakes and failed checks are one line on stderr and exit status 2."""
-    try:
-        export(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: export(parse_args(argv)))
 
 
 if __name__ == '__main__':

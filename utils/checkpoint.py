@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -26,10 +27,13 @@ import torch
 
 from utils.distributed import get_rank, unwrap_model
 from utils.errors import UserError
+from utils.sharding import (full_model_state, full_optimizer_state, is_sharded, is_sharded_checkpoint, load_sharded,
+                            load_model_state_into, load_optimizer_state, save_sharded)
 
 # ckpt_epoch_{N}.pth after a whole epoch; ckpt_epoch_{N}_step_{S}.pth when a run was stopped after
-# step S of epoch N (preemption), which resumes mid-epoch.
-CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth(\.rank\d+|\.global)?$')
+# step S of epoch N (preemption), which resumes mid-epoch. ``.dcp`` instead of ``.pth``: a folder of shards
+# (TRAIN.SHARDED_CKPT).
+CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.(?:pth|dcp)(\.rank\d+|\.global)?$')
 # Buffers the model recomputes from its architecture: absent or stale in old files, never an error.
 TOLERATED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 _STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema',
@@ -233,7 +237,7 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None, tag: str = '') ->
     removed = []
     for _, path in checkpoint_files(output_dir, whole_epochs_only=True, tag=tag)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            _remove(path)
             removed.append(path)
     if removed and logger is not None:
         logger.info(f"removed old checkpoints (TRAIN.KEEP_CKPTS={keep}): {[os.path.basename(p) for p in removed]}")
@@ -242,10 +246,22 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None, tag: str = '') ->
 
 def checkpoint_state(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
                      scaler, model_ema=None) -> dict:
-    """The official checkpoint dict (plus 'model_ema' when EMA is on)."""
+    """The official checkpoint dict (plus 'model_ema' when EMA is on).
+
+    For a model sharded by TRAIN.SHARDING fsdp the tensors are gathered (a collective: every rank calls
+    this; rank 0 receives them, the optimizer state keyed by parameter name).
+    """
+    model = unwrap_model(model)
+    if is_sharded(model):
+        weights = full_model_state(model)
+        optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
+        ema_state = full_model_state(model_ema.module) if model_ema is not None else None
+    else:
+        weights, optim_state = model.state_dict(), _state_or_none(optimizer)
+        ema_state = model_ema.state_dict() if model_ema is not None else None
     state = {
-        'model': unwrap_model(model).state_dict(),
-        'optimizer': _state_or_none(optimizer),
+        'model': weights,
+        'optimizer': optim_state,
         'lr_scheduler': _state_or_none(lr_scheduler),
         'max_accuracy': float(max_accuracy),
         'scaler': _state_or_none(scaler),
@@ -253,20 +269,29 @@ def checkpoint_state(config, epoch: int, model: torch.nn.Module, max_accuracy: f
         'config': config.dump(),
     }
     if model_ema is not None:
-        state['model_ema'] = model_ema.state_dict()
+        state['model_ema'] = ema_state
     return state
 
 
-def save_best_checkpoint(config, epoch: int, model: torch.nn.Module, accuracy: float, optimizer, lr_scheduler,
-                         scaler, logger, model_ema=None) -> str:
-    """Write ``<OUTPUT>/model_best.pth`` (TRAIN.SAVE_BEST) atomically: the epoch checkpoint's layout, so
-    ``--eval --resume`` and ``--pretrained`` take it. Its name matches no epoch pattern: pruning
-    (TRAIN.KEEP_CKPTS) never removes it and auto-resume never picks it."""
-    path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
-    save_file_atomic(checkpoint_state(config, epoch, model, accuracy, optimizer, lr_scheduler, scaler, model_ema),
-                     path)
-    logger.info(f"model_best.pth saved (Acc@1 {accuracy:.3f} at epoch {epoch})")
-    return path
+def _checkpoint_name(epoch: int, step: Optional[int], ext: str, tag: str) -> str:
+    return f"ckpt_epoch_{epoch}{'' if step is None else f'_step_{step}'}.{ext}{tag}"
+
+
+def _with_extra(state: dict, extra: Optional[dict], step: Optional[int]) -> dict:
+    if extra:
+        clash = set(extra) & set(_STANDARD_KEYS)
+        if clash:
+            raise ValueError(f"extra checkpoint entries may not replace standard ones: {sorted(clash)}")
+        state.update(extra)
+    if step is not None:
+        state['step'] = int(step)
+    return state
+
+
+def _after_write(config, path: str, epoch: int, logger, tag: str) -> None:
+    """A new epoch checkpoint supersedes the step checkpoints of its epoch and before; then KEEP_CKPTS."""
+    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path, tag=tag)
+    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger, tag=tag)
 
 
 def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
@@ -276,24 +301,90 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     With ``step`` (``step`` batches of ``epoch`` done: a stop signal, or TRAIN.SAVE_STEPS) the file is
     ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; it replaces the step files before it,
     and all are removed once a whole-epoch checkpoint at or after their epoch is written.
+    For a sharded model call :func:`save_training_checkpoint` on every rank instead.
     """
     state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
-    if extra:
-        clash = set(extra) & set(_STANDARD_KEYS)
-        if clash:
-            raise ValueError(f"extra checkpoint entries may not replace standard ones: {sorted(clash)}")
-        state.update(extra)
-    suffix = '' if step is None else f'_step_{step}'
-    if step is not None:
-        state['step'] = int(step)
     tag = checkpoint_tag(config)
-    path = os.path.join(config.OUTPUT, f'ckpt_epoch_{epoch}{suffix}.pth{tag}')
+    path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', tag))
     logger.info(f"{path} saving......")
-    save_file_atomic(state, path)
+    save_file_atomic(_with_extra(state, extra, step), path)
     logger.info(f"{path} saved !!!")
-    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path, tag=tag)
-    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger, tag=tag)
+    _after_write(config, path, epoch, logger, tag)
     return path
+
+
+def save_training_checkpoint(config, rank: int, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer,
+                             lr_scheduler, scaler, logger, model_ema=None, extra: Optional[dict] = None,
+                             step: Optional[int] = None, best: bool = False) -> Optional[str]:
+    """The training loop's checkpoint write, called on every rank; returns the path where this rank wrote.
+
+    Unsharded: rank 0 (every rank for Swin-MoE) writes as :func:`save_checkpoint`. Sharded (TRAIN.SHARDING
+    fsdp): the state is gathered and rank 0 writes the official single file, or with TRAIN.SHARDED_CKPT
+    every rank writes its shards into ``ckpt_epoch_{epoch}[_step_{S}].dcp``. ``best``: the file is
+    ``model_best.pth`` (or ``model_best.dcp``), outside the epoch names, so never pruned nor auto-resumed.
+    """
+    model = unwrap_model(model)
+    if not is_sharded(model):
+        if not writes_checkpoints(config, rank):
+            return None
+        if best:
+            return _write_best(config, epoch, checkpoint_state(config, epoch, model, max_accuracy, optimizer,
+                                                                lr_scheduler, scaler, model_ema), logger)
+        return save_checkpoint(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, logger,
+                               model_ema=model_ema, extra=extra, step=step)
+    if config.TRAIN.SHARDED_CKPT:
+        return _save_sharded_checkpoint(config, rank, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler,
+                                        logger, model_ema, extra, step, best)
+    state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
+    path = None
+    if rank == 0:
+        if best:
+            path = _write_best(config, epoch, state, logger)
+        else:
+            path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', ''))
+            logger.info(f"{path} saving (gathered from the shards)......")
+            save_file_atomic(_with_extra(state, extra, step), path)
+            logger.info(f"{path} saved !!!")
+            _after_write(config, path, epoch, logger, '')
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def _write_best(config, epoch: int, state: dict, logger) -> str:
+    path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
+    save_file_atomic(state, path)
+    logger.info(f"{os.path.basename(path)} saved (score {state['max_accuracy']:.3f} at epoch {epoch})")
+    return path
+
+
+def _save_sharded_checkpoint(config, rank: int, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer,
+                             lr_scheduler, scaler, logger, model_ema, extra: Optional[dict], step: Optional[int],
+                             best: bool) -> str:
+    """Every rank writes its shards (torch.distributed.checkpoint); meta.pth holds the rest of the official
+    entries, so tools.consolidate turns the folder into the single file."""
+    name = 'model_best.dcp' if best else _checkpoint_name(epoch, step, 'dcp', '')
+    path = os.path.join(config.OUTPUT, name)
+    meta = _with_extra({'lr_scheduler': _state_or_none(lr_scheduler), 'max_accuracy': float(max_accuracy),
+                        'scaler': _state_or_none(scaler), 'epoch': int(epoch), 'config': config.dump(),
+                        'has_ema': model_ema is not None, 'has_optimizer': optimizer is not None},
+                       None if best else extra, None if best else step)
+    logger.info(f"{path} saving (each rank its shards)......")
+    save_sharded(path, model, optimizer, model_ema.module if model_ema is not None else None, meta, rank)
+    logger.info(f"{path} saved !!!")
+    if rank == 0 and not best:
+        _after_write(config, path, epoch, logger, '')
+    return path
+
+
+def save_best_checkpoint(config, epoch: int, model: torch.nn.Module, accuracy: float, optimizer, lr_scheduler,
+                         scaler, logger, model_ema=None, rank: int = 0) -> Optional[str]:
+    """Write ``<OUTPUT>/model_best.pth`` (TRAIN.SAVE_BEST) atomically: the epoch checkpoint's layout, with the
+    best score as its max_accuracy, so ``--eval --resume`` and ``--pretrained`` take it. Its name matches no
+    epoch pattern: pruning (TRAIN.KEEP_CKPTS) never removes it and auto-resume never picks it. Call on every
+    rank (a sharded model is gathered)."""
+    return save_training_checkpoint(config, rank, epoch, model, accuracy, optimizer, lr_scheduler, scaler, logger,
+                                    model_ema=model_ema, best=True)
 
 
 def save_moe_final(config, model: torch.nn.Module, rank: int, logger) -> None:
@@ -317,7 +408,15 @@ def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str, tag: str = 
         if (m and m.group(2) is not None and (m.group(3) or '') == tag and int(m.group(1)) <= up_to_epoch
                 and name != os.path.basename(keep)):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(output_dir, name))
+                _remove(os.path.join(output_dir, name))
+
+
+def _remove(path: str) -> None:
+    """A checkpoint file, or a sharded checkpoint folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def auto_resume_helper(output_dir: str, logger=None, tag: str = '') -> Optional[str]:
@@ -328,8 +427,11 @@ def auto_resume_helper(output_dir: str, logger=None, tag: str = '') -> Optional[
         logger.info(f"All checkpoints found in {output_dir}: {[os.path.basename(p) for _, p in found]}")
     for _, path in reversed(found):
         try:
+            if os.path.isdir(path):  # a sharded checkpoint: complete once its metadata and meta.pth are there
+                if not is_sharded_checkpoint(path):
+                    raise UserError(f"{path}: an incomplete sharded checkpoint")
             # mmap: only the pickle is read, the tensors stay on disk until the real load.
-            if 'model' not in load_file_safe(path, mmap=True):
+            elif 'model' not in load_file_safe(path, mmap=True):
                 raise UserError(f"{path}: no 'model' entry")
         except UserError as e:
             if logger is not None:
@@ -387,7 +489,10 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str) -> str:
         problems.append(f"unexpected {_first(unexpected)}")
     if problems:
         raise UserError(f"{path}: weights do not match the model (another architecture?): {'; '.join(problems)}")
-    model.load_state_dict(state, strict=False)
+    if is_sharded(model):  # every rank holds the whole state; each keeps its shards of it
+        load_model_state_into(model, state)
+    else:
+        model.load_state_dict(state, strict=False)
     return f"loaded {len(state)} tensors from {path} ({len(own) - len(state)} buffers recomputed)"
 
 
@@ -403,9 +508,11 @@ def load_weights(path: str, model: torch.nn.Module, use_ema: bool = False) -> di
     return {'epoch': int(epoch) if isinstance(epoch, int) else None}
 
 
-def _load_training_state(ckpt: dict, path: str, optimizer, lr_scheduler, scaler, logger) -> None:
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
+def _load_training_state(ckpt: dict, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler,
+                         logger) -> None:
+    try:  # torch's numbered layout (DDP runs, the official files) or the name-keyed one (gathered fsdp runs)
+        if ckpt.get('optimizer') is not None:
+            load_optimizer_state(model, optimizer, ckpt['optimizer'])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: its optimizer state does not fit this optimizer "
                         f"(different parameter groups or TRAIN.OPTIMIZER?): {e}") from None
@@ -438,6 +545,9 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
     if tag and str(path).endswith('.pth'):  # official main_moe: --resume NAME.pth reads this rank's NAME.pth.rankR
         path = f'{path}{tag}'
     logger.info(f"==============> Resuming from {path}....................")
+    if os.path.isdir(path):
+        return _load_sharded_checkpoint(config, path, model, optimizer, lr_scheduler, scaler, logger, model_ema,
+                                        extra_out)
     ckpt = load_file_safe(_local_path(str(path)))
     model = unwrap_model(model)
     logger.info(load_model_state(model, _model_state(ckpt, path), path))
@@ -451,16 +561,46 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
         if model_ema is not None:
             model_ema.set(model)
         return 0.0, start_epoch
-    _load_training_state(ckpt, path, optimizer, lr_scheduler, scaler, logger)
+    _load_training_state(ckpt, path, model, optimizer, lr_scheduler, scaler, logger)
     if model_ema is not None:
         _load_ema(ckpt, path, model, model_ema, logger)
     logger.info(f"=> loaded successfully '{path}' (epoch {ckpt['epoch']})")
+    result = _resume_point(ckpt, extra_out)
+    del ckpt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _resume_point(ckpt: dict, extra_out: Optional[dict]) -> tuple[float, int]:
+    """(max_accuracy, start_epoch): a mid-epoch checkpoint continues its own epoch (at extra_out['step']),
+    a whole-epoch one the next."""
     max_accuracy, epoch = float(ckpt.get('max_accuracy', 0.0)), int(ckpt['epoch'])
     step = ckpt.get('step')
     if extra_out is not None and step is not None:
         extra_out['step'] = int(step)
-    del ckpt
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    # A mid-epoch checkpoint continues its own epoch (at extra_out['step']); a whole-epoch one the next.
     return max_accuracy, epoch if step is not None else epoch + 1
+
+
+def _load_sharded_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler, logger,
+                             model_ema, extra_out: Optional[dict]) -> tuple[float, int]:
+    """Resume from a sharded checkpoint folder (TRAIN.SHARDED_CKPT), resharded to this run's world size
+    (and read whole by one plain process)."""
+    if not is_sharded_checkpoint(path):
+        raise UserError(f"{path}: not a complete sharded checkpoint (no .metadata and meta.pth)")
+    model = unwrap_model(model)
+    training = not config.EVAL_MODE
+    ema = model_ema.module if training and model_ema is not None else None
+    meta = load_sharded(path, model, optimizer if training else None, ema)
+    logger.info(f"loaded the shards of {path} into this run's {'sharded ' if is_sharded(model) else ''}model")
+    if extra_out is not None:
+        extra_out.update({k: v for k, v in meta.items() if k not in _STANDARD_KEYS + ('has_ema', 'has_optimizer')})
+    if not training:
+        return 0.0, config.TRAIN.START_EPOCH
+    _load_training_state({k: v for k, v in meta.items() if k != 'optimizer'}, path, model, optimizer, lr_scheduler,
+                         scaler, logger)
+    if ema is not None and not meta.get('has_ema'):
+        model_ema.set(model)
+        logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
+    logger.info(f"=> loaded successfully '{path}' (epoch {meta['epoch']})")
+    return _resume_point(meta, extra_out)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ def shard_model(model: nn.Module, config, device: torch.device, amp_dtype: Optio
     if reduce_name not in _DTYPES:
         raise UserError(f"bad value for config key TRAIN.FSDP.REDUCE_DTYPE: {reduce_name!r} "
                         f"(choose from {', '.join(_DTYPES)})")
+    broadcast_from_rank0(model)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # Compute in the AMP dtype (the all-gathered copies); master weights and optimizer stay fp32.
     policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=_DTYPES[reduce_name])
@@ -77,6 +78,14 @@ def shard_model(model: nn.Module, config, device: torch.device, amp_dtype: Optio
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     return model
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's weights and buffers, as DDP does when it wraps a model: ranks seed their
+    initialisation differently, and ``fully_shard`` keeps each rank's own slice of what it holds."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
@@ -113,9 +122,11 @@ def held_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = No
 
 
 def describe_held_bytes(held: dict[str, int], rank: int) -> str:
-    mib = {k: v / 2 ** 20 for k, v in held.items()}
-    return (f"rank {rank} holds {mib['parameters']:.1f} MiB of parameters, {mib['gradients']:.1f} MiB of "
-            f"gradients, {mib['optimizer']:.1f} MiB of optimizer state")
+    """The log line: exact bytes (what a parser compares) and MiB (what a reader compares)."""
+    parts = [f"{name} {held[key]} bytes ({held[key] / 2 ** 20:.1f} MiB)"
+             for name, key in (('parameters', 'parameters'), ('gradients', 'gradients'),
+                               ('optimizer state', 'optimizer'))]
+    return f"rank {rank} holds " + ', '.join(parts)
 
 
 # ------------------------------------------------------------------------------ full state dicts
@@ -231,8 +242,8 @@ def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     from utils.checkpoint import load_file_safe
     meta = load_file_safe(os.path.join(path, SHARDED_META))
-    has_ema = bool(meta.get('has_ema'))
-    state = _dcp_state(model, optimizer if meta.get('has_optimizer') else None, ema if has_ema else None)
+    state = _dcp_state(model, optimizer if meta.get('has_optimizer') else None,
+                       ema if meta.get('has_ema') else None)
     try:
         with warnings.catch_warnings():  # one plain process reading shards: the intended case, not a mistake
             warnings.filterwarnings('ignore', message='torch.distributed is disabled')
@@ -242,6 +253,8 @@ def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
     set_model_state_dict(model, state['model'])
     if 'optimizer' in state:
         set_optimizer_state_dict(model, optimizer, state['optimizer'])
+    elif optimizer is not None:
+        raise UserError(f"{path}: the sharded checkpoint holds no optimizer state to resume")
     if 'model_ema' in state:
         set_model_state_dict(ema, state['model_ema'])
     return meta

@@ -1,0 +1,159 @@
+"""TRAIN.SHARDING fsdp through main.py on 2 gloo processes: it trains as ddp does, its gathered checkpoint is
+the official single file, and its sharded checkpoints consolidate, resume on 1 process and, after SIGTERM
+to every process mid-epoch, on 2 bit-identically."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from cli import run_main, signal_whole_job, start_torchrun, torchrun, write_tiny_config
+from conftest import write_image_folder
+
+TWO = ['--standalone', '--nproc_per_node=2']
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """84 training images: 10 steps per epoch on 2 ranks of batch 4, so 2 epochs are 20 steps."""
+    root = tmp_path_factory.mktemp('sharding')
+    data = write_image_folder(root / 'data', num_classes=3, train_per_class=28, val_per_class=4)
+    return root, write_tiny_config(root), data
+
+
+def _train(setup, name, *opts, launch=TWO, flags=()):
+    root, cfg, data = setup
+    args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / name), '--disable_amp', *flags,
+            '--opts', 'TRAIN.EPOCHS', '2', 'TRAIN.EMA.ENABLE', 'True', *opts]
+    result = torchrun(launch, args, cwd=root) if launch else run_main(args, cwd=root)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return root / name / 'tiny_test' / 'default', result.stdout + result.stderr
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _acc1s(text: str) -> list[float]:
+    return [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', text)]
+
+
+@pytest.fixture(scope='module')
+def ddp_and_fsdp(setup):
+    ddp, _ = _train(setup, 'ddp')
+    fsdp, log = _train(setup, 'fsdp', 'TRAIN.SHARDING', 'fsdp')
+    return ddp, fsdp, log
+
+
+def test_fsdp_trains_20_steps_as_ddp_does_and_logs_what_each_rank_holds(ddp_and_fsdp):
+    ddp, fsdp, log = ddp_and_fsdp
+    a = torch.load(ddp / 'ckpt_epoch_1.pth', weights_only=True)
+    b = torch.load(fsdp / 'ckpt_epoch_1.pth', weights_only=True)
+    assert _max_diff(a['model'], b['model']) < 1e-5 and _max_diff(a['model_ema'], b['model_ema']) < 1e-5
+    rows = [line.split(',') for line in (fsdp / 'summary.csv').read_text().splitlines()[1:]]
+    ddp_rows = [line.split(',') for line in (ddp / 'summary.csv').read_text().splitlines()[1:]]
+    assert [float(r[2]) for r in rows] == pytest.approx([float(r[2]) for r in ddp_rows], abs=1e-5)  # train loss
+    held = [int(n) for n in re.findall(r'rank 1 holds parameters (\d+) bytes',
+                                       (fsdp / 'log_rank1.txt').read_text())]
+    full = sum(t.numel() * t.element_size() for t in b['model'].values() if t.is_floating_point())
+    assert held and 0.4 < held[0] / full < 0.6  # half of the weights each
+
+
+def test_the_gathered_checkpoint_is_the_official_file_and_evaluates_in_one_plain_process(ddp_and_fsdp, setup):
+    root, cfg, data = setup
+    ddp, fsdp, log = ddp_and_fsdp
+    ckpt = torch.load(fsdp / 'ckpt_epoch_1.pth', weights_only=True)
+    assert {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config'} <= set(ckpt)
+    result = run_main(['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / 'eval'), '--eval',
+                       '--resume', str(fsdp / 'ckpt_epoch_1.pth'), '--disable_amp'], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp_log = (ddp / 'log_rank0.txt').read_text()
+    # the last model validations of the fsdp and ddp runs
+    assert _acc1s(result.stdout + result.stderr)[-1] == _acc1s(log)[-2] == _acc1s(ddp_log)[-2]
+
+
+def test_a_sharded_checkpoint_consolidates_to_the_gathered_file_and_resumes_on_1_process(ddp_and_fsdp, setup):
+    root = setup[0]
+    _, gathered, _ = ddp_and_fsdp
+    sharded, log = _train(setup, 'sharded', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True')
+    assert sorted(p.name for p in sharded.iterdir() if p.suffix == '.dcp') == [
+        'ckpt_epoch_0.dcp', 'ckpt_epoch_1.dcp', 'model_best.dcp']
+    whole = torch.load(gathered / 'ckpt_epoch_1.pth', weights_only=True)
+
+    def consolidated(folder):
+        out = root / f'{folder.parent.parent.parent.name}_{folder.name}.pth'
+        done = run_main([str(folder), str(out)], cwd=root, script='tools/consolidate.py')
+        assert done.returncode == 0, done.stderr[-2000:]
+        return torch.load(out, weights_only=True)
+
+    single = consolidated(sharded / 'ckpt_epoch_1.dcp')
+    assert _max_diff(single['model'], whole['model']) == 0.0 and single['epoch'] == 1
+    assert _max_diff(single['model_ema'], whole['model_ema']) == 0.0
+    assert single['optimizer']['state'].keys() == whole['optimizer']['state'].keys()
+
+    # on 1 process: the shards are read whole and the resumed weights score what the run measured after epoch 0
+    one = root / 'one'
+    shutil.copytree(root / 'sharded', one)
+    shutil.rmtree(one / 'tiny_test' / 'default' / 'ckpt_epoch_1.dcp')
+    _, text = _train(setup, 'one', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True', launch=None)
+    assert 'nothing to shard' in text and 'ckpt_epoch_0.dcp' in text and 'Train: [1/2]' in text
+    after_resume = _acc1s(text.split('Resuming from')[-1])[0]
+    assert after_resume == _acc1s(log)[0]
+
+
+def test_fsdp_with_accumulation_and_activation_checkpointing_trains_as_ddp(setup):
+    flags = ['--accumulation-steps', '2', '--use-checkpoint']
+    ddp, _ = _train(setup, 'ddp_acc', 'TRAIN.EPOCHS', '1', flags=flags)
+    fsdp, _ = _train(setup, 'fsdp_acc', 'TRAIN.EPOCHS', '1', 'TRAIN.SHARDING', 'fsdp', flags=flags)
+    a = torch.load(ddp / 'ckpt_epoch_0.pth', weights_only=True)['model']
+    b = torch.load(fsdp / 'ckpt_epoch_0.pth', weights_only=True)['model']
+    assert _max_diff(a, b) < 1e-5
+
+
+def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and_the_rerun_ends_identical(
+        ddp_and_fsdp, setup):
+    root, cfg, data = setup
+    _, gathered, _ = ddp_and_fsdp
+    out = root / 'stopped'
+    run_dir = out / 'tiny_test' / 'default'
+    args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(out), '--disable_amp', '--opts',
+            'TRAIN.EPOCHS', '2', 'TRAIN.EMA.ENABLE', 'True', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True',
+            'TRAIN.SAVE_STEPS', '1']
+    proc = start_torchrun(TWO, args, root, new_group=True)
+    try:
+        deadline = time.time() + 240
+        while not list(run_dir.glob('ckpt_epoch_1_step_*.dcp')):
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before a step checkpoint'
+            time.sleep(0.05)
+        signal_whole_job(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for rank in (0, 1):
+        assert 'stopped by a signal after writing a checkpoint' in (run_dir / f'log_rank{rank}.txt').read_text()
+    assert not (run_dir / 'ckpt_epoch_1.dcp').exists()
+    again = torchrun(TWO, args, cwd=root)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert re.search(r'Resuming from \S+ckpt_epoch_1_step_\d+\.dcp', again.stdout + again.stderr)
+    assert not list(run_dir.glob('*_step_*.dcp'))  # superseded by the epoch's checkpoint
+    out_file = root / 'stopped.pth'
+    assert run_main([str(run_dir / 'ckpt_epoch_1.dcp'), str(out_file)], cwd=root,
+                    script='tools/consolidate.py').returncode == 0
+    whole = torch.load(gathered / 'ckpt_epoch_1.pth', weights_only=True)
+    assert _max_diff(torch.load(out_file, weights_only=True)['model'], whole['model']) == 0.0
+
+
+def test_sharded_checkpoints_without_fsdp_are_a_config_error():
+    from types import SimpleNamespace
+    from config import get_config
+    from utils.errors import UserError
+    with pytest.raises(UserError, match='TRAIN.SHARDED_CKPT True needs TRAIN.SHARDING fsdp'):
+        get_config(SimpleNamespace(cfg=None, opts=['TRAIN.SHARDED_CKPT', 'True']))
+    assert get_config(SimpleNamespace(cfg=None, opts=['TRAIN.SHARDED_CKPT', 'True', 'TRAIN.SHARDING', 'fsdp']))
