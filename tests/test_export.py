@@ -1,7 +1,7 @@
 """tools.export: ONNX (through onnxruntime), TorchScript and safetensors exports that compute the eager model's logits."""
 from __future__ import annotations
 
-import re
+import csv
 
 import numpy as np
 import onnx
@@ -140,12 +140,15 @@ def test_safetensors_export_evaluates_like_the_pth_and_fine_tunes(tmp_path, imag
     st = tmp_path / 'tiny.safetensors'
     assert export(parse_args(['--weights', str(pth), '--format', 'safetensors', '--output', str(st)])) == 0
 
-    def accuracy(weights: str, tag: str) -> str:
-        result = run_main([*common, '--output', str(tmp_path / 'eval'), '--tag', tag, '--eval', '--resume', weights],
-                          cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return re.search(r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)', result.stdout + result.stderr).groups()
-    assert accuracy(str(st), 'st') == accuracy(str(pth), 'pth')
+    (tmp_path / 'both').mkdir()
+    for path in (pth, st):
+        (tmp_path / 'both' / path.name).write_bytes(path.read_bytes())
+    evaluated = run_main([*common, '--output', str(tmp_path / 'eval'), '--checkpoints', str(tmp_path / 'both'),
+                          '--results-file', str(tmp_path / 'both.csv')], cwd=tmp_path, script='validate.py')
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    with open(tmp_path / 'both.csv', newline='') as f:
+        rows = {r['checkpoint'].rsplit('.', 1)[-1]: (r['acc1'], r['acc5'], r['loss']) for r in csv.DictReader(f)}
+    assert rows.keys() == {'pth', 'safetensors'} and rows['pth'] == rows['safetensors']
     tuned = run_main([*common, '--output', str(tmp_path / 'ft'), '--pretrained', str(st),
                       '--opts', 'TRAIN.EPOCHS', '1', 'MODEL.NUM_CLASSES', '4'], cwd=tmp_path)
     log = tuned.stdout + tuned.stderr

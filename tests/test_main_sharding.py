@@ -26,13 +26,30 @@ def setup(tmp_path_factory):
     return root, write_tiny_config(root), data
 
 
-def _train(setup, name, *opts, launch=TWO, flags=()):
+def _args(setup, name, opts, flags=()):
     root, cfg, data = setup
-    args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / name), '--disable_amp', *flags,
+    return ['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / name), '--disable_amp', *flags,
             '--opts', 'TRAIN.EPOCHS', '2', 'TRAIN.EMA.ENABLE', 'True', *opts]
+
+
+def _train(setup, name, *opts, launch=TWO, flags=()):
+    root = setup[0]
+    args = _args(setup, name, opts, flags)
     result = torchrun(launch, args, cwd=root) if launch else run_main(args, cwd=root)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return root / name / 'tiny_test' / 'default', result.stdout + result.stderr
+
+
+def _train_side_by_side(setup, runs: dict, flags=()) -> dict:
+    """Several 2-process runs at once (their start-up, mostly imports, overlaps): {name: (folder, output)}."""
+    root = setup[0]
+    procs = {name: start_torchrun(TWO, _args(setup, name, opts, flags), root) for name, opts in runs.items()}
+    done = {}
+    for name, proc in procs.items():
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-4000:]
+        done[name] = (root / name / 'tiny_test' / 'default', output)
+    return done
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -46,8 +63,8 @@ def _acc1s(text: str) -> list[float]:
 
 @pytest.fixture(scope='module')
 def ddp_and_fsdp(setup):
-    ddp, _ = _train(setup, 'ddp')
-    fsdp, log = _train(setup, 'fsdp', 'TRAIN.SHARDING', 'fsdp')
+    runs = _train_side_by_side(setup, {'ddp': (), 'fsdp': ('TRAIN.SHARDING', 'fsdp')})
+    (ddp, _), (fsdp, log) = runs['ddp'], runs['fsdp']
     return ddp, fsdp, log
 
 
@@ -78,48 +95,20 @@ def test_the_gathered_checkpoint_is_the_official_file_and_evaluates_in_one_plain
     assert _acc1s(result.stdout + result.stderr)[-1] == _acc1s(log)[-2] == _acc1s(ddp_log)[-2]
 
 
-def test_a_sharded_checkpoint_consolidates_to_the_gathered_file_and_resumes_on_1_process(ddp_and_fsdp, setup):
-    root = setup[0]
-    _, gathered, _ = ddp_and_fsdp
-    sharded, log = _train(setup, 'sharded', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True')
-    assert sorted(p.name for p in sharded.iterdir() if p.suffix == '.dcp') == [
-        'ckpt_epoch_0.dcp', 'ckpt_epoch_1.dcp', 'model_best.dcp']
-    whole = torch.load(gathered / 'ckpt_epoch_1.pth', weights_only=True)
-
-    def consolidated(folder):
-        out = root / f'{folder.parent.parent.parent.name}_{folder.name}.pth'
-        done = run_main([str(folder), str(out)], cwd=root, script='tools/consolidate.py')
-        assert done.returncode == 0, done.stderr[-2000:]
-        return torch.load(out, weights_only=True)
-
-    single = consolidated(sharded / 'ckpt_epoch_1.dcp')
-    assert _max_diff(single['model'], whole['model']) == 0.0 and single['epoch'] == 1
-    assert _max_diff(single['model_ema'], whole['model_ema']) == 0.0
-    assert single['optimizer']['state'].keys() == whole['optimizer']['state'].keys()
-
-    # on 1 process: the shards are read whole and the resumed weights score what the run measured after epoch 0
-    one = root / 'one'
-    shutil.copytree(root / 'sharded', one)
-    shutil.rmtree(one / 'tiny_test' / 'default' / 'ckpt_epoch_1.dcp')
-    _, text = _train(setup, 'one', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True', launch=None)
-    assert 'nothing to shard' in text and 'ckpt_epoch_0.dcp' in text and 'Train: [1/2]' in text
-    after_resume = _acc1s(text.split('Resuming from')[-1])[0]
-    assert after_resume == _acc1s(log)[0]
-
-
 def test_fsdp_with_accumulation_and_activation_checkpointing_trains_as_ddp(setup):
     flags = ['--accumulation-steps', '2', '--use-checkpoint']
-    ddp, _ = _train(setup, 'ddp_acc', 'TRAIN.EPOCHS', '1', flags=flags)
-    fsdp, _ = _train(setup, 'fsdp_acc', 'TRAIN.EPOCHS', '1', 'TRAIN.SHARDING', 'fsdp', flags=flags)
+    runs = _train_side_by_side(setup, {'ddp_acc': ('TRAIN.EPOCHS', '1'),
+                                       'fsdp_acc': ('TRAIN.EPOCHS', '1', 'TRAIN.SHARDING', 'fsdp')}, flags=flags)
+    ddp, fsdp = runs['ddp_acc'][0], runs['fsdp_acc'][0]
     a = torch.load(ddp / 'ckpt_epoch_0.pth', weights_only=True)['model']
     b = torch.load(fsdp / 'ckpt_epoch_0.pth', weights_only=True)['model']
     assert _max_diff(a, b) < 1e-5
 
 
-def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and_the_rerun_ends_identical(
-        ddp_and_fsdp, setup):
+@pytest.fixture(scope='module')
+def stopped(setup):
+    """A sharded-checkpoint run stopped by SIGTERM to every process in epoch 1, then run again to its end."""
     root, cfg, data = setup
-    _, gathered, _ = ddp_and_fsdp
     out = root / 'stopped'
     run_dir = out / 'tiny_test' / 'default'
     args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(out), '--disable_amp', '--opts',
@@ -136,18 +125,47 @@ def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    for rank in (0, 1):
-        assert 'stopped by a signal after writing a checkpoint' in (run_dir / f'log_rank{rank}.txt').read_text()
-    assert not (run_dir / 'ckpt_epoch_1.dcp').exists()
+    stop_logs = [(run_dir / f'log_rank{rank}.txt').read_text() for rank in (0, 1)]
+    after_stop = sorted(p.name for p in run_dir.iterdir())
     again = torchrun(TWO, args, cwd=root)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert re.search(r'Resuming from \S+ckpt_epoch_1_step_\d+\.dcp', again.stdout + again.stderr)
-    assert not list(run_dir.glob('*_step_*.dcp'))  # superseded by the epoch's checkpoint
-    out_file = root / 'stopped.pth'
-    assert run_main([str(run_dir / 'ckpt_epoch_1.dcp'), str(out_file)], cwd=root,
-                    script='tools/consolidate.py').returncode == 0
+    return run_dir, stop_logs, after_stop, again.stdout + again.stderr
+
+
+def _consolidated(folder, out):
+    done = run_main([str(folder), str(out)], cwd=out.parent, script='tools/consolidate.py')
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and_the_rerun_ends_identical(
+        ddp_and_fsdp, stopped, tmp_path):
+    _, gathered, _ = ddp_and_fsdp
+    run_dir, stop_logs, after_stop, rerun = stopped
+    assert all('stopped by a signal after writing a checkpoint' in log for log in stop_logs)
+    assert 'ckpt_epoch_1.dcp' not in after_stop and any(re.match(r'ckpt_epoch_1_step_\d+\.dcp', n) for n in after_stop)
+    assert re.search(r'Resuming from \S+ckpt_epoch_1_step_\d+\.dcp', rerun)
+    assert sorted(p.name for p in run_dir.iterdir() if p.suffix == '.dcp') == [
+        'ckpt_epoch_0.dcp', 'ckpt_epoch_1.dcp', 'model_best.dcp']  # the step folders superseded
+    # consolidated, the sharded checkpoint is exactly the file an uninterrupted gathered run wrote
+    single = _consolidated(run_dir / 'ckpt_epoch_1.dcp', tmp_path / 'one.pth')
     whole = torch.load(gathered / 'ckpt_epoch_1.pth', weights_only=True)
-    assert _max_diff(torch.load(out_file, weights_only=True)['model'], whole['model']) == 0.0
+    assert _max_diff(single['model'], whole['model']) == 0.0 and single['epoch'] == 1
+    assert _max_diff(single['model_ema'], whole['model_ema']) == 0.0
+    assert all(torch.equal(single['optimizer']['state'][n]['exp_avg_sq'], st['exp_avg_sq'])
+               for n, st in whole['optimizer']['state'].items())
+
+
+def test_a_sharded_checkpoint_resumes_on_1_process(stopped, setup):
+    root = setup[0]
+    run_dir, stop_logs, _, _ = stopped
+    one = root / 'one'
+    shutil.copytree(run_dir.parent.parent, one)
+    shutil.rmtree(one / 'tiny_test' / 'default' / 'ckpt_epoch_1.dcp')
+    _, text = _train(setup, 'one', 'TRAIN.SHARDING', 'fsdp', 'TRAIN.SHARDED_CKPT', 'True', launch=None)
+    assert 'nothing to shard' in text and 'ckpt_epoch_0.dcp' in text and 'Train: [1/2]' in text
+    # the shards, read whole, score what the 2-process run measured after epoch 0
+    assert _acc1s(text.split('Resuming from')[-1])[0] == _acc1s(stop_logs[0])[0]
 
 
 def test_sharded_checkpoints_without_fsdp_are_a_config_error():

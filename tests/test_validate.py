@@ -38,11 +38,18 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_a_folder_of_three_checkpoints_gives_a_table_sorted_by_acc1(trained):
-    root, cfg, data, out, accs = trained
+@pytest.fixture(scope='module')
+def one_process(trained):
+    """validate.py in one process over the run's folder: (its output, its CSV rows)."""
+    root, cfg, data, out, _ = trained
     result = _validate(root, cfg, data, out, root / 'one.csv')
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _rows(root / 'one.csv')
+    return result, _rows(root / 'one.csv')
+
+
+def test_a_folder_of_three_checkpoints_gives_a_table_sorted_by_acc1(trained, one_process):
+    accs = trained[-1]
+    result, rows = one_process
     assert sorted(int(r['epoch']) for r in rows) == [0, 1, 2]
     acc1 = [float(r['acc1']) for r in rows]
     assert acc1 == sorted(acc1, reverse=True)
@@ -52,13 +59,12 @@ def test_a_folder_of_three_checkpoints_gives_a_table_sorted_by_acc1(trained):
     assert any(line.startswith('checkpoint') and 'Acc@1' in line for line in result.stdout.splitlines())
 
 
-def test_two_processes_give_the_same_figures_as_one(trained):
+def test_two_processes_give_the_same_figures_as_one(trained, one_process):
     root, cfg, data, out, _ = trained
-    one = _validate(root, cfg, data, out, root / 'single.csv')
     two = _validate(root, cfg, data, str(out / 'ckpt_epoch_*.pth'), root / 'two.csv',
                     launch=['--standalone', '--nproc_per_node=2'])
-    assert one.returncode == 0 and two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    single, double = _rows(root / 'single.csv'), _rows(root / 'two.csv')
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    single, double = one_process[1], _rows(root / 'two.csv')
     assert [(r['checkpoint'], r['acc1'], r['acc5']) for r in single] == [(r['checkpoint'], r['acc1'], r['acc5'])
                                                                           for r in double]
     # the loss is a float sum whose order follows the batches: equal to rounding
@@ -80,11 +86,14 @@ def test_an_unreadable_checkpoint_gets_a_failed_row_and_exit_1_after_the_others(
     assert rows[0]['error'] == '' and 'not a PyTorch checkpoint' in rows[1]['error']
 
 
-def test_no_checkpoints_there_is_one_line_and_exit_2(trained, tmp_path):
-    root, cfg, data, _, _ = trained
-    result = _validate(root, cfg, data, tmp_path / 'nothing-*.pth', tmp_path / 'r.csv')
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert 'no checkpoint files' in result.stderr and not (tmp_path / 'r.csv').exists()
+def test_no_checkpoints_there_is_one_line_and_exit_2(tmp_path, capsys):
+    from validate import cli
+    cfg = write_tiny_config(tmp_path)
+    status = cli(['--cfg', str(cfg), '--data-path', str(tmp_path), '--output', str(tmp_path / 'eval'),
+                  '--checkpoints', str(tmp_path / 'nothing-*.pth'), '--results-file', str(tmp_path / 'r.csv')])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and 'no checkpoint files' in err
+    assert not (tmp_path / 'r.csv').exists()
 
 
 def test_use_ema_loads_the_ema_weights_and_names_a_file_without_them(tmp_path):
