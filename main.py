@@ -32,8 +32,8 @@ from models.complexity import count_flops, count_params
 from models.moe import exclude_experts_from_ddp, moe_param_counts
 from optimizer import build_optimizer
 from utils.amp import GradScalerWithNorm, resolve_amp
-from utils.checkpoint import (auto_resume_helper, checkpoint_tag, load_checkpoint, save_best_checkpoint, save_moe_final,
-                              save_training_checkpoint)
+from utils.checkpoint import (auto_resume_helper, best_checkpoint_path, checkpoint_tag, load_checkpoint,
+                              save_best_checkpoint, save_moe_final, save_training_checkpoint)
 from utils.cuda import configure_cuda
 from utils.distributed import DistEnv, all_reduce_max, barrier, cleanup, init_distributed
 from utils.ema import ModelEma
@@ -315,9 +315,7 @@ class BestTracker:
 
     def __init__(self, config, env: DistEnv, best_score: Optional[float], max_accuracy: float):
         self.enabled = bool(config.TRAIN.SAVE_BEST)
-        sharded_dir = config.TRAIN.SHARDING == 'fsdp' and config.TRAIN.SHARDED_CKPT and env.distributed
-        self.path = os.path.join(config.OUTPUT, 'model_best.dcp' if sharded_dir else
-                                 f'model_best.pth{checkpoint_tag(config)}')
+        self.path = best_checkpoint_path(config, sharded_folder=bool(config.TRAIN.SHARDED_CKPT) and env.distributed)
         if best_score is None and config.TRAIN.BEST_METRIC == 'acc1' and max_accuracy > 0:
             best_score = max_accuracy
         self.best_score = best_score

@@ -116,3 +116,13 @@ def signal_whole_job(launcher_pid: int, sig: int) -> None:
     for pid in workers.values():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
+
+
+def train_tiny(tmp_path: Path, data: Path, *opts: str) -> tuple[list[str], Path, str]:
+    """``python main.py`` on the tiny config with ``--opts OPTS``, which must succeed: (the common arguments
+    for more runs on the same output, the run's folder, its rank-0 log)."""
+    common = ['--cfg', str(write_tiny_config(tmp_path)), '--data-path', str(data), '--output', str(tmp_path / 'out')]
+    result = run_main([*common, '--opts', *opts], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / 'out' / 'tiny_test' / 'default'
+    return common, out, (out / 'log_rank0.txt').read_text()

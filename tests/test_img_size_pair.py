@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from cli import run_main, write_tiny_config
+from cli import run_main, train_tiny
 from config import get_config, img_size_hw
 from data import build_loader
 from data.decode import blank_image, decode_pil, decode_tensor
@@ -127,12 +127,7 @@ def test_simmim_masks_cover_a_height_by_width_image():
 
 
 def test_main_trains_evaluates_and_times_a_non_square_model(tmp_path, image_folder):
-    cfg = write_tiny_config(tmp_path)
-    common = ['--cfg', str(cfg), '--data-path', str(image_folder), '--output', str(tmp_path / 'out')]
-    result = run_main([*common, '--opts', 'DATA.IMG_SIZE', '[32, 64]', 'TRAIN.EPOCHS', '1'], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / 'out' / 'tiny_test' / 'default'
-    log = (out / 'log_rank0.txt').read_text()
+    common, out, log = train_tiny(tmp_path, image_folder, 'DATA.IMG_SIZE', '[32, 64]', 'TRAIN.EPOCHS', '1')
     assert re.search(r' \* Acc@1 [\d.]+ Acc@5 [\d.]+', log) and 'Train: [0/1]' in log
     saved = yaml.safe_load(torch.load(out / 'ckpt_epoch_0.pth', weights_only=True)['config'])
     assert saved['DATA']['IMG_SIZE'] == [32, 64]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cli import run_main, write_tiny_config
+from cli import run_main, train_tiny
 from config import get_default_config
 from main import BestTracker
 from utils.checkpoint import auto_resume_helper
@@ -15,12 +15,7 @@ from utils.errors import UserError
 
 
 def test_model_best_is_the_best_epoch_survives_pruning_and_evaluates(tmp_path, image_folder):
-    cfg = write_tiny_config(tmp_path)
-    common = ['--cfg', str(cfg), '--data-path', str(image_folder), '--output', str(tmp_path / 'out')]
-    result = run_main([*common, '--opts', 'TRAIN.EPOCHS', '3', 'TRAIN.KEEP_CKPTS', '1'], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / 'out' / 'tiny_test' / 'default'
-    log = (out / 'log_rank0.txt').read_text()
+    common, out, log = train_tiny(tmp_path, image_folder, 'TRAIN.EPOCHS', '3', 'TRAIN.KEEP_CKPTS', '1')
     accs = [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', log)]
     best = torch.load(out / 'model_best.pth', weights_only=True)
     first_best = accs.index(max(accs))

@@ -351,8 +351,15 @@ def save_training_checkpoint(config, rank: int, epoch: int, model: torch.nn.Modu
     return path
 
 
+def best_checkpoint_path(config, sharded_folder: bool = False) -> str:
+    """Where TRAIN.SAVE_BEST keeps the best checkpoint: ``model_best.pth`` (with Swin-MoE's rank tag), or the
+    folder ``model_best.dcp`` when a sharded model writes sharded checkpoints."""
+    name = 'model_best.dcp' if sharded_folder else f'model_best.pth{checkpoint_tag(config)}'
+    return os.path.join(config.OUTPUT, name)
+
+
 def _write_best(config, epoch: int, state: dict, logger) -> str:
-    path = os.path.join(config.OUTPUT, f'model_best.pth{checkpoint_tag(config)}')
+    path = best_checkpoint_path(config)
     save_file_atomic(state, path)
     logger.info(f"{os.path.basename(path)} saved (score {state['max_accuracy']:.3f} at epoch {epoch})")
     return path
@@ -363,8 +370,8 @@ def _save_sharded_checkpoint(config, rank: int, epoch: int, model: torch.nn.Modu
                              best: bool) -> str:
     """Every rank writes its shards (torch.distributed.checkpoint); meta.pth holds the rest of the official
     entries, so tools.consolidate turns the folder into the single file."""
-    name = 'model_best.dcp' if best else _checkpoint_name(epoch, step, 'dcp', '')
-    path = os.path.join(config.OUTPUT, name)
+    path = (best_checkpoint_path(config, sharded_folder=True) if best
+            else os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'dcp', '')))
     meta = _with_extra({'lr_scheduler': _state_or_none(lr_scheduler), 'max_accuracy': float(max_accuracy),
                         'scaler': _state_or_none(scaler), 'epoch': int(epoch), 'config': config.dump(),
                         'has_ema': model_ema is not None, 'has_optimizer': optimizer is not None},
