@@ -322,7 +322,7 @@ class BestTracker:
         self.device = env.device
 
     def is_new_best(self, score: float) -> bool:
-        """Record ``score``; True when this rank should write model_best.pth now."""
+        """Record ``score``; True (on every rank alike) when model_best.pth is to be written now."""
         improved = self.best_score is None or score > self.best_score
         if improved:
             self.best_score = score

@@ -174,4 +174,5 @@ def test_sharded_checkpoints_without_fsdp_are_a_config_error():
     from utils.errors import UserError
     with pytest.raises(UserError, match='TRAIN.SHARDED_CKPT True needs TRAIN.SHARDING fsdp'):
         get_config(SimpleNamespace(cfg=None, opts=['TRAIN.SHARDED_CKPT', 'True']))
-    assert get_config(SimpleNamespace(cfg=None, opts=['TRAIN.SHARDED_CKPT', 'True', 'TRAIN.SHARDING', 'fsdp']))
+    config = get_config(SimpleNamespace(cfg=None, opts=['TRAIN.SHARDED_CKPT', 'True', 'TRAIN.SHARDING', 'fsdp']))
+    assert config.TRAIN.SHARDED_CKPT is True and config.TRAIN.SHARDING == 'fsdp'

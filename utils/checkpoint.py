@@ -294,6 +294,18 @@ def _after_write(config, path: str, epoch: int, logger, tag: str) -> None:
     prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger, tag=tag)
 
 
+def _write_epoch_checkpoint(config, state: dict, epoch: int, step: Optional[int], extra: Optional[dict],
+                            logger) -> str:
+    """``state`` (+ ``extra``) atomically to ``ckpt_epoch_{epoch}[_step_{step}].pth{tag}``, then the clean-up."""
+    tag = checkpoint_tag(config)
+    path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', tag))
+    logger.info(f"{path} saving......")
+    save_file_atomic(_with_extra(state, extra, step), path)
+    logger.info(f"{path} saved !!!")
+    _after_write(config, path, epoch, logger, tag)
+    return path
+
+
 def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
                     scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
     """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
@@ -304,13 +316,7 @@ def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: fl
     For a sharded model call :func:`save_training_checkpoint` on every rank instead.
     """
     state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
-    tag = checkpoint_tag(config)
-    path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', tag))
-    logger.info(f"{path} saving......")
-    save_file_atomic(_with_extra(state, extra, step), path)
-    logger.info(f"{path} saved !!!")
-    _after_write(config, path, epoch, logger, tag)
-    return path
+    return _write_epoch_checkpoint(config, state, epoch, step, extra, logger)
 
 
 def save_training_checkpoint(config, rank: int, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer,
@@ -318,35 +324,25 @@ def save_training_checkpoint(config, rank: int, epoch: int, model: torch.nn.Modu
                              step: Optional[int] = None, best: bool = False) -> Optional[str]:
     """The training loop's checkpoint write, called on every rank; returns the path where this rank wrote.
 
-    Unsharded: rank 0 (every rank for Swin-MoE) writes as :func:`save_checkpoint`. Sharded (TRAIN.SHARDING
-    fsdp): the state is gathered and rank 0 writes the official single file, or with TRAIN.SHARDED_CKPT
-    every rank writes its shards into ``ckpt_epoch_{epoch}[_step_{S}].dcp``. ``best``: the file is
-    ``model_best.pth`` (or ``model_best.dcp``), outside the epoch names, so never pruned nor auto-resumed.
+    Rank 0 (every rank for Swin-MoE) writes the official single file as :func:`save_checkpoint`; a model sharded
+    by TRAIN.SHARDING fsdp is gathered for it first (a collective), or with TRAIN.SHARDED_CKPT every rank writes
+    its shards into ``ckpt_epoch_{epoch}[_step_{S}].dcp``. ``best``: the file is ``model_best.pth`` (or
+    ``model_best.dcp``), outside the epoch names, so never pruned nor auto-resumed.
     """
     model = unwrap_model(model)
-    if not is_sharded(model):
-        if not writes_checkpoints(config, rank):
-            return None
-        if best:
-            return _write_best(config, epoch, checkpoint_state(config, epoch, model, max_accuracy, optimizer,
-                                                                lr_scheduler, scaler, model_ema), logger)
-        return save_checkpoint(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, logger,
-                               model_ema=model_ema, extra=extra, step=step)
-    if config.TRAIN.SHARDED_CKPT:
+    sharded = is_sharded(model)
+    if sharded and config.TRAIN.SHARDED_CKPT:
         return _save_sharded_checkpoint(config, rank, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler,
                                         logger, model_ema, extra, step, best)
+    writes = writes_checkpoints(config, rank)
+    if not (writes or sharded):
+        return None
     state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
     path = None
-    if rank == 0:
-        if best:
-            path = _write_best(config, epoch, state, logger)
-        else:
-            path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', ''))
-            logger.info(f"{path} saving (gathered from the shards)......")
-            save_file_atomic(_with_extra(state, extra, step), path)
-            logger.info(f"{path} saved !!!")
-            _after_write(config, path, epoch, logger, '')
-    if torch.distributed.is_initialized():
+    if writes:
+        path = _write_best(config, epoch, state, logger) if best else \
+            _write_epoch_checkpoint(config, state, epoch, step, extra, logger)
+    if sharded and torch.distributed.is_initialized():  # the others wait for the gathered file
         torch.distributed.barrier()
     return path
 
@@ -604,8 +600,8 @@ def _load_sharded_checkpoint(config, path: str, model: torch.nn.Module, optimize
         extra_out.update({k: v for k, v in meta.items() if k not in _STANDARD_KEYS + ('has_ema', 'has_optimizer')})
     if not training:
         return 0.0, config.TRAIN.START_EPOCH
-    _load_training_state({k: v for k, v in meta.items() if k != 'optimizer'}, path, model, optimizer, lr_scheduler,
-                         scaler, logger)
+    # the optimizer's shards came with the model's; meta.pth holds the scheduler and the scaler
+    _load_training_state(meta, path, model, optimizer, lr_scheduler, scaler, logger)
     if ema is not None and not meta.get('has_ema'):
         model_ema.set(model)
         logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
