@@ -153,9 +153,12 @@ def build_train_sampler(config, dataset: ImageListDataset, rank: int, world: int
 
 
 def build_mixup(config) -> Optional[Mixup]:
-    """timm's Mixup/CutMix from AUG.*, or None when both are off."""
+    """timm's Mixup/CutMix from AUG.*, or None when both are off or the run does not train (EVAL_MODE,
+    THROUGHPUT_MODE): evaluation never mixes, so its batch size need not be even."""
     aug = config.AUG
     if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return None
     if config.DATA.BATCH_SIZE % 2:
         raise UserError(f'DATA.BATCH_SIZE must be even with mixup/cutmix on (it pairs samples), '

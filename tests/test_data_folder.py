@@ -44,6 +44,13 @@ def test_odd_batch_size_with_mixup_is_a_user_error(tmp_path):
         build_loader(data_config(root, **{'DATA.BATCH_SIZE': 3}))
 
 
+def test_odd_batch_size_with_mixup_is_fine_when_not_training(tmp_path):
+    root = jpeg_folder(tmp_path, num_classes=3, train_per_class=2, val_per_class=1)
+    for mode in ('EVAL_MODE', 'THROUGHPUT_MODE'):
+        *_, loader_val, mixup_fn = build_loader(data_config(root, **{'DATA.BATCH_SIZE': 3, mode: True}))
+        assert mixup_fn is None and [len(y) for _, y in loader_val] == [3]
+
+
 def test_more_classes_than_the_model_has_is_a_user_error(tmp_path):
     root = jpeg_folder(tmp_path, num_classes=4, train_per_class=2, val_per_class=1)
     with pytest.raises(UserError, match='4 classes but MODEL.NUM_CLASSES is 3'):

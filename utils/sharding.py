@@ -181,9 +181,28 @@ def to_numbered(optim_state: dict, names: list[str]) -> dict:
             'param_groups': [{**g, 'params': [number[n] for n in g['params']]} for g in optim_state['param_groups']]}
 
 
+# How an optimizer steps (its kernel), as opposed to what it optimizes: torch's load_state_dict takes these
+# from the file's groups, so a state written by a plain AdamW (the official framework, timm, our older
+# releases) would turn our fused AdamW into the single-tensor one, which refuses the found_inf we pass it.
+IMPLEMENTATION_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def with_own_implementation(optim_state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``optim_state`` with every group's kernel settings replaced by this optimizer's, so that the optimizer
+    we built decides how it steps (and torch places the loaded ``step`` counters for that kernel)."""
+    groups = []
+    for saved, ours in zip(optim_state['param_groups'], optimizer.param_groups):
+        group = {k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS}
+        group.update({k: ours[k] for k in IMPLEMENTATION_KEYS if k in ours})
+        groups.append(group)
+    return {**optim_state, 'param_groups': groups + optim_state['param_groups'][len(groups):]}
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
-    """Load a saved optimizer state of either layout into a sharded or a plain model's optimizer."""
+    """Load a saved optimizer state of either layout into a sharded or a plain model's optimizer; the
+    optimizer keeps its own kernel settings (:func:`with_own_implementation`)."""
     names = _names_in_optimizer_order(model, optimizer)
+    optim_state = with_own_implementation(optim_state, optimizer)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         if not is_name_keyed(optim_state):
@@ -252,7 +271,7 @@ def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
         raise UserError(f"{path}: the sharded checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
     set_model_state_dict(model, state['model'])
     if 'optimizer' in state:
-        set_optimizer_state_dict(model, optimizer, state['optimizer'])
+        set_optimizer_state_dict(model, optimizer, with_own_implementation(state['optimizer'], optimizer))
     elif optimizer is not None:
         raise UserError(f"{path}: the sharded checkpoint holds no optimizer state to resume")
     if 'model_ema' in state:
