@@ -199,7 +199,8 @@ _C.TEST.SHUFFLE = False
 _C.ENABLE_AMP = False  # SimMIM scripts
 _C.AMP_ENABLE = True
 _C.AMP_OPT_LEVEL = ''  # deprecated (apex)
-_C.AMP_DTYPE = 'auto'  # (ours) auto: float16 on CUDA, bfloat16 on CPU; or float16 / bfloat16
+_C.AMP_DTYPE = 'auto'  # (ours) auto: bfloat16 where native (GPU sm80+, CPU AVX512-BF16/AMX/Arm BF16), else
+#                        float16 on CUDA, float32 on CPU; or float16 / bfloat16
 _C.HOST_MEMORY_CACHE = True  # (ours) CPU runs: keep freed host memory for reuse (glibc malloc), utils/host_memory.py
 _C.CPU_KERNELS = True  # (ours) CPU runs: swap in our CPU modules and kernels (models/cpu); False: the reference model
 _C.ALLOW_TF32 = True  # (ours) CUDA runs: TF32 tensor cores for fp32 matmuls and convolutions

@@ -78,7 +78,8 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
                         help='ignored: the launcher sets LOCAL_RANK')
     # ours
     parser.add_argument('--amp-dtype', type=str, choices=['auto', 'float16', 'bfloat16'],
-                        help='(ours) mixed-precision type; auto: float16 on CUDA, bfloat16 on CPU')
+                        help='(ours) mixed-precision type; auto: bfloat16 where the GPU or CPU computes it natively, '
+                             'else float16 on CUDA, float32 on CPU')
     parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
     parser.add_argument('--sharding', choices=['ddp', 'fsdp'], help='(ours) TRAIN.SHARDING')
     return parser

@@ -1,10 +1,13 @@
 """resolve_amp and GradScalerWithNorm: dtype choice, backward/clip/step, accumulation, non-finite reporting."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from config import get_default_config
+from utils import amp
 from utils.amp import GradScalerWithNorm, resolve_amp
 from utils.errors import UserError
 
@@ -16,12 +19,54 @@ def _cfg(enable=True, dtype='auto'):
     return cfg
 
 
-def test_resolve_amp_picks_a_dtype_per_device():
+def test_resolve_amp_picks_a_dtype_per_device(monkeypatch):
+    monkeypatch.setattr(amp, 'cpu_bf16_support', lambda: (True, 'amx_bf16'))
     assert resolve_amp(_cfg(enable=False), 'cuda') == (False, None)
-    assert resolve_amp(_cfg(), 'cuda') == (True, torch.float16)
     assert resolve_amp(_cfg(), torch.device('cpu')) == (True, torch.bfloat16)
     assert resolve_amp(_cfg(dtype='bfloat16'), 'cpu') == (True, torch.bfloat16)
     assert resolve_amp(_cfg(dtype='float16'), 'cuda:0') == (True, torch.float16)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_auto_is_bfloat16_only_on_a_cpu_that_computes_it(monkeypatch, caplog, native):
+    """On a CPU that emulates bfloat16 (AVX2, AVX-512 without BF16) autocast is several times slower than
+    float32: 'auto' trains in float32 there, and says why in one line; an explicit bfloat16 still forces it."""
+    monkeypatch.setattr(amp, 'cpu_bf16_support', lambda: (native, 'the stub says so'))
+    with caplog.at_level(logging.INFO, logger='utils.amp'):
+        choice = resolve_amp(_cfg(), 'cpu')
+    assert choice == ((True, torch.bfloat16) if native else (False, None))
+    assert caplog.messages == [f"AMP_DTYPE auto: {'bfloat16' if native else 'float32'} "
+                               f"(this CPU {'computes it natively' if native else 'emulates bfloat16'}: the stub says so"
+                               + ('' if native else '; AMP_DTYPE bfloat16 forces it') + ')']
+    assert resolve_amp(_cfg(dtype='bfloat16'), 'cpu') == (True, torch.bfloat16)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_auto_is_bfloat16_on_a_gpu_that_has_it_else_float16(monkeypatch, native):
+    monkeypatch.setattr(amp, 'cuda_bf16_native', lambda: native)
+    assert resolve_amp(_cfg(), 'cuda') == (True, torch.bfloat16 if native else torch.float16)
+
+
+@pytest.mark.parametrize('flags, native', [('fpu avx2 fma', False), ('fpu avx2 avx512f avx512bw', False),
+                                           ('fpu avx512f avx512_bf16', True), ('fpu amx_bf16 amx_tile', True)])
+def test_the_cpu_check_reads_the_bf16_flags(monkeypatch, flags, native):
+    monkeypatch.setattr(amp, '_cpu_flags', lambda: set(flags.split()))
+    amp.cpu_bf16_support.cache_clear()
+    try:
+        assert amp.cpu_bf16_support()[0] is native
+    finally:
+        amp.cpu_bf16_support.cache_clear()
+
+
+def test_the_cpu_check_times_a_product_where_no_flags_are_readable(monkeypatch):
+    monkeypatch.setattr(amp, '_cpu_flags', lambda: None)
+    monkeypatch.setattr(amp, '_matmul_seconds', lambda dtype: {torch.bfloat16: 4e-3, torch.float32: 1e-3}[dtype])
+    amp.cpu_bf16_support.cache_clear()
+    try:
+        native, why = amp.cpu_bf16_support()
+    finally:
+        amp.cpu_bf16_support.cache_clear()
+    assert not native and '4.00 ms in bfloat16, 1.00 ms in float32' in why
 
 
 @pytest.mark.parametrize('dtype, needle', [('float16', 'float16'), ('fp8', 'fp8')])

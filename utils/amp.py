@@ -1,10 +1,14 @@
 """Mixed precision: which autocast type to use, and the backward/clip/step helper of the official loop.
 
-``resolve_amp`` turns AMP_ENABLE / AMP_DTYPE into (enabled, dtype). Only float16 needs loss scaling;
+``resolve_amp`` turns AMP_ENABLE / AMP_DTYPE into (enabled, dtype); 'auto' takes bfloat16 only where the
+hardware computes it. Only float16 needs loss scaling;
 bfloat16 and full precision run the same helper with scaling switched off, so the engine has one path.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from typing import Iterable, Optional
 
 import torch
@@ -12,18 +16,22 @@ import torch
 from utils.errors import UserError
 from utils.sharding import plain_tensor
 
+_logger = logging.getLogger(__name__)
 _DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
            'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
 
 def resolve_amp(config, device: torch.device | str) -> tuple[bool, Optional[torch.dtype]]:
-    """(enabled, dtype) from AMP_ENABLE and AMP_DTYPE ('auto': float16 on CUDA, bfloat16 elsewhere)."""
+    """(enabled, dtype) from AMP_ENABLE and AMP_DTYPE. 'auto' is bfloat16 where the device computes it natively
+    (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16, AMX or Arm's BF16), float16 with loss
+    scaling on older GPUs, and full precision on other CPUs, where bfloat16 is emulated and several times
+    slower than float32; it logs which and why."""
     if not config.AMP_ENABLE:
         return False, None
     device_type = torch.device(device).type
     name = str(config.get('AMP_DTYPE', 'auto')).lower()
     if name == 'auto':
-        return True, torch.float16 if device_type == 'cuda' else torch.bfloat16
+        return _auto_amp(device_type)
     if name not in _DTYPES:
         raise UserError(f"AMP_DTYPE {name!r} is not supported; choose auto, float16 or bfloat16")
     dtype = _DTYPES[name]
@@ -33,6 +41,71 @@ def resolve_amp(config, device: torch.device | str) -> tuple[bool, Optional[torc
     if dtype == torch.bfloat16 and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
         raise UserError("AMP_DTYPE bfloat16 is not supported by this GPU; use float16")
     return True, dtype
+
+
+def _auto_amp(device_type: str) -> tuple[bool, Optional[torch.dtype]]:
+    if device_type == 'cuda':
+        if cuda_bf16_native():
+            _logger.info("AMP_DTYPE auto: bfloat16 (the GPU computes it natively; AMP_DTYPE float16 for the "
+                         "official fp16 recipe)")
+            return True, torch.bfloat16
+        _logger.info("AMP_DTYPE auto: float16 with loss scaling (this GPU has no native bfloat16)")
+        return True, torch.float16
+    native, why = cpu_bf16_support()
+    if native:
+        _logger.info(f"AMP_DTYPE auto: bfloat16 (this CPU computes it natively: {why})")
+        return True, torch.bfloat16
+    _logger.info(f"AMP_DTYPE auto: float32 (this CPU emulates bfloat16: {why}; AMP_DTYPE bfloat16 forces it)")
+    return False, None
+
+
+def cuda_bf16_native() -> bool:
+    """Whether the current GPU computes bfloat16 in hardware (compute capability 8.0+), not by emulation."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument answers for hardware support
+        return torch.cuda.is_bf16_supported()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_support() -> tuple[bool, str]:
+    """(native, why): whether this CPU has bfloat16 arithmetic (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from
+    the flags the kernel reports; where none are readable, a small matrix product timed once in both types."""
+    flags = _cpu_flags()
+    if flags is not None:
+        found = sorted(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+        if found:
+            return True, ', '.join(found)
+        return False, 'no avx512_bf16, amx_bf16 or bf16 in the CPU flags'
+    bf16, fp32 = _matmul_seconds(torch.bfloat16), _matmul_seconds(torch.float32)
+    return bf16 <= fp32, f'a 256 x 256 product takes {bf16 * 1e3:.2f} ms in bfloat16, {fp32 * 1e3:.2f} ms in float32'
+
+
+def _cpu_flags() -> Optional[set]:
+    """The CPU's feature flags (x86 'flags', Arm 'Features') from /proc/cpuinfo; None where it cannot be read."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('flags', 'Features'):
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int = 256, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: the kernel choice and its buffers
+    best = float('inf')
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
