@@ -75,9 +75,31 @@ def shard_model(model: nn.Module, config, device: torch.device, amp_dtype: Optio
     policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=_DTYPES[reduce_name])
     reshard = bool(config.TRAIN.FSDP.RESHARD_AFTER_FORWARD)
     for unit in sharded_units(model):
+        for fp32_unit, low_precision_children in full_precision_units(unit):
+            for child in low_precision_children:
+                fully_shard(child, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(fp32_unit, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=reshard)
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     return model
+
+
+def full_precision_units(unit: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """The modules of ``unit`` that FSDP must gather and reduce in fp32 whatever the AMP dtype, each with the
+    children inside it that stay in the AMP dtype: the relative-position bias and its gradient (which sums over
+    every window of the batch) are kept in fp32, as the unsharded model keeps them under autocast.
+
+    * Swin V2's ``cpb_mlp`` runs outside autocast on the fp32 coordinates table: its weights must be fp32 too.
+    * Swin V1's ``relative_position_bias_table`` is a parameter of the attention itself: the attention becomes an
+      fp32 unit holding only the table, with its ``qkv`` and ``proj`` as low-precision units of their own.
+    """
+    found = []
+    for module in unit.modules():
+        if isinstance(getattr(module, 'cpb_mlp', None), nn.Module):
+            found.append((module.cpb_mlp, []))
+        if isinstance(getattr(module, 'relative_position_bias_table', None), nn.Parameter):
+            found.append((module, [c for c in module.children() if any(True for _ in c.parameters())]))
+    return found
 
 
 @torch.no_grad()
