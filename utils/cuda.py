@@ -16,10 +16,11 @@ __all__ = ['configure_cuda']
 def configure_cuda(allow_tf32: bool = True) -> None:
     """TF32 (or full fp32, ``allow_tf32=False``) for fp32 matmuls and convolutions, and cuDNN's autotuner on.
 
-    Uses PyTorch's ``fp32_precision`` flags only: mixing them with the legacy ``allow_tf32`` flags is an error
-    in PyTorch when the legacy ones are read back.
+    Set through ``torch.set_float32_matmul_precision`` and ``cudnn.allow_tf32``, which every torch release we
+    support has, and after which every getter still answers: the old ones (``get_float32_matmul_precision``,
+    which inductor's autotuning calls, ``cuda.matmul.allow_tf32``) and the newer ``fp32_precision`` flags.
+    Setting the newer flags instead makes the old getters raise on recent torch releases.
     """
-    precision = 'tf32' if allow_tf32 else 'ieee'
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.set_float32_matmul_precision('high' if allow_tf32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cudnn.benchmark = True
