@@ -7,7 +7,7 @@ STAMP    := $(VENV_DIR)/.swin-requirements
 DEMO_DIR ?= demo_data/digits
 DEMO_OUT ?= output/demo
 
-.PHONY: setup demo test gpu-check clean-demo pillow-simd
+.PHONY: setup demo test test-torch gpu-check gpu-wheels clean-demo pillow-simd
 
 setup: $(STAMP)
 
@@ -26,6 +26,26 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# The whole suite on another torch release, in its own virtualenv .venv-torch-X (built once, ~5 GB):
+#   make test-torch TORCH=2.11.0 [TIMM=1.0.14]
+# torchvision follows torch (2.N.p -> 0.(N+15).p); TIMM pins timm too (default: the newest the range allows).
+TORCH ?=
+TIMM ?=
+TORCH_VENV = .venv-torch-$(TORCH)$(if $(TIMM),-timm-$(TIMM))
+TORCHVISION = $(shell echo $(TORCH) | awk -F. '{printf "0.%d.%s", $$2 + 15, ($$3 == "" ? 0 : $$3)}')
+
+test-torch:
+	@test -n "$(TORCH)" || { echo "usage: make test-torch TORCH=2.11.0 [TIMM=1.0.14]" >&2; exit 2; }
+	@test -x $(TORCH_VENV)/bin/python || python3 -m venv $(TORCH_VENV)
+	@test -f $(TORCH_VENV)/.swin-requirements || { \
+		printf 'torch==%s\ntorchvision==%s\n%s\n' $(TORCH) $(TORCHVISION) "$(if $(TIMM),timm==$(TIMM))" \
+			> $(TORCH_VENV)/pins.txt && \
+		$(TORCH_VENV)/bin/python -m pip install --quiet -r requirements.txt \
+			-c $(TORCH_VENV)/pins.txt && touch $(TORCH_VENV)/.swin-requirements; }
+	$(TORCH_VENV)/bin/python -c "import torch, torchvision, timm; print('torch', torch.__version__, \
+		'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+	$(TORCH_VENV)/bin/python -m pytest -q tests
 
 # The GPU paths (fp16/bf16 steps against timm, torch.compile, main.py under torchrun with NCCL) in one command
 # for a machine with a GPU, under 8 minutes; elsewhere it says there is no GPU.
