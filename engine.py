@@ -17,7 +17,7 @@ import torch
 from timm.utils import AverageMeter
 
 from config import img_size_hw
-from utils.distributed import all_reduce_max, all_reduce_sum
+from utils.distributed import all_reduce_max, all_reduce_sum, unwrap_model
 from utils.errors import UserError
 from utils.sharding import is_sharded, set_gradient_sync
 
@@ -271,6 +271,7 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
     num_steps = len(data_loader)
+    missing = forwards_to_join(model, device, num_steps)
     end = time.time()
     for idx, (images, targets) in enumerate(data_loader):
         images = images.to(device, non_blocking=True)
@@ -290,24 +291,40 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
             logger.info(f'Test: [{idx}/{num_steps}]\tTime {time.time() - end:.3f}\t'
                         f'Loss {totals[2].item() / n:.4f}\tAcc@1 {100 * totals[0].item() / n:.3f}\t'
                         f'Acc@5 {100 * totals[1].item() / n:.3f}\tMem {memory_mb(device):.0f}MB')
-    if is_sharded(model):
-        join_sharded_forwards(config, model, device, amp_dtype, num_steps)
+    join_collective_forwards(config, model, device, amp_dtype, missing)
     totals = all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
     acc1, acc5, loss = 100 * totals[0].item() / count, 100 * totals[1].item() / count, totals[2].item() / count
     logger.info(f' * {label}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
+    logger.info(f'{label}validation over {int(totals[3].item())} images: mean loss {loss:.6f}')
     return acc1, acc5, loss
 
 
-def join_sharded_forwards(config, model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype],
-                          num_steps: int) -> None:
-    """FSDP all-gathers every unit's weights in each forward, with every rank taking part; a rank whose share of
-    the validation set has fewer batches runs throw-away forwards until all ranks have run as many."""
-    missing = int(all_reduce_max(torch.tensor(num_steps, device=device)).item()) - num_steps
+def forward_is_collective(model: torch.nn.Module) -> bool:
+    """Whether every rank must take part in each forward of ``model``: FSDP all-gathers each unit's weights,
+    and modules that exchange data between ranks say so with a true ``collective_forward`` (Swin-MoE's experts
+    on several processes)."""
+    return is_sharded(model) or any(getattr(m, 'collective_forward', False) for m in unwrap_model(model).modules())
+
+
+def forwards_to_join(model: torch.nn.Module, device: torch.device, num_steps: int) -> int:
+    """How many throw-away forwards this rank owes after its ``num_steps`` batches so that it runs as many
+    collective forwards as the rank with the most (0 when the forward is not a collective). Agreed before the
+    first batch: once the ranks are in their forwards, an all-reduce of one would meet another's collective."""
+    if not forward_is_collective(model):
+        return 0
+    return int(all_reduce_max(torch.tensor(num_steps, device=device)).item()) - num_steps
+
+
+def join_collective_forwards(config, model: torch.nn.Module, device: torch.device,
+                             amp_dtype: Optional[torch.dtype], missing: int) -> None:
+    """Run ``missing`` forwards of one blank image whose outputs are thrown away: exact evaluation gives a rank
+    fewer batches where the set does not split evenly, and the others' collective forwards wait for it. They
+    count nowhere, so the result stays the exact one."""
     if missing <= 0:
         return
     height, width = img_size_hw(config.DATA.IMG_SIZE)
-    chans = getattr(model, '_orig_mod', model).patch_embed.proj.in_channels
+    chans = unwrap_model(model).patch_embed.proj.in_channels
     blank = torch.zeros(1, chans, height, width, device=device)
     for _ in range(missing):
         with autocast(device, amp_dtype):

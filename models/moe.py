@@ -9,9 +9,11 @@ The routing follows tutel's (the library the official Swin-MoE trains with), so 
 3. each token picks its top-k experts by score; its gate value for a choice is that score (divided by the sum of
    its k scores when ``normalize_gate`` and k > 1);
 4. every expert takes ``capacity = k * int(capacity_factor * ceil(T / E))`` tokens (``capacity_factor`` 0: as many
-   as needed, agreed over the ranks; negative: as needed but at most ``-capacity_factor``'s capacity), rounded up
-   to a multiple of the shard count. Slots are given in token order, or, with batch-prioritised routing, in order
-   of each token's best score (highest first); all first choices before any second choice. A choice that finds
+   as needed; negative: as needed but at most ``-capacity_factor``'s capacity), rounded up to a multiple of the
+   shard count. When tokens travel between ranks, T and the slots needed are the largest of any rank's (one MAX
+   all-reduce), so every rank sends chunks of one size even when their batches differ (a last validation
+   batch). Slots are given in token order, or, with batch-prioritised routing, in order of each token's best
+   score (highest first); all first choices before any second choice. A choice that finds
    its expert full is dropped: it adds nothing, so for a token dropped everywhere the block passes its residual;
 5. the auxiliary load-balancing loss: GShard's (``E * sum_e mean_t(scores) * share of first choices``) or the
    importance + load loss of Shazeer et al. (the mean of two squared coefficients of variation), as tutel has it.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,8 +39,8 @@ from torch import nn
 
 from .layers import trunc_normal_
 
-__all__ = ['ExpertParallel', 'Routing', 'route', 'gshard_loss', 'load_importance_loss', 'TopKGate', 'CosineTopKGate',
-           'Experts', 'MoELayer', 'exclude_experts_from_ddp']
+__all__ = ['ExpertParallel', 'Routing', 'route', 'agree_over_ranks', 'gshard_loss', 'load_importance_loss',
+           'TopKGate', 'CosineTopKGate', 'Experts', 'MoELayer', 'exclude_experts_from_ddp']
 
 
 class ExpertParallel:
@@ -53,6 +55,7 @@ class ExpertParallel:
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = world_size or (dist.get_world_size() if distributed else 1)
         self.rank = dist.get_rank() if distributed and not world_size else 0
+        self.planned = bool(world_size)
         n = int(num_local_experts)
         if n == 0:
             raise ValueError("num_local_experts must not be 0")
@@ -76,7 +79,7 @@ class ExpertParallel:
     @property
     def distributed(self) -> bool:
         """Whether tokens travel between ranks (a planned ``world_size`` runs as one process)."""
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        return self.world_size > 1 and not self.planned and dist.is_available() and dist.is_initialized()
 
     def __deepcopy__(self, memo) -> 'ExpertParallel':
         return self
@@ -114,9 +117,11 @@ def _slot_in_expert(mask: torch.Tensor, order: Optional[torch.Tensor]) -> torch.
 
 
 def route(scores: torch.Tensor, k: int, capacity_factor: float, batch_prioritized: bool, normalize_gate: bool,
-          alignment: int = 1, group=None) -> Routing:
+          alignment: int = 1, agree: Optional[Callable] = None) -> Routing:
     """Top-k choices, their gate values, slots and the capacity, from ``scores`` (softmax probabilities ``[T, E]``,
-    fp32). See the module docstring; ties in the priority order are broken by token order."""
+    fp32). See the module docstring; ties in the priority order are broken by token order. ``agree(T, needed)``
+    returns the largest token count and slot need over the ranks that exchange tokens (see
+    :func:`agree_over_ranks`); without it the capacity is this process's own."""
     num_tokens, num_experts = scores.shape
     k = min(k, num_experts)
     experts = torch.topk(scores, k, dim=1).indices
@@ -131,24 +136,34 @@ def route(scores: torch.Tensor, k: int, capacity_factor: float, batch_prioritize
     locations = torch.stack(locations, dim=1)
     if normalize_gate and k > 1:
         gates = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
-    capacity = _capacity(locations, num_tokens, num_experts, k, capacity_factor, group)
+    capacity = _capacity(locations, num_tokens, num_experts, k, capacity_factor, agree)
     capacity = -(-capacity // alignment) * alignment
     return Routing(experts, locations, gates, capacity)
 
 
 def _capacity(locations: torch.Tensor, num_tokens: int, num_experts: int, k: int, capacity_factor: float,
-              group) -> int:
+              agree: Optional[Callable]) -> int:
+    needed = locations.max() + 1 if locations.numel() else locations.new_zeros(())
+    if agree is not None:
+        num_tokens, needed = agree(num_tokens, needed)
     per_expert = -(-num_tokens // num_experts)
-    if capacity_factor > 0:
+    if capacity_factor > 0:  # one process: no host sync on this path (needed is not read)
         return k * int(capacity_factor * per_expert)
-    needed = locations.max() if locations.numel() else torch.zeros((), dtype=torch.long, device=locations.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        needed = needed.clone()
-        dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=group)
-    capacity = int(needed) + 1
+    capacity = max(int(needed), 1)
     if capacity_factor < 0:
         capacity = min(capacity, k * int(-capacity_factor * per_expert))
     return capacity
+
+
+def agree_over_ranks(num_tokens: int, needed: torch.Tensor) -> tuple[int, int]:
+    """The largest token count and slot need (``needed``, a device scalar) of all ranks, in one MAX all-reduce.
+
+    The all-to-all sends every rank's ``[E, capacity, C]`` in equal chunks, so all ranks must compute the same
+    capacity in every forward, also where their batches differ (exact evaluation gives the ranks unequal last
+    batches); training batches are equal, and there this changes nothing."""
+    both = torch.stack([needed.new_tensor(num_tokens), needed.reshape(())])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return int(both[0]), int(both[1])
 
 
 def gshard_loss(scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -308,6 +323,12 @@ class MoELayer(nn.Module):
         self.gates = nn.ModuleList([gate])
         self.experts = Experts(model_dim, hidden_dim, parallel, drop=moe_drop)
 
+    @property
+    def collective_forward(self) -> bool:
+        """Whether every rank must run each forward together (tokens travel between them): a rank with fewer
+        batches than the others keeps joining (engine.join_collective_forwards)."""
+        return self.parallel.distributed
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape, tokens = x.shape, x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
@@ -326,7 +347,7 @@ class MoELayer(nn.Module):
             noisy = logits + self.gate_noise * torch.randn_like(logits) / self.num_experts
         scores = F.softmax(noisy, dim=1)
         routing = route(scores, self.k, self.capacity_factor, self.batch_prioritized_routing, self.normalize_gate,
-                        alignment=self.parallel.shards)
+                        alignment=self.parallel.shards, agree=agree_over_ranks if self.parallel.distributed else None)
         if self.is_gshard_loss:
             l_aux = gshard_loss(scores, routing.experts)
         else:

@@ -30,6 +30,18 @@ def write_image_folder(root: str | os.PathLike, num_classes: int = 3, train_per_
     return root
 
 
+def write_image_folder_with_val(root: str | os.PathLike, num_val: int, num_classes: int = 3,
+                                train_per_class: int = 8) -> Path:
+    """:func:`write_image_folder` with exactly ``num_val`` validation images (the last classes one image short
+    where ``num_val`` is not a multiple of ``num_classes``), for set sizes that do not split evenly over ranks.
+    The same ``root`` arguments give the same training images whatever ``num_val``."""
+    per_class = -(-num_val // num_classes)
+    root = write_image_folder(root, num_classes, train_per_class, per_class)
+    for c in range(num_classes - (per_class * num_classes - num_val), num_classes):
+        (root / 'val' / f'class_{c}' / f'val_{c}_{per_class - 1}.png').unlink()
+    return root
+
+
 @pytest.fixture
 def one_torch_thread():
     """In-process training tests: one torch thread is faster than two threads fighting over busy cores."""

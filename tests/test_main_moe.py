@@ -1,18 +1,25 @@
 """main_moe.py as the official one is used: a tiny Swin-MoE trains under ``torchrun --nproc_per_node 2`` (gloo,
 one expert per rank), every rank writes its own checkpoint file, a longer run auto-resumes from them, ``--eval``
-reads ``NAME.pth`` as each rank's ``NAME.pth.rank{R}``, and the official configs count the official parameters."""
+reads ``NAME.pth`` as each rank's ``NAME.pth.rank{R}``, and the official configs count the official parameters.
+Validation sets that do not split evenly over the ranks evaluate (and train) as on one process, and per-rank
+checkpoints load on other numbers of processes, their experts regrouped."""
 from __future__ import annotations
 
+import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cli import run_main, torchrun, write_tiny_config
 from config import get_default_config, merge_yaml
-from conftest import write_image_folder
+from conftest import write_image_folder, write_image_folder_with_val
 from models.moe import moe_param_counts
 from models.swin_transformer_moe import SwinTransformerMoE
+from utils.errors import UserError
+from utils.moe_checkpoint import read_rank_files
 
 CONFIG = """\
 MODEL:
@@ -97,6 +104,101 @@ def test_main_moe_refuses_a_model_that_is_not_swin_moe(tmp_path):
     assert result.returncode == 2 and 'main_moe.py trains MODEL.TYPE swin_moe' in result.stderr
     assert 'Traceback' not in result.stderr
 
+
+
+# INIT_STD 0.1: the experts weigh in the loss (at the official 0.005 even swapping them moves it by 1e-4 only).
+# Evaluations run with CAPACITY_FACTOR 0: every token kept, so routing does not depend on how the images fall
+# into batches and any split of the set gives the same figures; training keeps the official 1.25.
+EXACT = CONFIG.replace('INIT_STD: 0.005', 'INIT_STD: 0.1')
+NO_DROPS = ['MODEL.SWIN_MOE.CAPACITY_FACTOR', '0']
+ONE_PROCESS_ALL_EXPERTS = ['MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '2']
+
+
+def _figures(log: str) -> list[tuple[str, int, float]]:
+    """Each validation's (Acc@ line, images counted, mean loss), in order."""
+    accs = re.findall(r' \* (Acc@1 [\d.]+ Acc@5 [\d.]+)', log)
+    losses = re.findall(r'validation over (\d+) images: mean loss ([\d.]+)', log)
+    assert len(accs) == len(losses), log[-2000:]
+    return [(acc, int(n), float(loss)) for acc, (n, loss) in zip(accs, losses)]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and abs(a[2] - b[2]) < 1e-5
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def uneven(tmp_path_factory):
+    """A tiny Swin-MoE trained on 2 processes (validating on 21 images: the ranks' last batches hold 3 and 2),
+    then its checkpoint evaluated on 17 images (rank 0 has 3 batches, rank 1 two) and on 21, each on 2 processes
+    and on 1 process holding both experts (the four evaluations side by side)."""
+    root = tmp_path_factory.mktemp('moe_uneven')
+    sets = {n: write_image_folder_with_val(root / f'val{n}', n) for n in (17, 21)}
+    cfg = write_tiny_config(root, EXACT)
+    train = ['--cfg', str(cfg), '--data-path', str(sets[21]), '--output', str(root / 'out')]
+    trained = _moe(train, root)
+    _ok(trained)
+    run_dir = root / 'out' / 'moe_test' / 'default'
+
+    def evaluate(n: int, processes: int):
+        args = ['--eval', '--cfg', str(cfg), '--data-path', str(sets[n]), '--resume', str(run_dir / 'ckpt_epoch_0.pth'),
+                '--output', str(root / f'eval{n}_{processes}'), '--opts', *NO_DROPS]
+        if processes == 1:
+            return run_main(args + ONE_PROCESS_ALL_EXPERTS, root, script='main_moe.py')
+        return _moe(args, root)
+
+    runs = [(n, p) for n in (17, 21) for p in (2, 1)]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = dict(zip(runs, pool.map(lambda run: evaluate(*run), runs)))
+    logs = {}
+    for (n, p), result in results.items():
+        _ok(result)
+        logs[n, p] = (root / f'eval{n}_{p}' / 'moe_test' / 'default' / 'log_rank0.txt').read_text()
+    return SimpleNamespace(root=root, cfg=cfg, sets=sets, run_dir=run_dir, train_log=(run_dir / 'log_rank0.txt')
+                           .read_text(), logs=logs)
+
+
+def test_2_process_evaluation_of_sets_that_split_unevenly_gives_the_1_process_figures(uneven):
+    # the training run validated on 21 images over 2 ranks (capacity factor 1.25, unequal last batches)
+    assert [f[1] for f in _figures(uneven.train_log)] == [21]
+    for n in (17, 21):
+        (two,), (one,) = _figures(uneven.logs[n, 2]), _figures(uneven.logs[n, 1])
+        assert two[1] == n and _same(two, one), (n, two, one)
+    assert "regrouped 2 ranks' experts (1 each) into 1 rank (2 local)" in uneven.logs[17, 1]
+
+
+def test_per_rank_checkpoints_load_on_other_numbers_of_processes(uneven):
+    # 4 processes (each expert split over 2 of them) resume the 2-rank run: same figure as 2 processes, then
+    # an epoch of training (validating 17 images: ranks of 2 and 1 batches) on the regrouped optimizer state
+    resumed = torchrun(['--standalone', '--nproc_per_node=4'],
+                       ['--cfg', str(uneven.cfg), '--data-path', str(uneven.sets[17]), '--output',
+                        str(uneven.root / 'out'), '--opts', *NO_DROPS, 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '-2',
+                        'TRAIN.EPOCHS', '2'], uneven.root, script='main_moe.py')
+    _ok(resumed)
+    log = (uneven.run_dir / 'log_rank0.txt').read_text()[len(uneven.train_log):]
+    assert "regrouped 2 ranks' experts (1 each) into 4 ranks (1/2 of one local); optimizer state regrouped" in log
+    first, after = _figures(log)
+    assert _same(first, _figures(uneven.logs[17, 2])[0]) and after[1] == 17
+    assert all((uneven.run_dir / f'ckpt_epoch_1.pth.rank{r}').exists() for r in range(4))
+
+    # the 4-rank checkpoint on 2 processes (one whole expert each): the 4-process figure
+    evaluated = _moe(['--eval', '--cfg', str(uneven.cfg), '--data-path', str(uneven.sets[17]), '--resume',
+                      str(uneven.run_dir / 'ckpt_epoch_1.pth'), '--output', str(uneven.root / 'eval4to2'), '--opts',
+                      *NO_DROPS], uneven.root)
+    _ok(evaluated)
+    eval_log = (uneven.root / 'eval4to2' / 'moe_test' / 'default' / 'log_rank1.txt').read_text()
+    assert "regrouped 4 ranks' experts (1/2 of one each) into 2 ranks (1 local)" in eval_log
+    assert _same(_figures(eval_log)[0], after)
+
+    # another number of experts: one line saying which NUM_LOCAL_EXPERTS fits
+    model = SwinTransformerMoE(img_size=32, num_classes=3, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                               window_size=4, mlp_fc2_bias=False, moe_blocks=[[1], [1]], num_local_experts=1)
+    with pytest.raises(UserError, match='checkpoint has 2 experts, this model has 1 on 1 process; to read it here '
+                                        'use MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS 2'):
+        read_rank_files(str(uneven.run_dir / 'ckpt_epoch_0.pth'), model, logging.getLogger('test'))
 
 # (config, GPUs, "number of params single", "whole"): the official model's counts with 21841 classes, by the
 # official main_moe.py's rule (trainable parameters; an expert counted once / for every expert of the job)

@@ -52,6 +52,13 @@ def test_a_zero_capacity_factor_takes_what_is_needed_and_a_negative_one_caps_it(
     assert route(SCORES, 1, 1.0, False, False, alignment=2).capacity == 4  # rounded up to the shard count
 
 
+def test_the_capacity_follows_the_largest_token_count_and_need_agreed_over_the_ranks():
+    # another rank holds 12 tokens and needs 5 slots: ceil(12 / 2) = 6, int(1.0 * 6) = 6; factor 0: 5
+    agree = lambda tokens, needed: (max(tokens, 12), max(int(needed), 5))  # noqa: E731
+    assert route(SCORES, 1, 1.0, False, False, agree=agree).capacity == 6
+    assert route(SCORES, 1, 0.0, False, False, agree=agree).capacity == 5
+
+
 def test_gshard_loss_by_hand():
     # E * sum_e mean(scores[:, e]) * share of first choices: means (3.5/6, 2.5/6), shares (4/6, 2/6)
     first = SCORES.argmax(dim=1, keepdim=True)

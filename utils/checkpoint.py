@@ -424,7 +424,10 @@ def _remove(path: str) -> None:
 
 def auto_resume_helper(output_dir: str, logger=None, tag: str = '') -> Optional[str]:
     """The newest readable ``ckpt_epoch_N.pth`` (by N; names ending in ``tag``, see :func:`checkpoint_tag`) in
-    ``output_dir``; unreadable ones are skipped."""
+    ``output_dir``; unreadable ones are skipped. Swin-MoE ranks all look at the ``.rank0`` files, so a job of
+    another size than the writer's picks the same checkpoint on every rank (``load_checkpoint`` regroups it)."""
+    if re.fullmatch(r'\.rank\d+', tag):  # Swin-MoE: every job has a rank 0, whatever its size (files regrouped)
+        tag = '.rank0'
     found = checkpoint_files(output_dir, tag=tag)
     if logger is not None:
         logger.info(f"All checkpoints found in {output_dir}: {[os.path.basename(p) for _, p in found]}")
@@ -547,12 +550,14 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
     tag = checkpoint_tag(config)
     if tag and str(path).endswith('.pth'):  # official main_moe: --resume NAME.pth reads this rank's NAME.pth.rankR
         path = f'{path}{tag}'
+    elif tag.startswith('.rank'):  # any rank's file names the checkpoint (auto-resume finds rank 0's)
+        path = re.sub(r'\.rank\d+$', tag, str(path))
     logger.info(f"==============> Resuming from {path}....................")
     if os.path.isdir(path):
         return _load_sharded_checkpoint(config, path, model, optimizer, lr_scheduler, scaler, logger, model_ema,
                                         extra_out)
-    ckpt = load_file_safe(_local_path(str(path)))
     model = unwrap_model(model)
+    ckpt, path = _read_checkpoint(config, str(path), model, None if config.EVAL_MODE else optimizer, logger)
     logger.info(load_model_state(model, _model_state(ckpt, path), path))
     if extra_out is not None:
         extra_out.update({k: v for k, v in ckpt.items() if k not in _STANDARD_KEYS})
@@ -573,6 +578,17 @@ def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_sch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _read_checkpoint(config, path: str, model: torch.nn.Module, optimizer, logger) -> tuple[dict, str]:
+    """The checkpoint dict at ``path`` and the name to report it by. Swin-MoE's per-rank files are read on any
+    number of processes: the experts regrouped to this job's (utils.moe_checkpoint)."""
+    if checkpoint_tag(config).startswith('.rank'):
+        from utils.moe_checkpoint import moe_base, rank_file, read_rank_files
+        base = moe_base(path)
+        if os.path.isfile(rank_file(base, 0)):
+            return read_rank_files(base, model, logger, optimizer)
+    return load_file_safe(_local_path(path)), path
 
 
 def _resume_point(ckpt: dict, extra_out: Optional[dict]) -> tuple[float, int]:

@@ -243,15 +243,21 @@ def _state_of(ckpt: dict, path: str) -> dict:
     raise UserError(f"{path}: no 'model' entry (found keys: {sorted(ckpt)[:8]})")
 
 
-def _moe_state(config, path: str, logger: logging.Logger) -> Optional[dict]:
-    """Swin-MoE weights as the official release ships them: ``NAME.pth`` means this rank's ``NAME.pth.rank{R}``
-    (its experts), merged with ``NAME.pth.master`` (everything else) where that file exists; ``.global``
+def _moe_state(config, path: str, model: nn.Module, logger: logging.Logger) -> Optional[dict]:
+    """Swin-MoE weights as the official release ships them: ``NAME.pth`` means the rank files
+    ``NAME.pth.rank{R}`` (the experts; regrouped when another number of processes wrote them, see
+    utils.moe_checkpoint), merged with ``NAME.pth.master`` (everything else) where that file exists; ``.global``
     (TRAIN.MOE.SAVE_MASTER) as it is. None: an ordinary single file."""
     from utils.checkpoint import checkpoint_tag
-    base = path[:-len('.master')] if path.endswith('.master') else path
+    from utils.moe_checkpoint import moe_base, rank_file, read_rank_files
+    base, tag = moe_base(path), checkpoint_tag(config)
     if not base.endswith('.pth'):
         return None
-    tag = checkpoint_tag(config)
+    if tag.startswith('.rank'):
+        if not os.path.isfile(rank_file(base, 0)):
+            return None
+        ckpt, name = read_rank_files(base, model, logger)
+        return _state_of(ckpt, name)
     own = base + tag
     if not os.path.exists(_local_path(own)):
         return None
@@ -271,7 +277,7 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
     path = str(config.MODEL.PRETRAINED)
     logger.info(f"==============> Loading weight {path} for fine-tuning......")
     model = unwrap_model(model)
-    state = _moe_state(config, path, logger) if config.MODEL.TYPE == 'swin_moe' else None
+    state = _moe_state(config, path, model, logger) if config.MODEL.TYPE == 'swin_moe' else None
     if state is None:
         state = _state_of(load_file_safe(_local_path(path)), path)
     if class_map is None:
