@@ -269,7 +269,9 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
+    # correct@1, correct@5, summed loss on the device (read at the log steps only); the image count on the host
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    count = 0
     num_steps = len(data_loader)
     missing = forwards_to_join(model, device, num_steps)
     end = time.time()
@@ -283,20 +285,21 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
         output = output.float()
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(targets[:, None])
-        batch = torch.stack([hits[:, :1].sum(), hits.sum(), criterion(output, targets), torch.tensor(
-            len(targets), device=device)]).to(torch.float64)
-        totals += batch
+        sums += torch.stack([hits[:, :1].sum(), hits.sum(), criterion(output, targets)]).to(torch.float64)
+        count += len(targets)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            n = max(totals[3].item(), 1.0)
+            correct1, correct5, loss_sum = sums.tolist()  # one transfer
+            n = max(count, 1)
             logger.info(f'Test: [{idx}/{num_steps}]\tTime {time.time() - end:.3f}\t'
-                        f'Loss {totals[2].item() / n:.4f}\tAcc@1 {100 * totals[0].item() / n:.3f}\t'
-                        f'Acc@5 {100 * totals[1].item() / n:.3f}\tMem {memory_mb(device):.0f}MB')
+                        f'Loss {loss_sum / n:.4f}\tAcc@1 {100 * correct1 / n:.3f}\t'
+                        f'Acc@5 {100 * correct5 / n:.3f}\tMem {memory_mb(device):.0f}MB')
     join_collective_forwards(config, model, device, amp_dtype, missing)
-    totals = all_reduce_sum(totals)
-    count = max(totals[3].item(), 1.0)
-    acc1, acc5, loss = 100 * totals[0].item() / count, 100 * totals[1].item() / count, totals[2].item() / count
+    totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64).to(device)])
+    correct1, correct5, loss_sum, total = all_reduce_sum(totals).tolist()
+    count = max(total, 1.0)
+    acc1, acc5, loss = 100 * correct1 / count, 100 * correct5 / count, loss_sum / count
     logger.info(f' * {label}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
-    logger.info(f'{label}validation over {int(totals[3].item())} images: mean loss {loss:.6f}')
+    logger.info(f'{label}validation over {int(total)} images: mean loss {loss:.6f}')
     return acc1, acc5, loss
 
 

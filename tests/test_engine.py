@@ -65,16 +65,42 @@ def test_validate_returns_exact_percentages_and_loss():
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
 
 
+def _count_host_reads(monkeypatch, with_copies_in: bool = False) -> list:
+    """Every read of a tensor's value on the host (each one waits for the device on a GPU), by name; with
+    ``with_copies_in``, also every ``torch.tensor(...)`` made from host values (a blocking copy to a GPU)."""
+    reads = []
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    if with_copies_in:
+        original_tensor = torch.tensor
+        monkeypatch.setattr(torch, 'tensor', lambda *a, **k: reads.append('tensor') or original_tensor(*a, **k))
+    return reads
+
+
+def test_validation_reads_the_device_at_its_log_steps_only(monkeypatch):
+    """Seven batches, a log line at batches 0, 3 and 6: three reads, then the image count joins the sums and they
+    are read once for the final figures; nothing per batch."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 3, (4,))) for _ in range(6)] + [(torch.randn(2, 3),
+                                                                                      torch.tensor([0, 1]))]
+    expected = validate(_config(), batches, torch.nn.Identity(), torch.device('cpu'), None, logging.getLogger('t'))
+    reads = _count_host_reads(monkeypatch, with_copies_in=True)
+    config = _config()
+    config.defrost()
+    config.PRINT_FREQ = 3
+    got = validate(config, batches, torch.nn.Identity(), torch.device('cpu'), None, logging.getLogger('t'))
+    monkeypatch.undo()
+    assert reads == ['tolist'] * 3 + ['tensor', 'tolist'] and got == expected
+
+
 def test_steps_between_log_steps_do_not_wait_for_the_host(monkeypatch):
     """With a fused optimizer the only device-to-host reads are the log steps' (here batches 0 and 5)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)
     ctx = _ctx(model)
     ctx.optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    reads = []
-    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    reads = _count_host_reads(monkeypatch)
     stats = train_one_epoch(_config(), ctx, _batches(6, poison={2}), 0, logging.getLogger('t'))
     monkeypatch.undo()
     assert reads == ['tolist', 'tolist']
