@@ -23,10 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
-    'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'shifted_window_mask', 'relative_position_index',
-    'window_attention', 'drop_path_rates', 'check_resolution', 'init_weights', 'DerivedBuffersMixin',
-    'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'log_spaced', 'padded_size', 'merged_size', 'map_size',
-    'stage_resolutions', 'ShiftedWindowMixin',
+    'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'held_window_rule',
+    'shifted_window_mask', 'relative_position_index', 'window_attention', 'drop_path_rates', 'check_resolution',
+    'init_weights', 'DerivedBuffersMixin', 'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'derived_on',
+    'log_spaced', 'padded_size', 'merged_size', 'map_size', 'stage_resolutions', 'ShiftedWindowMixin',
 ]
 
 # The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
@@ -112,7 +112,8 @@ class HierarchicalClassifierMixin:
         """The sizes, patch embedding, optional absolute position embedding and dropout every variant starts with.
 
         A fixed-size model must tile every stage with whole windows at ``img_size``; a ``dynamic_img_size`` one
-        pads instead, and ``img_size`` only sets the window clipping and the position table's grid.
+        pads instead, and ``img_size`` only sizes the parameters: the position table's grid and, where a stage is
+        smaller than the window there, V1's bias tables and Swin-MLP's spatial MLPs (see :func:`held_window_rule`).
         """
         self.num_classes = num_classes
         self.num_layers = len(depths)
@@ -382,10 +383,34 @@ def merge_windows(windows: torch.Tensor, size: Tuple[int, int], window_size: int
 
 
 def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
-    """Official rule: a stage no larger than the window gets one window of its size and no shift."""
+    """Official rule: a stage no larger than the window gets one window of its size and no shift.
+
+    The official classifier applies it once, to the size it is built for. Our blocks apply it to the map that
+    arrives, at every forward (Hugging Face's ``SwinLayer`` decides per forward too), so a dynamic-size model gives
+    the fixed-size model's result at the built size, and at another size what the rule gives there. Where the map is
+    larger than the window this is also the official detection backbone's computation (the window, its shift, the
+    map padded to window multiples); where it is not, that backbone keeps the window and its shift over a
+    zero-padded map instead, a rule no released classifier weights were trained under.
+    """
     if min(input_resolution) <= window_size:
         return min(input_resolution), 0
     return window_size, shift_size
+
+
+def held_window_rule(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
+    """The window and shift that :func:`clip_window` is applied with, per map, by a block whose parameters are sized by
+    its window (V1's relative position bias table, Swin-MLP's spatial MLP), built for an ``input_resolution`` map.
+
+    Such a block holds parameters for the window the rule gives at the built size and no larger. Where that is the
+    configured window, the configured rule holds at every size. Where the built stage was smaller than the window
+    (the window shrank to it), a larger map arriving would need offsets or positions the block has no parameters
+    for: the block keeps its built window as its largest, shifted by half of it, as the official model configured
+    with that window would be. (V2's position MLP takes any window, so V2 keeps the configured rule.)
+    """
+    held, _ = clip_window(input_resolution, window_size, shift_size)
+    if held == window_size:
+        return window_size, shift_size
+    return held, held // 2 if shift_size else 0
 
 
 def stage_resolutions(patches_resolution: Tuple[int, int], num_layers: int) -> list:
@@ -460,18 +485,29 @@ def shifted_window_mask(input_resolution: Tuple[int, int], window_size: int, shi
     return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
-@functools.lru_cache(maxsize=32)
-def _shift_mask_on(padded: Tuple[int, int], window_size: int, shift_size: int, device: torch.device) -> torch.Tensor:
-    return shifted_window_mask(padded, window_size, shift_size, device=device)
+@functools.lru_cache(maxsize=64)
+def derived_on(builder: Callable[..., torch.Tensor], args: tuple, device: torch.device) -> torch.Tensor:
+    """``builder(*args)`` on ``device``, built once per argument set and device: the derived tensors (masks, position
+    indices and coordinates) of a map of another size than the built one, in a dynamic-size model.
+
+    Built outside inference mode and autograd, so that a size first met under ``torch.inference_mode`` still trains.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return builder(*args, device=device)
 
 
 class ShiftedWindowMixin:
-    """For blocks that cut (shifted) windows: the size of the incoming map and the shift mask that fits it.
+    """For blocks that cut (shifted) windows: the window and shift for the incoming map, and the mask that fits it.
 
-    Expects ``input_resolution``, ``window_size`` and ``shift_size``; :meth:`init_shift_mask` registers the mask
-    for the built size as the derived buffer ``attn_mask``. A map of another size (a dynamic-size model) gets the
-    mask of its padded size, built once per size and device.
+    Expects ``input_resolution``; ``window_rule``, the configured ``(window, shift)`` that :func:`clip_window` turns
+    into the window and shift for each map that arrives; and ``window_size`` and ``shift_size``, what it gives at the
+    built size. :meth:`init_shift_mask` registers the mask for the built size as the derived buffer ``attn_mask``;
+    a map of another size gets the mask of its own window, shift and padded size, built once per size and device.
     """
+
+    def window_at(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """The window and shift for a ``size`` map: the official rule, decided on the map that arrives."""
+        return clip_window(size, *self.window_rule)
 
     def init_shift_mask(self) -> None:
         mask = None
@@ -480,24 +516,34 @@ class ShiftedWindowMixin:
                                        self.shift_size)
         self.register_buffer('attn_mask', mask, persistent=False)
 
-    def shift_mask(self, size: Tuple[int, int]) -> Optional[torch.Tensor]:
-        """The ``(nW, N, N)`` additive mask for a ``size`` map, or None for an unshifted block."""
-        if self.attn_mask is None:
+    def shift_mask(self, size: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
+        """The ``(nW, N, N)`` additive mask for a ``size`` map, or None where the map is not shifted."""
+        window, shift = self.window_at(size)
+        if shift == 0:
             return None
-        padded = padded_size(size, self.window_size)
-        if padded == padded_size(self.input_resolution, self.window_size):
+        padded = padded_size(size, window)
+        if self.attn_mask is not None and (padded, window, shift) == (
+                padded_size(self.input_resolution, self.window_size), self.window_size, self.shift_size):
             return self.attn_mask
-        return _shift_mask_on(padded, self.window_size, self.shift_size, self.attn_mask.device)
+        return derived_on(shifted_window_mask, (padded, window, shift), torch.device(device))
 
 
 @derived_buffer
-def relative_position_index(window_size: Tuple[int, int], device=None) -> torch.Tensor:
-    """``(N, N)`` index into a ``(2Wh-1)*(2Ww-1)`` table of relative offsets (official ordering)."""
+def relative_position_index(window_size: Tuple[int, int], table_window: Optional[Tuple[int, int]] = None,
+                            device=None) -> torch.Tensor:
+    """``(N, N)`` index, for the token pairs of a ``window_size`` window, into a ``(2Th-1)*(2Tw-1)`` table of the
+    relative offsets of a ``table_window`` window (default: the window itself; official ordering).
+
+    The table holds one entry per offset, so a smaller window's offsets are a sub-grid of a larger window's table.
+    """
     wh, ww = window_size
+    th, tw = table_window or window_size
+    if wh > th or ww > tw:
+        raise ValueError(f"a {wh}x{ww} window has offsets that a table for {th}x{tw} windows does not hold")
     coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
                                         indexing='ij')).flatten(1)  # 2, N
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
-    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+    return (rel[..., 0] + th - 1) * (2 * tw - 1) + (rel[..., 1] + tw - 1)
 
 
 class _ImageBias(torch.autograd.Function):

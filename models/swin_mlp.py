@@ -3,7 +3,9 @@
 Each window's tokens are mixed by a grouped 1x1 convolution over the ``N = ws * ws`` positions
 (``spatial_mlp``, one group per head). The shifted variant pads the map with zeros, ``ws - s`` on the
 top/left and ``s`` on the bottom/right, instead of rolling it, so windows never wrap around the
-border and no mask is needed. Names follow the official release.
+border and no mask is needed. The spatial MLP is sized by the window, so a block keeps the window it was built
+with; whether it shifts is decided on the map that arrives (official rule: not where the map is no larger than the
+window). Names follow the official release.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window, drop_path_rates,
-                     init_weights, map_size, padded_size, trunc_normal_, window_partition, window_reverse)
+                     held_window_rule, init_weights, map_size, padded_size, trunc_normal_, window_partition,
+                     window_reverse)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -22,7 +25,12 @@ __all__ = ['SwinMLPBlock', 'SwinMLP']
 
 
 class SwinMLPBlock(nn.Module):
-    """Pre-norm block: (shifted-padded) window spatial MLP, then a channel MLP, both residual."""
+    """Pre-norm block: (shifted-padded) window spatial MLP, then a channel MLP, both residual.
+
+    ``window_size`` and ``shift_size`` are those of the built ``input_resolution`` (official rule); ``window_rule``
+    is what the rule is applied with to each map that arrives (:func:`~models.layers.held_window_rule`). The window
+    stays the built one at every size (a smaller map is padded to it); the shift follows the arriving map.
+    """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
@@ -32,14 +40,12 @@ class SwinMLPBlock(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
-        if not 0 <= self.shift_size < self.window_size:
-            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        # left, right, top, bottom zero padding that realises the shift
-        self.padding = (self.window_size - self.shift_size, self.shift_size,
-                        self.window_size - self.shift_size, self.shift_size)
+        self.window_rule = held_window_rule(self.input_resolution, window_size, shift_size)
+        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
         self.norm1 = norm_layer(dim)
         n = num_heads * self.window_size ** 2
         self.spatial_mlp = nn.Conv1d(n, n, kernel_size=1, groups=num_heads)
@@ -47,17 +53,23 @@ class SwinMLPBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
+    def shift_at(self, size: Tuple[int, int]) -> int:
+        """The shift for a ``size`` map: the official rule, decided on the map that arrives."""
+        return clip_window(size, *self.window_rule)[1]
+
     def spatial_mix(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``: mix positions within each (padded, shifted) window. A map the window
         does not tile is first padded right and bottom with zeros to window multiples, as in the attention models."""
         b, h, w, c = x.shape
-        ws, nh = self.window_size, self.num_heads
+        ws, nh, shift = self.window_size, self.num_heads, self.shift_at((h, w))
         hp, wp = padded_size((h, w), ws)
-        left, right, top, bottom = self.padding if self.shift_size > 0 else (0, 0, 0, 0)
+        # the shift is realised by zero padding: ws - shift on the top and left, shift on the bottom and right
+        left, right, top, bottom = (ws - shift, shift, ws - shift, shift) if shift > 0 else (0, 0, 0, 0)
         if (left, right + wp - w, top, bottom + hp - h) != (0, 0, 0, 0):
             x = F.pad(x, (0, 0, left, right + wp - w, top, bottom + hp - h))
         hp, wp = x.shape[1], x.shape[2]
-        win = window_partition(x, ws).view(-1, ws * ws, nh, c // nh).transpose(1, 2)  # B*nW, nH, N, C/nH
+        # reshape: with one image and one row of windows, the partition can be a strided view no .view() can split
+        win = window_partition(x, ws).reshape(-1, ws * ws, nh, c // nh).transpose(1, 2)  # B*nW, nH, N, C/nH
         win = self.spatial_mlp(win.reshape(-1, nh * ws * ws, c // nh))
         win = win.view(-1, nh, ws * ws, c // nh).transpose(1, 2).reshape(-1, ws, ws, c)
         x = window_reverse(win, ws, hp, wp)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging,
-                     clip_window, drop_path_rates, init_weights, merge_windows, relative_position_index,
-                     ShiftedWindowMixin, map_size, shifted_windows, to_2tuple, trunc_normal_, window_attention)
+                     clip_window, derived_on, drop_path_rates, held_window_rule, init_weights, merge_windows,
+                     relative_position_index, ShiftedWindowMixin, map_size, shifted_windows, to_2tuple, trunc_normal_,
+                     window_attention)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -28,7 +29,10 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
     """Multi-head self-attention inside each window, plus a learned relative position bias.
 
     The bias comes from ``relative_position_bias_table`` ((2Wh-1)*(2Ww-1) offsets x heads), looked up
-    through the derived buffer ``relative_position_index``.
+    through the derived buffer ``relative_position_index``. A smaller window, decided at run time for a smaller map,
+    looks up its own offsets in the same table: each token pair gets the bias its offset has in the built window.
+    (The official code resizes a table bicubically only to start fine-tuning at another window; the trained biases
+    of the offsets a smaller window has are used here as they are.)
     """
 
     _derived_buffers = ('relative_position_index',)
@@ -50,23 +54,32 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """``(nH, N, N)`` bias added to the attention logits of every window."""
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+    def relative_position_bias(self, window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """``(nH, N, N)`` bias added to the attention logits of every window of ``window_size`` (default: the built
+        window; a smaller one takes the sub-grid of the table that holds its offsets)."""
+        window_size = self.window_size if window_size is None else to_2tuple(window_size)
+        index = self.relative_position_index
+        if window_size != self.window_size:
+            index = derived_on(relative_position_index, (window_size, self.window_size), index.device)
+        n = window_size[0] * window_size[1]
+        bias = self.relative_position_bias_table[index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1)
 
-    def attention_bias(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(nW or 1, nH, N, N)``: the relative position bias plus the shift ``mask`` (``(nW, N, N)``), in the
-        table's dtype (fp32 under autocast too)."""
-        bias = self.relative_position_bias().unsqueeze(0)
+    def attention_bias(self, mask: Optional[torch.Tensor] = None,
+                       window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: the relative position bias for ``window_size`` windows (default: the built ones)
+        plus the shift ``mask`` (``(nW, N, N)``), in the table's dtype (fp32 under autocast too)."""
+        bias = self.relative_position_bias(window_size).unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``(B * nW, N, C)``, the tokens of each window; mask: ``(nW, N, N)`` additive, or None."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``, the tokens of each ``window_size`` window (default: the built one); mask:
+        ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = window_attention(q, k, v, self.attention_bias(mask), self.scale, self.attn_drop if self.training else 0.0)
+        bias = self.attention_bias(mask, window_size)
+        x = window_attention(q, k, v, bias, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
     def flops(self, n: int) -> int:
@@ -81,8 +94,11 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
 class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     """Pre-norm block: (shifted) window attention, then an MLP, each in a residual branch.
 
-    Where the stage is no larger than ``window_size`` the window shrinks to the stage and the shift is
-    dropped (official rule). ``attn_mask`` (shifted blocks only) is derived, not saved.
+    Where the map is no larger than ``window_size`` the window shrinks to the map and the shift is dropped (official
+    rule, :func:`~models.layers.clip_window`), decided on the map that arrives: ``window_size`` and ``shift_size``
+    are what it gives at the built ``input_resolution``, ``window_rule`` what it is applied with. The bias table
+    holds the built window's offsets and no more, so that window is the largest the block uses
+    (:func:`~models.layers.held_window_rule`). ``attn_mask`` (the built size's, where shifted) is derived, not saved.
     """
 
     _derived_buffers = ('attn_mask',)
@@ -96,9 +112,10 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
-        if not 0 <= self.shift_size < self.window_size:
-            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
+        self.window_rule = held_window_rule(self.input_resolution, window_size, shift_size)
+        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
                                     qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
@@ -109,11 +126,13 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens ``(B, H*W, C)`` of a ``size`` map (default: the built ``input_resolution``) in and out;
-        a map the window does not tile is padded for the attention (see :func:`~models.layers.shifted_windows`)."""
+        the window and shift are decided on that map, and a map the window does not tile is padded for the attention
+        (see :func:`~models.layers.shifted_windows`)."""
         size = map_size(x, size, self.input_resolution)
-        windows = shifted_windows(self.norm1(x), size, self.window_size, self.shift_size)
-        windows = self.attn(windows, self.shift_mask(size))
-        y = merge_windows(windows, size, self.window_size, self.shift_size)
+        window, shift = self.window_at(size)
+        windows = shifted_windows(self.norm1(x), size, window, shift)
+        windows = self.attn(windows, self.shift_mask(size, x.device), window)
+        y = merge_windows(windows, size, window, shift)
         x = self.drop_path.residual(x, y)
         return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 

@@ -4,7 +4,9 @@ Liu et al., "Swin Transformer V2: Scaling Up Capacity and Resolution", CVPR 2022
 The position bias is an MLP (``cpb_mlp``) of log-spaced relative coordinates, so its weights do not
 depend on the window size: a model built for another window loads them unchanged. Coordinates are
 normalised by ``pretrained_window_size - 1`` when given (fine-tuning at a larger window), else by
-``window_size - 1``. Names follow the official release.
+``window_size - 1``. The same holds for a window decided at run time (a dynamic-size model meeting a map of
+another size): its coordinates are those a model built with that window would have. Names follow the official
+release.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from torch import nn
 
 from . import layers
 from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, clip_window,
-                     derived_buffer, drop_path_rates, init_weights, log_spaced, merge_windows, relative_position_index,
-                     ShiftedWindowMixin, map_size, shifted_windows, to_2tuple, window_attention)
+                     derived_buffer, derived_on, drop_path_rates, init_weights, log_spaced, merge_windows,
+                     relative_position_index, ShiftedWindowMixin, map_size, shifted_windows, to_2tuple,
+                     window_attention)
 from .features import BackboneMixin
 from .registry import register_model
 
@@ -78,23 +81,34 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """``(nH, N, N)`` bias in (0, 16) from the continuous position MLP, in fp32 (under autocast too: the MLP is
-        tiny, and its gradient sums over every window of the batch)."""
-        n = self.window_size[0] * self.window_size[1]
-        device = self.relative_coords_table.device.type
+    def relative_position_bias(self, window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """``(nH, N, N)`` bias in (0, 16) from the continuous position MLP for ``window_size`` windows (default: the
+        built ones), in fp32 (under autocast too: the MLP is tiny, and its gradient sums over every window of the
+        batch). Another window gets the coordinates a model built with it has (normalised by
+        ``pretrained_window_size``, else by that window)."""
+        window_size = self.window_size if window_size is None else to_2tuple(window_size)
+        coords, index = self.relative_coords_table, self.relative_position_index
+        if window_size != self.window_size:
+            coords = derived_on(relative_coords_table, (window_size, self.pretrained_window_size), coords.device)
+            index = derived_on(relative_position_index, (window_size,), index.device)
+        n = window_size[0] * window_size[1]
+        device = coords.device.type
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+            table = self.cpb_mlp(coords).view(-1, self.num_heads)
+        bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
-    def attention_bias(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(nW or 1, nH, N, N)``: the position bias plus the shift ``mask`` (``(nW, N, N)``), in fp32."""
-        bias = self.relative_position_bias().unsqueeze(0)
+    def attention_bias(self, mask: Optional[torch.Tensor] = None,
+                       window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: the position bias for ``window_size`` windows (default: the built ones) plus the
+        shift ``mask`` (``(nW, N, N)``), in fp32."""
+        bias = self.relative_position_bias(window_size).unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``, the tokens of each ``window_size`` window (default: the built one); mask:
+        ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
         qkv_bias = None
         if self.q_bias is not None:
@@ -106,7 +120,8 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         # (autocast may run the normalisation in float32; SDPA wants one dtype)
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
-        x = window_attention(q, k, v, self.attention_bias(mask), 1.0, self.attn_drop if self.training else 0.0)
+        bias = self.attention_bias(mask, window_size)
+        x = window_attention(q, k, v, bias, 1.0, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
     def flops(self, n: int) -> int:
@@ -122,7 +137,8 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
 class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
     """Res-post-norm block: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``.
 
-    Window clipping and the derived ``attn_mask`` work as in V1.
+    The window and shift are decided on the map that arrives, and ``attn_mask`` is derived, as in V1; but the
+    position MLP takes any window, so the configured ``window_rule`` holds at every size (no built window caps it).
     """
 
     _derived_buffers = ('attn_mask',)
@@ -136,9 +152,10 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
-        if not 0 <= self.shift_size < self.window_size:
-            raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size {self.window_size})")
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
+        self.window_rule = (window_size, shift_size)
+        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=drop,
@@ -149,12 +166,13 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
         self.init_shift_mask()
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Row-major tokens of a ``size`` map (default: the built size) in and out, padded for the attention as in
-        V1."""
+        """Row-major tokens of a ``size`` map (default: the built size) in and out, the window decided on that map
+        and padded for the attention as in V1."""
         size = map_size(x, size, self.input_resolution)
-        windows = shifted_windows(x, size, self.window_size, self.shift_size)
-        windows = self.attn(windows, self.shift_mask(size))
-        y = merge_windows(windows, size, self.window_size, self.shift_size)
+        window, shift = self.window_at(size)
+        windows = shifted_windows(x, size, window, shift)
+        windows = self.attn(windows, self.shift_mask(size, x.device), window)
+        y = merge_windows(windows, size, window, shift)
         x = self.drop_path.residual(x, self.norm1(y))
         return self.drop_path.residual(x, self.norm2(self.mlp(x)))
 

@@ -350,3 +350,12 @@ def test_evaluation_after_a_fused_adamw_step_sees_the_new_bias_table():
     optimizer.step()
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), _fresh_copy(model)(x), atol=1e-5)
+
+
+def test_evaluation_bias_cache_follows_the_window_decided_for_each_size():
+    model = _model(dynamic_img_size=True)  # stage 2 is 4x4 at the built 32x32: one window of 4, no shift
+    with torch.no_grad():
+        # 48x48: stage 2 is 6x6, shifted by 2; 20x28: it is 3x4, one window of 3 (no mask, like the built size)
+        for size in ((32, 32), (20, 28), (48, 48), (32, 32), (20, 28)):
+            x = torch.randn(2, 3, *size)
+            assert torch.allclose(model(x), _reference(model, x), atol=1e-5), size

@@ -33,7 +33,7 @@ def test_state_dict_keys_follow_the_official_layout():
 def test_shifted_windows_are_zero_padded_not_rolled():
     torch.manual_seed(0)
     block = randomize_(SwinMLPBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2)).eval()
-    assert block.padding == (2, 2, 2, 2)
+    assert (block.window_size, block.shift_size) == (4, 2)
     x = torch.randn(1, 64, 8)
     # the map is padded by 2 on the top/left: the first window covers only rows/cols 0-1, no wrap-around
     assert _changed_tokens(block, x, (0, 0)) == {(r, c) for r in range(2) for c in range(2)}

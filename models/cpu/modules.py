@@ -15,7 +15,7 @@ mode, functorch; see :func:`models.cpu.dispatch.standard_ops_expected`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -98,22 +98,29 @@ class WindowAttention(CastCacheMixin, swin_transformer.WindowAttention):
     def adopt(self) -> None:
         self._cache = CastCache()  # what evaluation derives from the weights (see attention_bias)
 
-    def attention_bias(self, mask: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The reference's bias + mask in ``dtype`` (default: the table's). Where no gradient can reach the table
-        (evaluation, ``torch.no_grad``) the sum is computed once and reused until the table changes."""
+    def attention_bias(self, mask: Optional[torch.Tensor] = None,
+                       window_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The reference's bias + mask for ``window_size`` windows (default: the built ones) in ``dtype`` (default:
+        the table's). Where no gradient can reach the table (evaluation, ``torch.no_grad``) the sum is computed
+        once and reused until the table, the mask or the window changes."""
         table, reference = self.relative_position_bias_table, super().attention_bias
         dtype = dtype or table.dtype
         if not linear.applies(table):
-            return reference(mask).to(dtype)
-        return self._cache.get('bias', (table, mask), dtype, lambda: reference(mask).contiguous().to(dtype))
+            return reference(mask, window_size).to(dtype)
+        return self._cache.get('bias', (table, mask), (dtype, window_size),
+                               lambda: reference(mask, window_size).contiguous().to(dtype))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``(B * nW, N, C)``; mask: ``(nW, N, N)`` additive, or None."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``, the tokens of each ``window_size`` window (default: the built one); mask:
+        ``(nW, N, N)`` additive, or None."""
         if _reference_expected(x):
-            return super().forward(x, mask)
+            return super().forward(x, mask, window_size)
         bw, n, c = x.shape
         nw = 1 if mask is None else mask.shape[0]
-        y = self._forward_windows(x.reshape(bw // nw, nw * n, c), nw, self.attention_bias(mask, compute_dtype(x)))
+        bias = self.attention_bias(mask, window_size, compute_dtype(x))
+        y = self._forward_windows(x.reshape(bw // nw, nw * n, c), nw, bias)
         return y.view(bw, n, c)
 
     def _forward_windows(self, x: torch.Tensor, num_windows: int, attn_bias: torch.Tensor) -> torch.Tensor:
