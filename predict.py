@@ -28,7 +28,8 @@ from data.datasets import IMG_EXTENSIONS, find_classes
 from data.decode import decode_pil
 from data.transforms import build_eval_transform
 from models import build_model
-from utils.checkpoint import _local_path, load_file_safe, load_model_state
+from utils.checkpoint import load_model_state
+from utils.fileio import load_file_safe, local_path
 from utils.errors import UserError, exit_status
 from utils.host_memory import keep_freed_memory
 
@@ -168,7 +169,7 @@ def _device(name: str) -> torch.device:
 
 
 def main(args: argparse.Namespace) -> None:
-    ckpt = load_file_safe(_local_path(args.weights))
+    ckpt = load_file_safe(local_path(args.weights))
     cfg = build_config(args, ckpt)
     device = _device(args.device)
     if cfg.HOST_MEMORY_CACHE and device.type == 'cpu':

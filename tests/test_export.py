@@ -160,7 +160,7 @@ def test_safetensors_export_evaluates_like_the_pth_and_fine_tunes(tmp_path, imag
 
 
 def test_a_broken_safetensors_file_is_a_user_error_naming_it(tmp_path):
-    from utils.checkpoint import load_file_safe
+    from utils.fileio import load_file_safe
     from utils.errors import UserError
     broken = tmp_path / 'broken.safetensors'
     broken.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1')

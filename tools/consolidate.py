@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from utils.checkpoint import load_file_safe, save_file_atomic
+from utils.fileio import load_file_safe, save_file_atomic
 from utils.errors import UserError, exit_status
 from utils.sharding import SHARDED_META, is_sharded_checkpoint
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from config import img_size_hw
 from models import build_model
-from utils.checkpoint import TOLERATED_BUFFERS, _local_path, load_file_safe, load_model_state
+from utils.checkpoint import TOLERATED_BUFFERS, load_model_state
+from utils.fileio import load_file_safe, local_path
 from utils.errors import UserError, exit_status
 
 FORMATS = ('onnx', 'torchscript', 'safetensors')
@@ -78,7 +79,7 @@ def _parse_size(text: str) -> list[int]:
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, object, dict]:
     """``(model, config, state)``: the fp32 reference model in eval mode with the checkpoint's weights."""
     from predict import build_config  # the same config rules as prediction: --cfg, else the saved one
-    ckpt = load_file_safe(_local_path(args.weights))
+    ckpt = load_file_safe(local_path(args.weights))
     opts = list(args.opts or [])
     if args.img_size:
         opts += ['DATA.IMG_SIZE', str(_parse_size(args.img_size))]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.moe import Experts
-from utils.checkpoint import load_file_safe
+from utils.fileio import load_file_safe
 from utils.distributed import get_rank
 from utils.errors import UserError
 

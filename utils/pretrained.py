@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import TOLERATED_BUFFERS, _local_path, load_file_safe, load_model_state
+from utils.checkpoint import TOLERATED_BUFFERS, load_model_state
+from utils.fileio import load_file_safe, local_path
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 
@@ -259,11 +260,11 @@ def _moe_state(config, path: str, model: nn.Module, logger: logging.Logger) -> O
         ckpt, name = read_rank_files(base, model, logger)
         return _state_of(ckpt, name)
     own = base + tag
-    if not os.path.exists(_local_path(own)):
+    if not os.path.exists(local_path(own)):
         return None
-    state = _state_of(load_file_safe(_local_path(own)), own)
-    if os.path.exists(_local_path(base + '.master')):
-        state = {**state, **_state_of(load_file_safe(_local_path(base + '.master')), base + '.master')}
+    state = _state_of(load_file_safe(local_path(own)), own)
+    if os.path.exists(local_path(base + '.master')):
+        state = {**state, **_state_of(load_file_safe(local_path(base + '.master')), base + '.master')}
         logger.info(f"merged {own} with {base}.master")
     return state
 
@@ -279,7 +280,7 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
     model = unwrap_model(model)
     state = _moe_state(config, path, model, logger) if config.MODEL.TYPE == 'swin_moe' else None
     if state is None:
-        state = _state_of(load_file_safe(_local_path(path)), path)
+        state = _state_of(load_file_safe(local_path(path)), path)
     if class_map is None:
         class_map = _class_map_for(config, state, model)
     adapted, report = adapt_state_dict(state, model, class_map)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.fileio import fsync_dir, load_file_safe, save_file_atomic
 
 SHARDINGS = ('ddp', 'fsdp')
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -258,7 +259,6 @@ def save_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
     previous checkpoint the newest complete one.
     """
     import torch.distributed.checkpoint as dcp
-    from utils.checkpoint import save_file_atomic, _fsync_dir
     folder, name = os.path.split(os.path.abspath(path))
     partial = os.path.join(folder, f'.{name}.partial')
     if rank == 0 and os.path.exists(partial):
@@ -271,7 +271,7 @@ def save_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
         if os.path.exists(path):  # an earlier write of the same checkpoint (a repeated step save)
             shutil.rmtree(path)
         os.replace(partial, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     _barrier()
 
 
@@ -281,7 +281,6 @@ def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
     size; returns the non-tensor state saved with it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    from utils.checkpoint import load_file_safe
     meta = load_file_safe(os.path.join(path, SHARDED_META))
     state = _dcp_state(model, optimizer if meta.get('has_optimizer') else None,
                        ema if meta.get('has_ema') else None)

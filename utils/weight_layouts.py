@@ -786,7 +786,7 @@ def _state_of(ckpt: Mapping[str, Any], path: str) -> Dict[str, Any]:
 
 def _load_state(path: str) -> Dict[str, Any]:
     """Weights of one file, or of every shard a ``*.index.json`` lists; never runs code from a file."""
-    from utils.checkpoint import load_file_safe  # the safe loader: weights_only pickles and safetensors
+    from utils.fileio import load_file_safe  # the safe loader: weights_only pickles and safetensors
     if path.endswith('.index.json'):
         shards = sorted(set(_read_json(path).get('weight_map', {}).values()))
         state: Dict[str, Any] = {}
