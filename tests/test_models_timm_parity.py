@@ -27,7 +27,10 @@ def _assert_same_gradients(family: str, ours, twin) -> None:
     errors = grad_errors(family, ours, twin)
     assert len(errors) == sum(1 for _ in twin.parameters())  # every parameter of timm's twin is compared
     worst = max(errors, key=errors.get)
-    assert errors[worst] < 1e-4, f'{worst}: relative gradient error {errors[worst]:.2e}'
+    # 5e-4: a per-head scalar such as V2's logit_scale sums its gradient over every token pair of every window, and
+    # the two implementations sum in different orders (1.2e-4 seen in fp32 on an AMX Xeon); a real mistake, as
+    # the detection test below shows, is off by 1e-2 and more.
+    assert errors[worst] < 5e-4, f'{worst}: relative gradient error {errors[worst]:.2e}'
 
 
 @pytest.mark.parametrize('kwargs', [
