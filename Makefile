@@ -47,10 +47,24 @@ test-torch:
 		'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 	$(TORCH_VENV)/bin/python -m pytest -q tests
 
-# The GPU paths (fp16/bf16 steps against timm, torch.compile, main.py under torchrun with NCCL) in one command
-# for a machine with a GPU, under 8 minutes; elsewhere it says there is no GPU.
-gpu-check: setup
-	$(PYTHON) -m benchmarks.gpu_check
+# The GPU paths in one command (benchmarks/gpu_check.py: attention kernels, parity and speed against timm, the
+# paper's throughput, main.py under torchrun with NCCL, DDP/FSDP, resume, --compile), under 8 minutes on one H100;
+# report.json and gpu_check.log in GPU_CHECK_OUT. No set-up: on a bare GPU machine (no .venv) it runs python3 with
+# the torch installed there, and the wheels of `make gpu-wheels` in .whl/. Without a GPU it says so in one line.
+GPU_CHECK_OUT ?= output/gpu_check
+GPU_PYTHON = $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
+
+# The pure-Python packages the code imports at run time that a bare GPU machine lacks (it has torch, torchvision,
+# timm, pyyaml, tensorboard, numpy, pillow), as wheels for its Python 3.12 in .whl/ (git-ignored), to carry there.
+GPU_WHEELS ?= yacs==0.1.8 termcolor==3.3.0
+gpu-wheels:
+	rm -f $(foreach w,$(GPU_WHEELS),.whl/$(firstword $(subst ==, ,$(w)))-*.whl)
+	$(GPU_PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	@ls .whl
 
 # Optional: swap Pillow for pillow-simd (needs libjpeg and zlib headers; builds in about a minute).
 pillow-simd: setup

@@ -1,16 +1,10 @@
-"""benchmarks.speed and benchmarks.gpu_check run end to end (tiny models): the two labelled comparisons,
-and the GPU check script on the CPU."""
+"""benchmarks.speed runs end to end (tiny models): the two labelled comparisons. (benchmarks.gpu_check:
+tests/test_benchmarks_gpu_check.py.)"""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-import pytest
 import torch
 
 from benchmarks import speed
-from tests.cli import REPO, _env
 
 TINY = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
 
@@ -35,27 +29,3 @@ def test_the_ours_model_is_the_cpu_swap_and_ours_ref_the_reference():
     ref = speed.build_model('ours-ref', device=torch.device('cpu'), **TINY)
     assert type(ours.layers[0].blocks[0].attn) is WindowAttention
     assert type(ref.layers[0].blocks[0].attn) is not WindowAttention
-
-
-def _gpu_check(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'benchmarks.gpu_check', *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is here: the check would run')
-def test_gpu_check_without_a_gpu_says_so_in_one_line():
-    proc = _gpu_check()
-    assert proc.returncode == 0 and proc.stdout.strip().count('\n') == 0 and 'no CUDA GPU' in proc.stdout
-
-
-def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
-    proc = _gpu_check('--device', 'cpu', '--out', str(tmp_path), '--compile-backend', 'aot_eager')
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads((tmp_path / 'report.json').read_text())
-    checks = {c['name']: c for c in report['checks']}
-    assert all(c['ok'] for c in checks.values())
-    rows = checks['training and evaluation steps vs timm']['rows']
-    assert {(r['arch'], r['model']) for r in rows} == {(a, m) for a in ('swin-t', 'swinv2-t') for m in ('ours', 'timm')}
-    assert {r['mode'] for r in rows} >= {'train-bf16', 'infer-bf16'}
-    run = checks['main.py, 1 process, bfloat16']
-    assert run['optimizer_steps'] == 10 and run['skipped_steps'] == 0 and run['final_acc1'] is not None
