@@ -9,9 +9,11 @@ Keys and defaults of the official framework keep their names; the keys we add ar
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import os
-from typing import Any, Sequence, Tuple, Union
+import sys
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -466,3 +468,57 @@ def scale_learning_rates(cfg: CN, world_size: int) -> CN:
     scaled.TRAIN.MIN_LR = cfg.TRAIN.MIN_LR * factor
     scaled.freeze()
     return scaled
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_arg_parser(description: str = 'Swin Transformer training and evaluation script') -> argparse.ArgumentParser:
+    """The official flags, plus a few of ours (marked)."""
+    parser = argparse.ArgumentParser(description, add_help=True)
+    parser.add_argument('--cfg', type=str, required=True, metavar="FILE", help='path to config file')
+    parser.add_argument("--opts", help="Modify config options by adding 'KEY VALUE' pairs.", default=None,
+                        nargs='+')
+    parser.add_argument('--batch-size', type=int, help="batch size for single GPU")
+    parser.add_argument('--data-path', type=str, help='path to dataset')
+    parser.add_argument('--zip', action='store_true', help='use zipped dataset instead of folder dataset')
+    parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
+                        help='no: no cache, full: cache all data, part: shard the dataset into pieces '
+                             'and cache only one piece per process')
+    parser.add_argument('--pretrained', help='pretrained weight from checkpoint, could be imagenet22k pretrained')
+    parser.add_argument('--resume', help='resume from checkpoint')
+    parser.add_argument('--accumulation-steps', type=int, help="gradient accumulation steps")
+    parser.add_argument('--use-checkpoint', action='store_true', help="whether to use gradient checkpointing")
+    parser.add_argument('--disable_amp', action='store_true', help='Disable pytorch amp')
+    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                        help='deprecated (apex); O0 disables mixed precision')
+    parser.add_argument('--output', default='output', type=str, metavar='PATH',
+                        help='root of output folder, the full path is <output>/<model_name>/<tag> (default: output)')
+    parser.add_argument('--tag', help='tag of experiment')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--throughput', action='store_true', help='Test throughput only')
+    parser.add_argument('--fused_window_process', action='store_true', help='Fused window shift & partition')
+    parser.add_argument('--fused_layernorm', action='store_true', help='Use fused layernorm.')
+    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam')
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                        help='ignored: the launcher sets LOCAL_RANK')
+    # ours
+    parser.add_argument('--amp-dtype', type=str, choices=['auto', 'float16', 'bfloat16'],
+                        help='(ours) mixed-precision type; auto: bfloat16 where the GPU or CPU computes it natively, '
+                             'else float16 on CUDA, float32 on CPU')
+    parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
+    parser.add_argument('--sharding', choices=['ddp', 'fsdp'], help='(ours) TRAIN.SHARDING')
+    return parser
+
+
+# The SimMIM scripts spell the amp switches with hyphens; AMP is on by default in both.
+_SIMMIM_AMP_FLAGS = {'--disable-amp': ['--disable_amp'], '--enable-amp': [], '--enable_amp': []}
+
+
+def parse_command_line(argv: Optional[list[str]] = None, simmim_spellings: bool = False) -> tuple[Any, CN]:
+    """The official command line (``argv``, default sys.argv[1:]) -> (args, frozen config). With
+    ``simmim_spellings`` the SimMIM scripts' ``--enable-amp`` / ``--disable-amp`` are accepted too."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if simmim_spellings:
+        argv = [new for arg in argv for new in _SIMMIM_AMP_FLAGS.get(arg, [arg])]
+    args = build_arg_parser().parse_args(argv)
+    return args, get_config(args)

@@ -64,6 +64,13 @@ def moe_classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int
     return l_cls + l_aux, samples.shape[0], {'loss-cls': l_cls, 'loss-aux': l_aux}
 
 
+def masked_reconstruction_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int]:
+    """SimMIM's loss for an (images, masks) batch: the model returns the L1 loss on the masked pixels."""
+    images, masks = (t.to(ctx.device, non_blocking=True) for t in batch)
+    with autocast(ctx.device, ctx.amp_dtype):
+        return ctx.model(images, masks), images.shape[0]
+
+
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     """Mixed-precision context for ``device``, or a no-op for full precision."""
     if amp_dtype is None:

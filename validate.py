@@ -22,10 +22,11 @@ import torch
 from config import get_config
 from data import build_loader
 from engine import validate
-from main import build_arg_parser, open_run_log, run
+from config import build_arg_parser
+from launch import open_run_log, run
 from models import build_model
 from utils.amp import resolve_amp
-from utils.checkpoint import checkpoint_tag, load_weights
+from utils.checkpoint import load_weights
 from utils.distributed import DistEnv
 from utils.errors import UserError
 
@@ -101,7 +102,7 @@ def write_results(path: str, rows: list[dict]) -> None:
 def validate_main(config, env: DistEnv, spec: str, results_file: Optional[str], use_ema: bool) -> list[dict]:
     """Evaluate every checkpoint of ``spec`` and return the sorted rows; UserError before any work for a
     bad spec."""
-    if checkpoint_tag(config):
+    if config.MODEL.TYPE == 'swin_moe':
         raise UserError("validate.py does not take Swin-MoE's per-rank checkpoints: use main_moe.py --eval")
     paths = find_checkpoints(spec)
     logger = open_run_log(config, env)

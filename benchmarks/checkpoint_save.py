@@ -30,7 +30,7 @@ from config import get_default_config, merge_yaml  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.checkpoint import TrainingState, build_checkpointer  # noqa: E402
 from utils.ema import ModelEma  # noqa: E402
 
 DEFAULT_CONFIGS = ['configs/swin/swin_tiny_patch4_window7_224.yaml', 'configs/swin/swin_base_patch4_window7_224.yaml',
@@ -51,15 +51,15 @@ def training_state(config_path: str, ema: bool):
 
 
 def time_save(config, model, optimizer, scheduler, model_ema, output: str, repeats: int) -> tuple[float, int]:
-    """Median seconds of ``save_checkpoint(..., step=...)`` and the file's size in bytes."""
+    """Median seconds of ``Checkpointer.save(..., step=...)`` and the file's size in bytes."""
     config.defrost()
     config.OUTPUT = output
-    logger = logging.getLogger('checkpoint_save')
+    checkpointer = build_checkpointer(config, TrainingState(model, optimizer, scheduler, None, model_ema), 0,
+                                      logging.getLogger('checkpoint_save'))
     seconds = []
     for i in range(repeats):
         start = time.perf_counter()
-        path = save_checkpoint(config, 0, model, 0.0, optimizer, scheduler, None, logger, model_ema=model_ema,
-                               step=i + 1, extra={'rng_states': [torch.get_rng_state()]})
+        path = checkpointer.save(0, 0.0, step=i + 1, extra={'rng_states': [torch.get_rng_state()]})
         seconds.append(time.perf_counter() - start)
     size = os.path.getsize(path)
     os.remove(path)

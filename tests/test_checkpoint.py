@@ -50,6 +50,10 @@ def _state(cfg, seed=0):
     return model, opt, build_scheduler(cfg, opt, 5), GradScalerWithNorm(enabled=False)
 
 
+def _checkpointer(cfg, model, opt, sched, scaler, ema=None, rank=0) -> C.Checkpointer:
+    return C.build_checkpointer(cfg, C.TrainingState(model, opt, sched, scaler, ema), rank, LOG)
+
+
 # --------------------------------------------------------------------------------------- atomic save
 
 @pytest.mark.parametrize('error, raised', [(OSError(28, 'No space left on device'), UserError),
@@ -127,7 +131,7 @@ def test_save_then_resume_restores_everything(tmp_path):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     ema = ModelEma(model, decay=0.5)
-    path = C.save_checkpoint(cfg, 3, model, 55.5, opt, sched, scaler, LOG, model_ema=ema, extra={'rng': [1, 2]})
+    path = _checkpointer(cfg, model, opt, sched, scaler, ema).save(3, 55.5, extra={'rng': [1, 2]})
     assert path == str(tmp_path / 'ckpt_epoch_3.pth')
     raw = torch.load(path, weights_only=True)
     assert {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema',
@@ -135,10 +139,9 @@ def test_save_then_resume_restores_everything(tmp_path):
     assert CfgNode.load_cfg(raw['config']).OUTPUT == str(tmp_path)  # the config as YAML text
 
     model2, opt2, sched2, scaler2 = _state(cfg, seed=1)
-    ema2, extra = ModelEma(model2, decay=0.5), {}
-    max_acc, start = C.load_checkpoint(cfg, path, model2, opt2, sched2, scaler2, LOG, model_ema=ema2,
-                                       extra_out=extra)
-    assert (max_acc, start, extra) == (55.5, 4, {'rng': [1, 2]})
+    ema2 = ModelEma(model2, decay=0.5)
+    resumed = _checkpointer(cfg, model2, opt2, sched2, scaler2, ema2).resume(path)
+    assert resumed == C.Resumed(max_accuracy=55.5, epoch=4, step=0, extras={'rng': [1, 2]})
     assert torch.equal(model2.fc.weight, model.fc.weight)
     assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
     assert sched2.state_dict() == sched.state_dict()
@@ -149,9 +152,10 @@ def test_eval_mode_loads_only_the_model(tmp_path):
     cfg = _cfg(tmp_path)
     model, opt, sched, scaler = _state(cfg)
     opt.param_groups[0]['lr'] = 123.0
-    path = C.save_checkpoint(cfg, 0, model, 1.0, opt, sched, scaler, LOG)
+    path = _checkpointer(cfg, model, opt, sched, scaler).save(0, 1.0)
     model2, opt2, sched2, scaler2 = _state(cfg, seed=1)
-    assert C.load_checkpoint(_cfg(tmp_path, EVAL_MODE=True), path, model2, opt2, sched2, scaler2, LOG) == (0.0, 0)
+    resumed = _checkpointer(cfg, model2, opt2, sched2, scaler2).resume(path, training=False)
+    assert (resumed.max_accuracy, resumed.epoch, resumed.step) == (0.0, 0, 0)
     assert torch.equal(model2.fc.weight, model.fc.weight) and opt2.param_groups[0]['lr'] != 123.0
 
 
@@ -178,21 +182,22 @@ def test_recomputable_buffers_and_wrapper_prefixes_are_tolerated():
 
 def test_keep_ckpts_prunes_the_oldest_epochs(tmp_path):
     cfg = _cfg(tmp_path, KEEP_CKPTS=2)
-    model, opt, sched, scaler = _state(cfg)
+    checkpointer = _checkpointer(cfg, *_state(cfg))
     for epoch in range(4):
-        C.save_checkpoint(cfg, epoch, model, 0.0, opt, sched, scaler, LOG)
+        checkpointer.save(epoch, 0.0)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_2.pth', 'ckpt_epoch_3.pth']
 
 
 def test_a_step_checkpoint_replaces_the_one_before_and_an_epoch_checkpoint_replaces_both(tmp_path):
     cfg = _cfg(tmp_path)
-    model, opt, sched, scaler = _state(cfg)
-    C.save_checkpoint(cfg, 0, model, 0.0, opt, sched, scaler, LOG)
-    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG, step=2)
-    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG, step=4)
+    checkpointer = _checkpointer(cfg, *_state(cfg))
+    checkpointer.save(0, 0.0)
+    checkpointer.save(1, 0.0, step=2)
+    checkpointer.save(1, 0.0, step=4)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_4.pth']
-    assert C.auto_resume_helper(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
-    C.save_checkpoint(cfg, 1, model, 0.0, opt, sched, scaler, LOG)
+    assert checkpointer.latest() == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
+    assert checkpointer.resume(checkpointer.latest()).step == 4
+    checkpointer.save(1, 0.0)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth']
 
 
@@ -223,11 +228,9 @@ def test_ema_update_averages_and_copies_on_the_first_step():
 
 def test_swin_moe_ranks_find_and_prune_only_their_own_files(tmp_path):
     from utils.checkpoint import checkpoint_files, checkpoint_tag, prune_checkpoints
-    config = get_default_config()
-    config.MODEL.TYPE = 'swin_moe'
-    assert checkpoint_tag(config, 1) == '.rank1'
-    config.TRAIN.MOE.SAVE_MASTER = True
-    assert checkpoint_tag(config, 1) == '.global'
+    assert checkpoint_tag(moe=True, save_master=False, rank=1) == '.rank1'
+    assert checkpoint_tag(moe=True, save_master=True, rank=1) == '.global'
+    assert checkpoint_tag(moe=False, save_master=False, rank=1) == ''
     for name in ('ckpt_epoch_0.pth.rank0', 'ckpt_epoch_0.pth.rank1', 'ckpt_epoch_1.pth.rank0',
                  'ckpt_epoch_1.pth.rank1', 'ckpt_epoch_2.pth'):
         (tmp_path / name).write_bytes(b'')
@@ -238,10 +241,10 @@ def test_swin_moe_ranks_find_and_prune_only_their_own_files(tmp_path):
         'ckpt_epoch_0.pth.rank0', 'ckpt_epoch_1.pth.rank0', 'ckpt_epoch_1.pth.rank1', 'ckpt_epoch_2.pth']
 
 
-def test_with_save_master_only_rank_0_writes_swin_moe_checkpoints():
-    from utils.checkpoint import writes_checkpoints
-    config = get_default_config()
-    config.MODEL.TYPE = 'swin_moe'
-    assert writes_checkpoints(config, 1)
-    config.TRAIN.MOE.SAVE_MASTER = True
-    assert writes_checkpoints(config, 0) and not writes_checkpoints(config, 1)
+def test_with_save_master_only_rank_0_writes_swin_moe_checkpoints(tmp_path):
+    def writes(rank: int, save_master: bool) -> bool:
+        config = get_default_config()
+        config.OUTPUT, config.MODEL.TYPE, config.TRAIN.MOE.SAVE_MASTER = str(tmp_path), 'swin_moe', save_master
+        return C.build_checkpointer(config, C.TrainingState(Tiny()), rank, LOG).writes
+    assert writes(1, save_master=False)
+    assert writes(0, save_master=True) and not writes(1, save_master=True)

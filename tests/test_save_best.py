@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cli import run_main, train_tiny
-from config import get_default_config
-from main import BestTracker
+from trainer import BestTracker, initial_best
+from utils.checkpoint import Resumed
 from utils.checkpoint import auto_resume_helper
 from utils.errors import UserError
 
@@ -28,10 +28,9 @@ def test_model_best_is_the_best_epoch_survives_pruning_and_evaluates(tmp_path, i
 
 
 def _tracker(tmp_path, best_score=None, max_accuracy=0.0, save_best=True, metric='acc1'):
-    config = get_default_config()
-    config.OUTPUT, config.TRAIN.SAVE_BEST, config.TRAIN.BEST_METRIC = str(tmp_path), save_best, metric
-    env = SimpleNamespace(rank=0, distributed=False, device=torch.device('cpu'))
-    return BestTracker(config, env, best_score, max_accuracy)
+    extras = {} if best_score is None else {'best_score': best_score}
+    best = initial_best(Resumed(max_accuracy=max_accuracy, extras=extras), metric)
+    return BestTracker(save_best, str(tmp_path / 'model_best.pth'), torch.device('cpu'), best)
 
 
 def test_a_worse_score_after_resume_does_not_replace_the_best(tmp_path):

@@ -11,11 +11,12 @@ import contextlib
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
 
-from utils.distributed import get_rank, unwrap_model
+from utils.distributed import unwrap_model
 from utils.errors import UserError
 from utils.fileio import load_file_safe, local_path, save_file_atomic
 from utils.sharding import (full_model_state, full_optimizer_state, is_sharded, is_sharded_checkpoint, load_sharded,
@@ -43,18 +44,13 @@ def _progress(match: re.Match) -> tuple[int, float]:
     return int(match.group(1)), float(step) if step is not None else float('inf')
 
 
-def checkpoint_tag(config, rank: Optional[int] = None) -> str:
-    """What ends this rank's checkpoint file names after ``.pth``: nothing (rank 0 writes one file), or for
-    Swin-MoE the official layout: ``.rank{r}`` (every rank writes its own, with its experts), ``.global`` (rank 0
-    alone, with TRAIN.MOE.SAVE_MASTER)."""
-    if config.MODEL.TYPE != 'swin_moe':
+def checkpoint_tag(moe: bool, save_master: bool, rank: int) -> str:
+    """What ends a rank's checkpoint file names after ``.pth``: nothing (rank 0 writes one file), or for Swin-MoE
+    the official layout: ``.rank{r}`` (every rank writes its own, with its experts), ``.global`` (rank 0 alone,
+    with TRAIN.MOE.SAVE_MASTER)."""
+    if not moe:
         return ''
-    return '.global' if config.TRAIN.MOE.SAVE_MASTER else f'.rank{get_rank() if rank is None else rank}'
-
-
-def writes_checkpoints(config, rank: int) -> bool:
-    """Whether ``rank`` writes checkpoint files (rank 0; every rank for Swin-MoE's per-rank files)."""
-    return rank == 0 or checkpoint_tag(config, rank).startswith('.rank')
+    return '.global' if save_master else f'.rank{rank}'
 
 
 def checkpoint_files(output_dir: str, whole_epochs_only: bool = False, tag: str = '') -> list[tuple[int, str]]:
@@ -82,37 +78,207 @@ def prune_checkpoints(output_dir: str, keep: int, logger=None, tag: str = '') ->
     return removed
 
 
-def checkpoint_state(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
-                     scaler, model_ema=None) -> dict:
-    """The official checkpoint dict (plus 'model_ema' when EMA is on).
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds besides its bookkeeping; ``model`` is the plain (or sharded) model, not
+    its DDP / compile wrapper."""
+    model: torch.nn.Module
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    scaler: Any = None
+    model_ema: Any = None
 
-    For a model sharded by TRAIN.SHARDING fsdp the tensors are gathered (a collective: every rank calls
-    this; rank 0 receives them, the optimizer state keyed by parameter name).
+
+@dataclass
+class Resumed:
+    """Where a resumed run starts: its epoch, the batches of it already done, the best accuracy so far, and the
+    checkpoint's other entries (RNG states, best score)."""
+    max_accuracy: float = 0.0
+    epoch: int = 0
+    step: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class Checkpointer:
+    """A run's checkpoints: built once with the training state, one call per save, and the resume.
+
+    Names are the official ones: ``ckpt_epoch_{N}.pth`` after a whole epoch, ``ckpt_epoch_{N}_step_{S}.pth`` after
+    a stop signal or every TRAIN.SAVE_STEPS (they resume mid-epoch and are removed once a newer checkpoint of
+    their epoch or a later one is written), ``model_best.pth`` (never pruned nor auto-resumed). Swin-MoE's
+    files carry the rank tag (:func:`checkpoint_tag`). A sharded model (TRAIN.SHARDING fsdp) is gathered into
+    the single file, or with ``sharded_files`` every rank writes its shards into ``.dcp`` folders of the same
+    names. ``keep`` > 0 prunes all but the newest ``keep`` epoch checkpoints.
     """
-    model = unwrap_model(model)
-    if is_sharded(model):
-        weights = full_model_state(model)
-        optim_state = full_optimizer_state(model, optimizer) if optimizer is not None else None
-        ema_state = full_model_state(model_ema.module) if model_ema is not None else None
-    else:
-        weights, optim_state = model.state_dict(), _state_or_none(optimizer)
-        ema_state = model_ema.state_dict() if model_ema is not None else None
-    state = {
-        'model': weights,
-        'optimizer': optim_state,
-        'lr_scheduler': _state_or_none(lr_scheduler),
-        'max_accuracy': float(max_accuracy),
-        'scaler': _state_or_none(scaler),
-        'epoch': int(epoch),
-        'config': config.dump(),
-    }
-    if model_ema is not None:
-        state['model_ema'] = ema_state
-    return state
 
+    def __init__(self, state: TrainingState, output_dir: str, config_text: str, logger, rank: int = 0,
+                 tag: str = '', keep: int = 0, sharded_files: bool = False):
+        self.state, self.output_dir, self.config_text, self.logger = state, output_dir, config_text, logger
+        self.rank, self.tag, self.keep, self.sharded_files = rank, tag, keep, sharded_files
+        self.writes = rank == 0 or tag.startswith('.rank')  # Swin-MoE: every rank writes its experts
 
-def _checkpoint_name(epoch: int, step: Optional[int], ext: str, tag: str) -> str:
-    return f"ckpt_epoch_{epoch}{'' if step is None else f'_step_{step}'}.{ext}{tag}"
+    def track(self, state: TrainingState) -> None:
+        """Save and resume ``state`` from now on: the run builds its optimizer, EMA and shards after it has
+        looked for a checkpoint to resume and loaded pretrained weights."""
+        self.state = state
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the ranks (TRAIN.SHARDING fsdp)."""
+        return is_sharded(self.state.model)
+
+    @property
+    def shard_files(self) -> bool:
+        """Whether every rank writes its shards (TRAIN.SHARDED_CKPT with a sharded model)."""
+        return self.sharded_files and self.sharded
+
+    @property
+    def best_path(self) -> str:
+        name = 'model_best.dcp' if self.shard_files else f'model_best.pth{self.tag}'
+        return os.path.join(self.output_dir, name)
+
+    def save(self, epoch: int, max_accuracy: float, step: Optional[int] = None,
+             extra: Optional[dict] = None) -> Optional[str]:
+        """Write the checkpoint of ``epoch`` (``step`` batches into it: a mid-epoch one); call on every rank (a
+        sharded model is gathered, or written shard by shard). Returns the path this rank wrote, if any."""
+        name = f"ckpt_epoch_{epoch}{'' if step is None else f'_step_{step}'}"
+        if self.shard_files:
+            path = self._save_shards(os.path.join(self.output_dir, f'{name}.dcp'), epoch, max_accuracy,
+                                     _with_extra({}, extra, step))
+        else:
+            path = self._save_file(os.path.join(self.output_dir, f'{name}.pth{self.tag}'), epoch, max_accuracy,
+                                   lambda state: _with_extra(state, extra, step))
+        if path is not None and (self.rank == 0 or not self.shard_files):
+            _remove_step_files(self.output_dir, up_to_epoch=epoch, keep=path, tag=self.tag)
+            prune_checkpoints(self.output_dir, self.keep, self.logger, tag=self.tag)
+        return path
+
+    def save_best(self, epoch: int, score: float) -> Optional[str]:
+        """Write ``model_best.pth`` (or ``.dcp``): the epoch checkpoint's layout with ``score`` as its
+        max_accuracy, so ``--eval --resume`` and ``--pretrained`` take it. Call on every rank."""
+        if self.shard_files:
+            return self._save_shards(self.best_path, epoch, score, {})
+        path = self._save_file(self.best_path, epoch, score, lambda state: state, quiet=True)
+        if path is not None:
+            self.logger.info(f"{os.path.basename(path)} saved (score {score:.3f} at epoch {epoch})")
+        return path
+
+    def save_final(self) -> None:
+        """Swin-MoE's final weights in the official release layout (every rank): ``ckpt_epoch_final.pth.rank{R}``
+        with this rank's expert parameters, and from rank 0 ``ckpt_epoch_final.pth.master`` with the rest (the
+        files of the released models; ``--pretrained .../ckpt_epoch_final.pth`` merges them back). Nothing for
+        other models."""
+        if not self.tag.startswith('.rank'):
+            return
+        model = self.state.model
+        experts = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+        weights = model.state_dict()
+        base = os.path.join(self.output_dir, 'ckpt_epoch_final.pth')
+        save_file_atomic({'model': {k: v for k, v in weights.items() if k in experts}}, f'{base}.rank{self.rank}')
+        if self.rank == 0:
+            save_file_atomic({'model': {k: v for k, v in weights.items() if k not in experts}}, f'{base}.master')
+        self.logger.info(f"{base}.rank{self.rank} saved !!!")
+
+    def _state(self, epoch: int, max_accuracy: float) -> dict:
+        """The official checkpoint dict (+ 'model_ema'); a sharded model's tensors are gathered to rank 0 (a
+        collective: every rank calls this), the optimizer state keyed by parameter name."""
+        st = self.state
+        if self.sharded:
+            weights = full_model_state(st.model)
+            optim_state = full_optimizer_state(st.model, st.optimizer) if st.optimizer is not None else None
+            ema_state = full_model_state(st.model_ema.module) if st.model_ema is not None else None
+        else:
+            weights, optim_state = st.model.state_dict(), _state_or_none(st.optimizer)
+            ema_state = st.model_ema.state_dict() if st.model_ema is not None else None
+        state = {'model': weights, 'optimizer': optim_state, 'lr_scheduler': _state_or_none(st.lr_scheduler),
+                 'max_accuracy': float(max_accuracy), 'scaler': _state_or_none(st.scaler), 'epoch': int(epoch),
+                 'config': self.config_text}
+        if st.model_ema is not None:
+            state['model_ema'] = ema_state
+        return state
+
+    def _save_file(self, path: str, epoch: int, max_accuracy: float, finish, quiet: bool = False) -> Optional[str]:
+        """The single file, written atomically by the ranks that write; the others wait for a gathered one."""
+        if not (self.writes or self.sharded):
+            return None
+        state = self._state(epoch, max_accuracy)
+        if self.writes:
+            if not quiet:
+                self.logger.info(f"{path} saving......")
+            save_file_atomic(finish(state), path)
+            if not quiet:
+                self.logger.info(f"{path} saved !!!")
+        if self.sharded and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path if self.writes else None
+
+    def _save_shards(self, path: str, epoch: int, max_accuracy: float, extra: dict) -> str:
+        """Every rank writes its shards (torch.distributed.checkpoint); meta.pth holds the rest of the official
+        entries, so tools.consolidate turns the folder into the single file."""
+        st = self.state
+        meta = {'lr_scheduler': _state_or_none(st.lr_scheduler), 'max_accuracy': float(max_accuracy),
+                'scaler': _state_or_none(st.scaler), 'epoch': int(epoch), 'config': self.config_text,
+                'has_ema': st.model_ema is not None, 'has_optimizer': st.optimizer is not None, **extra}
+        self.logger.info(f"{path} saving (each rank its shards)......")
+        save_sharded(path, st.model, st.optimizer, st.model_ema.module if st.model_ema is not None else None, meta,
+                     self.rank)
+        self.logger.info(f"{path} saved !!!")
+        return path
+
+    def latest(self) -> Optional[str]:
+        """The newest readable checkpoint of this run's output folder (auto-resume's pick), or None."""
+        return auto_resume_helper(self.output_dir, self.logger, tag=self.tag)
+
+    def resume(self, path: str, training: bool = True, start_epoch: int = 0) -> Resumed:
+        """Load ``path`` into the training state. ``training`` False (evaluation), or a weights-only file: the
+        model alone, and the run starts at ``start_epoch``. Swin-MoE's ``NAME.pth`` means this rank's
+        ``NAME.pth.rank{R}``, and per-rank files of another number of processes are regrouped."""
+        if self.tag and str(path).endswith('.pth'):  # official main_moe: --resume NAME.pth reads NAME.pth.rankR
+            path = f'{path}{self.tag}'
+        elif self.tag.startswith('.rank'):  # any rank's file names the checkpoint (auto-resume finds rank 0's)
+            path = re.sub(r'\.rank\d+$', self.tag, str(path))
+        self.logger.info(f"==============> Resuming from {path}....................")
+        if os.path.isdir(path):
+            return self._resume_shards(path, training, start_epoch)
+        st, logger = self.state, self.logger
+        ckpt, path = _read_checkpoint(str(path), self.tag, st.model, st.optimizer if training else None, logger)
+        logger.info(load_model_state(st.model, _model_state(ckpt, path), path))
+        extras = {k: v for k, v in ckpt.items() if k not in _STANDARD_KEYS}
+        if not training:
+            return Resumed(epoch=start_epoch, extras=extras)
+        if not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')) or ckpt['optimizer'] is None:
+            logger.warning(f"{path} holds weights only: training starts at epoch {start_epoch} with a fresh optimizer")
+            if st.model_ema is not None:
+                st.model_ema.set(st.model)
+            return Resumed(epoch=start_epoch, extras=extras)
+        _load_training_state(ckpt, path, st, logger)
+        if st.model_ema is not None:
+            _load_ema(ckpt, path, st.model, st.model_ema, logger)
+        logger.info(f"=> loaded successfully '{path}' (epoch {ckpt['epoch']})")
+        resumed = _resume_point(ckpt, extras)
+        del ckpt
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return resumed
+
+    def _resume_shards(self, path: str, training: bool, start_epoch: int) -> Resumed:
+        """A sharded checkpoint folder (TRAIN.SHARDED_CKPT), resharded to this run's world size (and read whole by
+        one plain process)."""
+        if not is_sharded_checkpoint(path):
+            raise UserError(f"{path}: not a complete sharded checkpoint (no .metadata and meta.pth)")
+        st = self.state
+        ema = st.model_ema.module if training and st.model_ema is not None else None
+        meta = load_sharded(path, st.model, st.optimizer if training else None, ema)
+        self.logger.info(f"loaded the shards of {path} into this run's {'sharded ' if self.sharded else ''}model")
+        extras = {k: v for k, v in meta.items() if k not in _STANDARD_KEYS + ('has_ema', 'has_optimizer')}
+        if not training:
+            return Resumed(epoch=start_epoch, extras=extras)
+        # the optimizer's shards came with the model's; meta.pth holds the scheduler and the scaler
+        _load_training_state(meta, path, TrainingState(st.model, None, st.lr_scheduler, st.scaler), self.logger)
+        if ema is not None and not meta.get('has_ema'):
+            st.model_ema.set(st.model)
+            self.logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
+        self.logger.info(f"=> loaded successfully '{path}' (epoch {meta['epoch']})")
+        return _resume_point(meta, extras)
 
 
 def _with_extra(state: dict, extra: Optional[dict], step: Optional[int]) -> dict:
@@ -124,122 +290,6 @@ def _with_extra(state: dict, extra: Optional[dict], step: Optional[int]) -> dict
     if step is not None:
         state['step'] = int(step)
     return state
-
-
-def _after_write(config, path: str, epoch: int, logger, tag: str) -> None:
-    """A new epoch checkpoint supersedes the step checkpoints of its epoch and before; then KEEP_CKPTS."""
-    _remove_step_files(config.OUTPUT, up_to_epoch=epoch, keep=path, tag=tag)
-    prune_checkpoints(config.OUTPUT, int(config.TRAIN.get('KEEP_CKPTS', 0)), logger, tag=tag)
-
-
-def _write_epoch_checkpoint(config, state: dict, epoch: int, step: Optional[int], extra: Optional[dict],
-                            logger) -> str:
-    """``state`` (+ ``extra``) atomically to ``ckpt_epoch_{epoch}[_step_{step}].pth{tag}``, then the clean-up."""
-    tag = checkpoint_tag(config)
-    path = os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'pth', tag))
-    logger.info(f"{path} saving......")
-    save_file_atomic(_with_extra(state, extra, step), path)
-    logger.info(f"{path} saved !!!")
-    _after_write(config, path, epoch, logger, tag)
-    return path
-
-
-def save_checkpoint(config, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer, lr_scheduler,
-                    scaler, logger, model_ema=None, extra: Optional[dict] = None, step: Optional[int] = None) -> str:
-    """Write ``<OUTPUT>/ckpt_epoch_{epoch}.pth`` atomically (call on rank 0 only); returns its path.
-
-    With ``step`` (``step`` batches of ``epoch`` done: a stop signal, or TRAIN.SAVE_STEPS) the file is
-    ``ckpt_epoch_{epoch}_step_{step}.pth`` and resumes mid-epoch; it replaces the step files before it,
-    and all are removed once a whole-epoch checkpoint at or after their epoch is written.
-    For a sharded model call :func:`save_training_checkpoint` on every rank instead.
-    """
-    state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
-    return _write_epoch_checkpoint(config, state, epoch, step, extra, logger)
-
-
-def save_training_checkpoint(config, rank: int, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer,
-                             lr_scheduler, scaler, logger, model_ema=None, extra: Optional[dict] = None,
-                             step: Optional[int] = None, best: bool = False) -> Optional[str]:
-    """The training loop's checkpoint write, called on every rank; returns the path where this rank wrote.
-
-    Rank 0 (every rank for Swin-MoE) writes the official single file as :func:`save_checkpoint`; a model sharded
-    by TRAIN.SHARDING fsdp is gathered for it first (a collective), or with TRAIN.SHARDED_CKPT every rank writes
-    its shards into ``ckpt_epoch_{epoch}[_step_{S}].dcp``. ``best``: the file is ``model_best.pth`` (or
-    ``model_best.dcp``), outside the epoch names, so never pruned nor auto-resumed.
-    """
-    model = unwrap_model(model)
-    sharded = is_sharded(model)
-    if sharded and config.TRAIN.SHARDED_CKPT:
-        return _save_sharded_checkpoint(config, rank, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler,
-                                        logger, model_ema, extra, step, best)
-    writes = writes_checkpoints(config, rank)
-    if not (writes or sharded):
-        return None
-    state = checkpoint_state(config, epoch, model, max_accuracy, optimizer, lr_scheduler, scaler, model_ema)
-    path = None
-    if writes:
-        path = _write_best(config, epoch, state, logger) if best else \
-            _write_epoch_checkpoint(config, state, epoch, step, extra, logger)
-    if sharded and torch.distributed.is_initialized():  # the others wait for the gathered file
-        torch.distributed.barrier()
-    return path
-
-
-def best_checkpoint_path(config, sharded_folder: bool = False) -> str:
-    """Where TRAIN.SAVE_BEST keeps the best checkpoint: ``model_best.pth`` (with Swin-MoE's rank tag), or the
-    folder ``model_best.dcp`` when a sharded model writes sharded checkpoints."""
-    name = 'model_best.dcp' if sharded_folder else f'model_best.pth{checkpoint_tag(config)}'
-    return os.path.join(config.OUTPUT, name)
-
-
-def _write_best(config, epoch: int, state: dict, logger) -> str:
-    path = best_checkpoint_path(config)
-    save_file_atomic(state, path)
-    logger.info(f"{os.path.basename(path)} saved (score {state['max_accuracy']:.3f} at epoch {epoch})")
-    return path
-
-
-def _save_sharded_checkpoint(config, rank: int, epoch: int, model: torch.nn.Module, max_accuracy: float, optimizer,
-                             lr_scheduler, scaler, logger, model_ema, extra: Optional[dict], step: Optional[int],
-                             best: bool) -> str:
-    """Every rank writes its shards (torch.distributed.checkpoint); meta.pth holds the rest of the official
-    entries, so tools.consolidate turns the folder into the single file."""
-    path = (best_checkpoint_path(config, sharded_folder=True) if best
-            else os.path.join(config.OUTPUT, _checkpoint_name(epoch, step, 'dcp', '')))
-    meta = _with_extra({'lr_scheduler': _state_or_none(lr_scheduler), 'max_accuracy': float(max_accuracy),
-                        'scaler': _state_or_none(scaler), 'epoch': int(epoch), 'config': config.dump(),
-                        'has_ema': model_ema is not None, 'has_optimizer': optimizer is not None},
-                       None if best else extra, None if best else step)
-    logger.info(f"{path} saving (each rank its shards)......")
-    save_sharded(path, model, optimizer, model_ema.module if model_ema is not None else None, meta, rank)
-    logger.info(f"{path} saved !!!")
-    if rank == 0 and not best:
-        _after_write(config, path, epoch, logger, '')
-    return path
-
-
-def save_best_checkpoint(config, epoch: int, model: torch.nn.Module, accuracy: float, optimizer, lr_scheduler,
-                         scaler, logger, model_ema=None, rank: int = 0) -> Optional[str]:
-    """Write ``<OUTPUT>/model_best.pth`` (TRAIN.SAVE_BEST) atomically: the epoch checkpoint's layout, with the
-    best score as its max_accuracy, so ``--eval --resume`` and ``--pretrained`` take it. Its name matches no
-    epoch pattern: pruning (TRAIN.KEEP_CKPTS) never removes it and auto-resume never picks it. Call on every
-    rank (a sharded model is gathered)."""
-    return save_training_checkpoint(config, rank, epoch, model, accuracy, optimizer, lr_scheduler, scaler, logger,
-                                    model_ema=model_ema, best=True)
-
-
-def save_moe_final(config, model: torch.nn.Module, rank: int, logger) -> None:
-    """Swin-MoE's final weights in the official release layout (every rank): ``ckpt_epoch_final.pth.rank{R}``
-    with this rank's expert parameters, and from rank 0 ``ckpt_epoch_final.pth.master`` with the rest (the files
-    of the released models; ``--pretrained .../ckpt_epoch_final.pth`` merges them back)."""
-    model = unwrap_model(model)
-    experts = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
-    state = model.state_dict()
-    base = os.path.join(config.OUTPUT, 'ckpt_epoch_final.pth')
-    save_file_atomic({'model': {k: v for k, v in state.items() if k in experts}}, f'{base}.rank{rank}')
-    if rank == 0:
-        save_file_atomic({'model': {k: v for k, v in state.items() if k not in experts}}, f'{base}.master')
-    logger.info(f"{base}.rank{rank} saved !!!")
 
 
 def _remove_step_files(output_dir: str, up_to_epoch: int, keep: str, tag: str = '') -> None:
@@ -352,20 +402,20 @@ def load_weights(path: str, model: torch.nn.Module, use_ema: bool = False) -> di
     return {'epoch': int(epoch) if isinstance(epoch, int) else None}
 
 
-def _load_training_state(ckpt: dict, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler,
-                         logger) -> None:
+def _load_training_state(ckpt: dict, path: str, state: TrainingState, logger) -> None:
+    """The optimizer (unless ``state.optimizer`` is None: a sharded load brought it), scheduler and scaler."""
     try:  # torch's numbered layout (DDP runs, the official files) or the name-keyed one (gathered fsdp runs)
-        if ckpt.get('optimizer') is not None:
-            load_optimizer_state(model, optimizer, ckpt['optimizer'])
+        if ckpt.get('optimizer') is not None and state.optimizer is not None:
+            load_optimizer_state(state.model, state.optimizer, ckpt['optimizer'])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: its optimizer state does not fit this optimizer "
                         f"(different parameter groups or TRAIN.OPTIMIZER?): {e}") from None
-    if lr_scheduler is not None and ckpt.get('lr_scheduler') is not None:
-        lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-    if scaler is not None and ckpt.get('scaler'):
-        if hasattr(scaler, 'enabled') and not scaler.enabled:
+    if state.lr_scheduler is not None and ckpt.get('lr_scheduler') is not None:
+        state.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+    if state.scaler is not None and ckpt.get('scaler'):
+        if hasattr(state.scaler, 'enabled') and not state.scaler.enabled:
             logger.info("loss scaler state in the checkpoint ignored: this run does not scale the loss")
-        scaler.load_state_dict(ckpt['scaler'])
+        state.scaler.load_state_dict(ckpt['scaler'])
 
 
 def _load_ema(ckpt: dict, path: str, model: torch.nn.Module, model_ema, logger) -> None:
@@ -376,52 +426,10 @@ def _load_ema(ckpt: dict, path: str, model: torch.nn.Module, model_ema, logger) 
         logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
 
 
-def load_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler, logger,
-                    model_ema=None, *, extra_out: Optional[dict] = None) -> tuple[float, int]:
-    """Resume from ``path`` (usually MODEL.RESUME or auto-resume's pick); returns (max_accuracy, start_epoch).
-
-    For a mid-epoch checkpoint start_epoch is its own epoch and ``extra_out['step']`` the batches done.
-
-    EVAL_MODE, or a weights-only file: only the model is loaded, and (0.0, TRAIN.START_EPOCH) comes
-    back. ``extra_out``, if given, receives the checkpoint's non-standard entries (e.g. RNG states).
-    """
-    tag = checkpoint_tag(config)
-    if tag and str(path).endswith('.pth'):  # official main_moe: --resume NAME.pth reads this rank's NAME.pth.rankR
-        path = f'{path}{tag}'
-    elif tag.startswith('.rank'):  # any rank's file names the checkpoint (auto-resume finds rank 0's)
-        path = re.sub(r'\.rank\d+$', tag, str(path))
-    logger.info(f"==============> Resuming from {path}....................")
-    if os.path.isdir(path):
-        return _load_sharded_checkpoint(config, path, model, optimizer, lr_scheduler, scaler, logger, model_ema,
-                                        extra_out)
-    model = unwrap_model(model)
-    ckpt, path = _read_checkpoint(config, str(path), model, None if config.EVAL_MODE else optimizer, logger)
-    logger.info(load_model_state(model, _model_state(ckpt, path), path))
-    if extra_out is not None:
-        extra_out.update({k: v for k, v in ckpt.items() if k not in _STANDARD_KEYS})
-    start_epoch = config.TRAIN.START_EPOCH
-    if config.EVAL_MODE:
-        return 0.0, start_epoch
-    if not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')) or ckpt['optimizer'] is None:
-        logger.warning(f"{path} holds weights only: training starts at epoch {start_epoch} with a fresh optimizer")
-        if model_ema is not None:
-            model_ema.set(model)
-        return 0.0, start_epoch
-    _load_training_state(ckpt, path, model, optimizer, lr_scheduler, scaler, logger)
-    if model_ema is not None:
-        _load_ema(ckpt, path, model, model_ema, logger)
-    logger.info(f"=> loaded successfully '{path}' (epoch {ckpt['epoch']})")
-    result = _resume_point(ckpt, extra_out)
-    del ckpt
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
-
-
-def _read_checkpoint(config, path: str, model: torch.nn.Module, optimizer, logger) -> tuple[dict, str]:
+def _read_checkpoint(path: str, tag: str, model: torch.nn.Module, optimizer, logger) -> tuple[dict, str]:
     """The checkpoint dict at ``path`` and the name to report it by. Swin-MoE's per-rank files are read on any
     number of processes: the experts regrouped to this job's (utils.moe_checkpoint)."""
-    if checkpoint_tag(config).startswith('.rank'):
+    if tag.startswith('.rank'):
         from utils.moe_checkpoint import moe_base, rank_file, read_rank_files
         base = moe_base(path)
         if os.path.isfile(rank_file(base, 0)):
@@ -429,35 +437,17 @@ def _read_checkpoint(config, path: str, model: torch.nn.Module, optimizer, logge
     return load_file_safe(local_path(path)), path
 
 
-def _resume_point(ckpt: dict, extra_out: Optional[dict]) -> tuple[float, int]:
-    """(max_accuracy, start_epoch): a mid-epoch checkpoint continues its own epoch (at extra_out['step']),
-    a whole-epoch one the next."""
-    max_accuracy, epoch = float(ckpt.get('max_accuracy', 0.0)), int(ckpt['epoch'])
-    step = ckpt.get('step')
-    if extra_out is not None and step is not None:
-        extra_out['step'] = int(step)
-    return max_accuracy, epoch if step is not None else epoch + 1
+def _resume_point(ckpt: dict, extras: dict) -> Resumed:
+    """A mid-epoch checkpoint continues its own epoch (at its step), a whole-epoch one the next."""
+    max_accuracy, epoch, step = float(ckpt.get('max_accuracy', 0.0)), int(ckpt['epoch']), ckpt.get('step')
+    if step is None:
+        return Resumed(max_accuracy, epoch + 1, 0, extras)
+    return Resumed(max_accuracy, epoch, int(step), extras)
 
 
-def _load_sharded_checkpoint(config, path: str, model: torch.nn.Module, optimizer, lr_scheduler, scaler, logger,
-                             model_ema, extra_out: Optional[dict]) -> tuple[float, int]:
-    """Resume from a sharded checkpoint folder (TRAIN.SHARDED_CKPT), resharded to this run's world size
-    (and read whole by one plain process)."""
-    if not is_sharded_checkpoint(path):
-        raise UserError(f"{path}: not a complete sharded checkpoint (no .metadata and meta.pth)")
-    model = unwrap_model(model)
-    training = not config.EVAL_MODE
-    ema = model_ema.module if training and model_ema is not None else None
-    meta = load_sharded(path, model, optimizer if training else None, ema)
-    logger.info(f"loaded the shards of {path} into this run's {'sharded ' if is_sharded(model) else ''}model")
-    if extra_out is not None:
-        extra_out.update({k: v for k, v in meta.items() if k not in _STANDARD_KEYS + ('has_ema', 'has_optimizer')})
-    if not training:
-        return 0.0, config.TRAIN.START_EPOCH
-    # the optimizer's shards came with the model's; meta.pth holds the scheduler and the scaler
-    _load_training_state(meta, path, model, optimizer, lr_scheduler, scaler, logger)
-    if ema is not None and not meta.get('has_ema'):
-        model_ema.set(model)
-        logger.warning(f"{path} has no 'model_ema': the EMA restarts from the loaded weights")
-    logger.info(f"=> loaded successfully '{path}' (epoch {meta['epoch']})")
-    return _resume_point(meta, extra_out)
+def build_checkpointer(config, state: TrainingState, rank: int, logger) -> Checkpointer:
+    """The run's :class:`Checkpointer` from OUTPUT, TRAIN.KEEP_CKPTS, TRAIN.SHARDED_CKPT and, for Swin-MoE's file
+    names, MODEL.TYPE and TRAIN.MOE.SAVE_MASTER."""
+    tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
+    return Checkpointer(state, config.OUTPUT, config.dump(), logger, rank=rank, tag=tag,
+                        keep=int(config.TRAIN.get('KEEP_CKPTS', 0)), sharded_files=bool(config.TRAIN.SHARDED_CKPT))

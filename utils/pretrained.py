@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import TOLERATED_BUFFERS, load_model_state
+from models.windows import is_derived_buffer
+from utils.checkpoint import load_model_state
 from utils.fileio import load_file_safe, local_path
 from utils.distributed import unwrap_model
 from utils.errors import UserError
@@ -119,7 +120,7 @@ def strip_simmim_prefix(state: dict, report: Optional[PretrainedReport] = None) 
 
 
 def _drop_buffers_and_extras(state: dict, report: PretrainedReport) -> dict:
-    buffers = [k for k in state if any(name in k for name in TOLERATED_BUFFERS)]
+    buffers = [k for k in state if is_derived_buffer(k)]
     extras = [k for k in state if k in _PRETRAIN_ONLY]
     if buffers:
         report.dropped.append(f"{len(buffers)} derived buffers (rebuilt by the model)")
@@ -250,8 +251,10 @@ def _moe_state(config, path: str, model: nn.Module, logger: logging.Logger) -> O
     utils.moe_checkpoint), merged with ``NAME.pth.master`` (everything else) where that file exists; ``.global``
     (TRAIN.MOE.SAVE_MASTER) as it is. None: an ordinary single file."""
     from utils.checkpoint import checkpoint_tag
+    from utils.distributed import get_rank
     from utils.moe_checkpoint import moe_base, rank_file, read_rank_files
-    base, tag = moe_base(path), checkpoint_tag(config)
+    base = moe_base(path)
+    tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), get_rank())
     if not base.endswith('.pth'):
         return None
     if tag.startswith('.rank'):
