@@ -1,36 +1,34 @@
-"""Pieces shared by the Swin family: patch embedding and merging, windows, masks, window attention, MLP, stages.
+"""The modules every Swin family is built from: patch embedding and merging, the MLP, stochastic depth, a stage, the
+shared part of a window-attention block, and window attention itself (one ``F.scaled_dot_product_attention`` call,
+:func:`window_attention`).
 
 Tokens travel between modules as ``(B, L, C)`` with ``L = H * W`` in row-major order, as in the official
-implementation; each block knows its ``input_resolution`` to fold them back to ``(B, H, W, C)``. A block
-cuts its (shifted) map into windows with :func:`window_partition`, mixes each window, and puts the map back
-together with :func:`window_reverse`. Window attention is one ``F.scaled_dot_product_attention`` call
-(:func:`window_attention`).
+implementation; a block is told the size of the map that arrives (or uses the one it was built for) to fold them
+back to ``(B, H, W, C)``. Cutting maps into windows, the window rule and the derived masks live in
+:mod:`models.windows`.
 
-Everything here is plain PyTorch; the CPU kernels that :func:`models.build.build_model` swaps in on a CPU live
-apart, in :mod:`models.cpu`.
+Everything here is plain PyTorch. On a CPU, :func:`models.build.build_model` swaps in the versions of
+:mod:`models.cpu` for :class:`Mlp`, V1's window attention and ``nn.LayerNorm``; such a module says ``impl=cpu`` in the
+printed model, and its forward, not the one here, is what runs.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .windows import (clip_window, derived_on, held_window_rule, merge_windows, padded_size, register_derived_buffer,
+                      shifted_window_mask, shifted_windows)
+
 __all__ = [
     'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
-    'window_partition', 'window_reverse', 'shifted_windows', 'merge_windows', 'clip_window', 'held_window_rule',
-    'shifted_window_mask', 'relative_position_index', 'window_attention', 'drop_path_rates', 'check_resolution',
-    'init_weights', 'DerivedBuffersMixin', 'HierarchicalClassifierMixin', 'MASK_VALUE', 'derived_buffer', 'derived_on',
-    'log_spaced', 'padded_size', 'merged_size', 'map_size', 'stage_resolutions', 'ShiftedWindowMixin',
+    'ShiftedWindowBlock', 'window_attention', 'window_attention_flops', 'drop_path_rates', 'init_weights',
+    'log_spaced',
 ]
-
-# The official code masks cross-region pairs with -100 (not -inf); kept so logits match released weights.
-MASK_VALUE = -100.0
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:
@@ -39,6 +37,40 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 1.0) -> torch.Tensor:
     if tensor.is_meta:
         return tensor
     return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
+
+
+def init_weights(m: nn.Module, std: float = .02) -> None:
+    """Official initialisation: Linear weights N(0, std) truncated, biases 0; LayerNorm 1 and 0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=std)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """``7 -> (7, 7)``; a pair stays a pair."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list:
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over all blocks (plain floats:
+    no tensor is made, so building on the meta device works)."""
+    n = sum(depths)
+    if n <= 1:
+        return [0.0] * n
+    return [drop_path_rate * i / (n - 1) for i in range(n)]
+
+
+def log_spaced(x: torch.Tensor) -> torch.Tensor:
+    """SwinV2's log-spaced coordinates: ``sign(x) * log2(|x| + 1) / log2(8)``."""
+    return torch.sign(x) * torch.log2(torch.abs(x) + 1.0) / math.log2(8)
 
 
 class DropPath(nn.Module):
@@ -75,118 +107,11 @@ class DropPath(nn.Module):
         return f'drop_prob={self.drop_prob:.3f}'
 
 
-def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """``7 -> (7, 7)``; a pair stays a pair."""
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"expected an int or a pair, got {x!r}")
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
-
-
-class DerivedBuffersMixin:
-    """Drops keys of buffers we recompute (``_derived_buffers``) from a state dict being loaded.
-
-    Our derived buffers are non-persistent, but official checkpoints carry them; dropping them here
-    keeps ``load_state_dict(sd, strict=True)`` strict for every other key.
-    """
-
-    _derived_buffers: Tuple[str, ...] = ()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self._derived_buffers:
-            state_dict.pop(prefix + name, None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class HierarchicalClassifierMixin:
-    """What the three hierarchical models share once their modules exist: the classifier methods.
-
-    Expects ``patch_embed``, ``absolute_pos_embed`` (or None), ``pos_drop``, ``layers``, ``norm``,
-    ``head``, ``num_features``, ``num_classes``, ``num_layers`` and ``patches_resolution``.
-    """
-
-    def init_stem(self, img_size, patch_size, in_chans: int, num_classes: int, embed_dim: int,
-                  depths: Sequence[int], window_size: int, mlp_ratio: float, drop_rate: float, norm_layer: type,
-                  ape: bool, patch_norm: bool, dynamic_img_size: bool = False) -> None:
-        """The sizes, patch embedding, optional absolute position embedding and dropout every variant starts with.
-
-        A fixed-size model must tile every stage with whole windows at ``img_size``; a ``dynamic_img_size`` one
-        pads instead, and ``img_size`` only sizes the parameters: the position table's grid and, where a stage is
-        smaller than the window there, V1's bias tables and Swin-MLP's spatial MLPs (see :func:`held_window_rule`).
-        """
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.ape = ape
-        self.patch_norm = patch_norm
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.mlp_ratio = mlp_ratio
-        self.dynamic_img_size = dynamic_img_size
-        if not dynamic_img_size:
-            check_resolution(to_2tuple(img_size), to_2tuple(patch_size), self.num_layers, window_size)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer=norm_layer if patch_norm else None, dynamic=dynamic_img_size)
-        self.patches_resolution = self.patch_embed.patches_resolution
-        self.stage_resolutions = stage_resolutions(self.patches_resolution, self.num_layers)
-        if ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
-        else:
-            self.absolute_pos_embed = None
-        self.pos_drop = nn.Dropout(p=drop_rate)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(init_weights)
-
-    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Images ``(B, C, H, W)`` -> patch tokens ``(B, L, embed_dim)`` (plus the position embedding, then dropout)
-        and their map size."""
-        size = self.patch_embed.grid_size(x.shape[-2:])
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.position_embedding(size)
-        return self.pos_drop(x), size
-
-    def position_embedding(self, size: Tuple[int, int]) -> torch.Tensor:
-        """The absolute position embedding ``(1, L, C)`` for a ``size`` map: the table itself at the built size,
-        else the table resized bicubically (official detection backbone)."""
-        if tuple(size) == tuple(self.patches_resolution):
-            return self.absolute_pos_embed
-        h, w = self.patches_resolution
-        grid = self.absolute_pos_embed.reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=tuple(size), mode='bicubic', align_corners=False)
-        return grid.flatten(2).transpose(1, 2).contiguous()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> normalised tokens of the last stage ``(B, L, num_features)``."""
-        x, size = self.embed(x)
-        for layer in self.layers:
-            x = layer(x, size)
-            if layer.downsample is not None:
-                size = merged_size(size)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average the tokens, then classify (or return the pooled features when ``pre_logits``)."""
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def flops(self) -> int:
-        """Multiply-adds by the official formula (attention or spatial MLPs, linears, norms, head)."""
-        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // 2 ** self.num_layers
-        return flops + self.num_features * self.num_classes
-
 
 class Mlp(nn.Module):
     """Two linear layers with an activation between them and dropout after each (``fc1``, ``fc2``)."""
+
+    impl = 'reference'  # models.cpu.modules.Mlp, swapped in on a CPU, says 'cpu'
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: type = nn.GELU, drop: float = 0.0,
@@ -202,6 +127,9 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.act(self.fc1(x)))
         return self.drop(self.fc2(x))
+
+    def extra_repr(self) -> str:
+        return f'impl={self.impl}'
 
 
 class PatchEmbed(nn.Module):
@@ -324,200 +252,46 @@ class BasicLayer(nn.Module):
         return flops
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """``(B, H, W, C) -> (B * nW, ws, ws, C)``, windows in row-major order within each image."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+class ShiftedWindowBlock(nn.Module):
+    """What the window-attention blocks (V1, V2, Swin-MoE) share: their sizes, the window and shift decided on the map
+    that arrives, the shift mask, and attention applied within the (shifted) windows. A subclass adds the modules
+    (``norm1``, ``attn``, ``norm2``, ``mlp``, ...) and the forward that orders them.
 
-
-def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nW, ws, ws, C) -> (B, H, W, C)``."""
-    c = windows.shape[-1]
-    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
-
-
-def map_size(x: torch.Tensor, size: Optional[Tuple[int, int]], built: Tuple[int, int]) -> Tuple[int, int]:
-    """The map size of the row-major tokens ``x``: ``size``, or the ``built`` one when None, checked against them."""
-    h, w = size or built
-    if x.shape[1] != h * w:
-        raise ValueError(f"expected {h}x{w}={h * w} tokens, got {x.shape[1]}")
-    return h, w
-
-
-def padded_size(size: Tuple[int, int], multiple: int) -> Tuple[int, int]:
-    """``size`` rounded up to multiples of ``multiple``: the map a block pads to before cutting windows."""
-    return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
-
-
-def shifted_windows(x: torch.Tensor, size: Tuple[int, int], window_size: int, shift_size: int) -> torch.Tensor:
-    """Row-major tokens ``(B, H*W, C)`` of a ``size`` map -> windows ``(B * nW, ws*ws, C)``.
-
-    A map that the window does not tile is padded right and bottom with zeros to window multiples (official
-    detection backbone); then it is cyclically shifted up and left by ``shift_size`` (no shift: plain windows).
+    Where the map is no larger than ``window_size`` the window shrinks to the map and the shift is dropped (official
+    rule, :func:`~models.windows.clip_window`). ``window_rule`` is the configured ``(window, shift)`` the rule is
+    applied with to each map that arrives; with ``holds_window`` (a bias table sized by the window, V1's) it is
+    capped by the window the block was built with (:func:`~models.windows.held_window_rule`). ``window_size`` and
+    ``shift_size`` are what the rule gives at the built ``input_resolution``, ``attn_mask`` (where shifted) the mask
+    for that size: a derived buffer, not saved.
     """
-    h, w = size
-    b, _, c = x.shape
-    x = x.view(b, h, w, c)
-    hp, wp = padded_size(size, window_size)
-    if (hp, wp) != (h, w):
-        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-    if shift_size > 0:
-        x = torch.roll(x, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    return window_partition(x, window_size).reshape(-1, window_size * window_size, c)
 
-
-def merge_windows(windows: torch.Tensor, size: Tuple[int, int], window_size: int, shift_size: int) -> torch.Tensor:
-    """Inverse of :func:`shifted_windows`: windows ``(B * nW, ws*ws, C)`` -> row-major tokens ``(B, H*W, C)`` of the
-    ``size`` map (the padding cut off)."""
-    h, w = size
-    hp, wp = padded_size(size, window_size)
-    c = windows.shape[-1]
-    x = window_reverse(windows.view(-1, window_size, window_size, c), window_size, hp, wp)
-    if shift_size > 0:
-        x = torch.roll(x, shifts=(shift_size, shift_size), dims=(1, 2))
-    if (hp, wp) != (h, w):
-        x = x[:, :h, :w]
-    return x.reshape(-1, h * w, c)
-
-
-def clip_window(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
-    """Official rule: a stage no larger than the window gets one window of its size and no shift.
-
-    The official classifier applies it once, to the size it is built for. Our blocks apply it to the map that
-    arrives, at every forward (Hugging Face's ``SwinLayer`` decides per forward too), so a dynamic-size model gives
-    the fixed-size model's result at the built size, and at another size what the rule gives there. Where the map is
-    larger than the window this is also the official detection backbone's computation (the window, its shift, the
-    map padded to window multiples); where it is not, that backbone keeps the window and its shift over a
-    zero-padded map instead, a rule no released classifier weights were trained under.
-    """
-    if min(input_resolution) <= window_size:
-        return min(input_resolution), 0
-    return window_size, shift_size
-
-
-def held_window_rule(input_resolution: Tuple[int, int], window_size: int, shift_size: int) -> Tuple[int, int]:
-    """The window and shift that :func:`clip_window` is applied with, per map, by a block whose parameters are sized by
-    its window (V1's relative position bias table, Swin-MLP's spatial MLP), built for an ``input_resolution`` map.
-
-    Such a block holds parameters for the window the rule gives at the built size and no larger. Where that is the
-    configured window, the configured rule holds at every size. Where the built stage was smaller than the window
-    (the window shrank to it), a larger map arriving would need offsets or positions the block has no parameters
-    for: the block keeps its built window as its largest, shifted by half of it, as the official model configured
-    with that window would be. (V2's position MLP takes any window, so V2 keeps the configured rule.)
-    """
-    held, _ = clip_window(input_resolution, window_size, shift_size)
-    if held == window_size:
-        return window_size, shift_size
-    return held, held // 2 if shift_size else 0
-
-
-def stage_resolutions(patches_resolution: Tuple[int, int], num_layers: int) -> list:
-    """Token map size of each stage: patch merging halves it, rounding up (odd maps are padded)."""
-    sizes = [tuple(patches_resolution)]
-    for _ in range(num_layers - 1):
-        sizes.append(merged_size(sizes[-1]))
-    return sizes
-
-
-def merged_size(size: Tuple[int, int]) -> Tuple[int, int]:
-    """The map size after patch merging."""
-    return -(-size[0] // 2), -(-size[1] // 2)
-
-
-def check_resolution(img_size: Tuple[int, int], patch_size: Tuple[int, int], num_layers: int,
-                     window_size: int) -> None:
-    """Raise ValueError unless every stage can be cut into whole windows and merged by 2x2."""
-    res = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
-    if res[0] * patch_size[0] != img_size[0] or res[1] * patch_size[1] != img_size[1]:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    for i in range(num_layers):
-        ws, _ = clip_window(res, window_size, 0)
-        if res[0] % ws or res[1] % ws:
-            raise ValueError(f"img_size {img_size}: stage {i} has {res[0]}x{res[1]} tokens, which window_size "
-                             f"{ws} does not divide (choose an img_size/window_size pair that tiles every stage)")
-        if i < num_layers - 1:
-            if res[0] % 2 or res[1] % 2:
-                raise ValueError(f"img_size {img_size}: stage {i} has {res[0]}x{res[1]} tokens, "
-                                 "which patch merging cannot halve (must be even)")
-            res = (res[0] // 2, res[1] // 2)
-
-
-def derived_buffer(fn):
-    """Decorator for the builders of derived buffers: compute once per argument set on the CPU, then
-    return a copy on ``device`` (default: the current default device, e.g. inside ``torch.device('meta')``).
-
-    Dozens of blocks share the same few tables; building each op by op on the meta device is slow.
-    """
-    signature = inspect.signature(fn)
-    cached = functools.lru_cache(maxsize=None)(lambda *args: fn(*args, device='cpu'))
-
-    @functools.wraps(fn)
-    def wrapper(*args, device=None, **kwargs) -> torch.Tensor:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        bound.arguments.pop('device', None)
-        key = tuple(tuple(a) if isinstance(a, list) else a for a in bound.arguments.values())
-        target = torch.device(device) if device is not None else torch.empty(0).device
-        return cached(*key).to(target, copy=True)
-    return wrapper
-
-
-@derived_buffer
-def shifted_window_mask(input_resolution: Tuple[int, int], window_size: int, shift_size: int,
-                        device=None) -> torch.Tensor:
-    """Additive mask ``(nW, N, N)`` for shifted windows: 0 within a region, ``MASK_VALUE`` across.
-
-    After the cyclic shift, the last row/column of windows holds pieces from opposite borders;
-    the mask stops tokens of different pieces (regions) from attending to each other.
-    """
-    h, w = input_resolution
-    region = torch.zeros(1, h, w, 1, device=device)
-    cuts = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            region[:, hs, ws, :] = label
-            label += 1
-    region = window_partition(region, window_size).reshape(-1, window_size * window_size)
-    diff = region.unsqueeze(1) - region.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
-
-
-@functools.lru_cache(maxsize=64)
-def derived_on(builder: Callable[..., torch.Tensor], args: tuple, device: torch.device) -> torch.Tensor:
-    """``builder(*args)`` on ``device``, built once per argument set and device: the derived tensors (masks, position
-    indices and coordinates) of a map of another size than the built one, in a dynamic-size model.
-
-    Built outside inference mode and autograd, so that a size first met under ``torch.inference_mode`` still trains.
-    """
-    with torch.inference_mode(False), torch.no_grad():
-        return builder(*args, device=device)
-
-
-class ShiftedWindowMixin:
-    """For blocks that cut (shifted) windows: the window and shift for the incoming map, and the mask that fits it.
-
-    Expects ``input_resolution``; ``window_rule``, the configured ``(window, shift)`` that :func:`clip_window` turns
-    into the window and shift for each map that arrives; and ``window_size`` and ``shift_size``, what it gives at the
-    built size. :meth:`init_shift_mask` registers the mask for the built size as the derived buffer ``attn_mask``;
-    a map of another size gets the mask of its own window, shift and padded size, built once per size and device.
-    """
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int,
+                 shift_size: int, mlp_ratio: float, holds_window: bool):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
+        if holds_window:
+            self.window_rule = held_window_rule(self.input_resolution, window_size, shift_size)
+        else:
+            self.window_rule = (window_size, shift_size)
+        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
+        mask = None
+        if self.shift_size > 0:
+            mask = shifted_window_mask(padded_size(self.input_resolution, self.window_size), self.window_size,
+                                       self.shift_size)
+        register_derived_buffer(self, 'attn_mask', mask)
 
     def window_at(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """The window and shift for a ``size`` map: the official rule, decided on the map that arrives."""
         return clip_window(size, *self.window_rule)
 
-    def init_shift_mask(self) -> None:
-        mask = None
-        if self.shift_size > 0:
-            mask = shifted_window_mask(padded_size(self.input_resolution, self.window_size), self.window_size,
-                                       self.shift_size)
-        self.register_buffer('attn_mask', mask, persistent=False)
-
     def shift_mask(self, size: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
-        """The ``(nW, N, N)`` additive mask for a ``size`` map, or None where the map is not shifted."""
+        """The ``(nW, N, N)`` additive mask for a ``size`` map (``attn_mask`` at the built size; another size's built
+        once per size and device), or None where the map is not shifted."""
         window, shift = self.window_at(size)
         if shift == 0:
             return None
@@ -527,23 +301,29 @@ class ShiftedWindowMixin:
             return self.attn_mask
         return derived_on(shifted_window_mask, (padded, window, shift), torch.device(device))
 
+    def attend_in_windows(self, attn: nn.Module, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """``attn`` within the (shifted) windows of the row-major tokens ``x`` of a ``size`` map: the map is cut into
+        the windows the rule gives for it (padded where they do not tile it, see
+        :func:`~models.windows.shifted_windows`), ``attn(windows, mask, window)`` mixes each, the map is put back."""
+        window, shift = self.window_at(size)
+        windows = attn(shifted_windows(x, size, window, shift), self.shift_mask(size, x.device), window)
+        return merge_windows(windows, size, window, shift)
 
-@derived_buffer
-def relative_position_index(window_size: Tuple[int, int], table_window: Optional[Tuple[int, int]] = None,
-                            device=None) -> torch.Tensor:
-    """``(N, N)`` index, for the token pairs of a ``window_size`` window, into a ``(2Th-1)*(2Tw-1)`` table of the
-    relative offsets of a ``table_window`` window (default: the window itself; official ordering).
+    def mlp_flops(self) -> float:
+        """Multiply-adds of the MLP over the built map (official formula)."""
+        h, w = self.input_resolution
+        return 2 * h * w * self.dim * self.dim * self.mlp_ratio
 
-    The table holds one entry per offset, so a smaller window's offsets are a sub-grid of a larger window's table.
-    """
-    wh, ww = window_size
-    th, tw = table_window or window_size
-    if wh > th or ww > tw:
-        raise ValueError(f"a {wh}x{ww} window has offsets that a table for {th}x{tw} windows does not hold")
-    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
-                                        indexing='ij')).flatten(1)  # 2, N
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
-    return (rel[..., 0] + th - 1) * (2 * tw - 1) + (rel[..., 1] + tw - 1)
+    def flops(self) -> int:
+        """Multiply-adds at the built size by the official formula: two norms, attention in every window, the MLP."""
+        h, w = self.input_resolution
+        n = self.window_size * self.window_size
+        attention = h * w // n * window_attention_flops(n, self.dim, self.num_heads)
+        return int(2 * self.dim * h * w + attention + self.mlp_flops())
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
 class _ImageBias(torch.autograd.Function):
@@ -592,26 +372,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out.reshape(bw, nh, n, d)
 
 
-def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list:
-    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over all blocks (plain floats:
-    no tensor is made, so building on the meta device works)."""
-    n = sum(depths)
-    if n <= 1:
-        return [0.0] * n
-    return [drop_path_rate * i / (n - 1) for i in range(n)]
-
-
-def init_weights(m: nn.Module) -> None:
-    """Official initialisation: Linear weights N(0, 0.02) truncated, biases 0; LayerNorm 1 and 0."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.constant_(m.bias, 0)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.constant_(m.bias, 0)
-        nn.init.constant_(m.weight, 1.0)
-
-
-def log_spaced(x: torch.Tensor) -> torch.Tensor:
-    """SwinV2's log-spaced coordinates: ``sign(x) * log2(|x| + 1) / log2(8)``."""
-    return torch.sign(x) * torch.log2(torch.abs(x) + 1.0) / math.log2(8)
+def window_attention_flops(n: int, dim: int, num_heads: int) -> int:
+    """Multiply-adds of window attention over one window of ``n`` tokens (official formula: qkv, q k^T, attn v, proj;
+    the position bias is not counted)."""
+    return n * dim * 3 * dim + 2 * num_heads * n * (dim // num_heads) * n + n * dim * dim

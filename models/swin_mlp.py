@@ -9,17 +9,16 @@ window). Names follow the official release.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Set, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (BasicLayer, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window, drop_path_rates,
-                     held_window_rule, init_weights, map_size, padded_size, trunc_normal_, window_partition,
-                     window_reverse)
-from .features import BackboneMixin
+from .layers import DropPath, Mlp, PatchMerging, trunc_normal_
 from .registry import register_model
+from .swin_base import SwinBase
+from .windows import clip_window, held_window_rule, map_size, padded_size, window_partition, window_reverse
 
 __all__ = ['SwinMLPBlock', 'SwinMLP']
 
@@ -28,7 +27,7 @@ class SwinMLPBlock(nn.Module):
     """Pre-norm block: (shifted-padded) window spatial MLP, then a channel MLP, both residual.
 
     ``window_size`` and ``shift_size`` are those of the built ``input_resolution`` (official rule); ``window_rule``
-    is what the rule is applied with to each map that arrives (:func:`~models.layers.held_window_rule`). The window
+    is what the rule is applied with to each map that arrives (:func:`~models.windows.held_window_rule`). The window
     stays the built one at every size (a smaller map is padded to it); the shift follows the arriving map.
     """
 
@@ -101,57 +100,19 @@ class SwinMLPBlock(nn.Module):
                 f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
-class SwinMLP(BackboneMixin, HierarchicalClassifierMixin, nn.Module):
-    """Swin-MLP classifier: the Swin V1 layout (patch embedding, 4 stages with patch merging at the end
-    of the first three, LayerNorm, average pooling, ``head``) built from :class:`SwinMLPBlock`."""
+class SwinMLP(SwinBase):
+    """Swin-MLP classifier and backbone (:class:`~models.swin_base.SwinBase`, whose arguments it takes): the Swin V1
+    layout built from :class:`SwinMLPBlock` and V1's patch merging."""
 
-    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm,
-                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False,
-                 dynamic_img_size: Optional[bool] = None, features_only: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, out_norm: bool = False, frozen_stages: int = -1):
-        super().__init__()
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
-        self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, norm_layer, ape, patch_norm,
-                       dynamic_img_size=features_only if dynamic_img_size is None else dynamic_img_size)
+    def __init__(self, **kwargs):
+        super().__init__(SwinMLPBlock, PatchMerging, **kwargs)
 
-        dpr = drop_path_rates(drop_path_rate, depths)
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2 ** i)
-            res = self.stage_resolutions[i]
-            first = sum(depths[:i])
-            blocks = [SwinMLPBlock(dim, res, num_heads[i], window_size=window_size,
-                                   shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
-                                   drop=drop_rate, drop_path=dpr[first + j], norm_layer=norm_layer)
-                      for j in range(depth)]
-            downsample = PatchMerging(res, dim, norm_layer) if i < self.num_layers - 1 else None
-            self.layers.append(BasicLayer(blocks, downsample, use_checkpoint=use_checkpoint))
-
-        self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        self.init_backbone(features_only, out_indices, out_norm, frozen_stages, norm_layer)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        init_weights(m)
+    def _init_weights(self, m: nn.Module) -> None:
+        super()._init_weights(m)
         if isinstance(m, nn.Conv1d):  # the spatial MLPs start like linear layers
-            trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=self.init_std)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> Set[str]:
-        return {'relative_position_bias_table'}
 
 
 def _swin_mlp(name: str, img_size: int, window_size: int, **defaults):

@@ -3,8 +3,8 @@
 Hwang et al., "Tutel: Adaptive Mixture-of-Experts at Scale" (2022), the official ``swin_transformer_moe.py``.
 Parameter names follow the official release (``layers.2.blocks.1.mlp._moe_layer.experts.batched_fc1_w``, ...).
 
-A forward pass: patch embedding, four stages of :class:`SwinTransformerBlockMoE`; each block is V1's pre-norm
-block (shifted-window attention, then an MLP in a residual branch) with two differences from V1: the attention
+A forward pass: :class:`~models.swin_base.SwinBase`'s stem, four stages of :class:`SwinTransformerBlockMoE`, its
+classifier; each block is V1's pre-norm block (shifted-window attention, then an MLP in a residual branch) with two differences from V1: the attention
 bias is a continuous position bias (``cpb_mlp`` on log-spaced offsets, as SwinV2's but without the
 16 * sigmoid), and in the blocks listed in ``moe_blocks`` the MLP is :class:`MoEMlp` (:mod:`models.moe`). Those
 blocks also return their auxiliary load-balancing loss; ``forward`` returns ``(logits, aux_loss_weight * sum of
@@ -12,26 +12,26 @@ the blocks' losses)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Set, Tuple, Union
+from functools import partial
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, PatchMerging, clip_window,
-                     drop_path_rates, merge_windows, relative_position_index, shifted_window_mask, shifted_windows,
-                     to_2tuple, window_attention)
+from .layers import DropPath, Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, window_attention
 from .moe import ExpertParallel, MoELayer, init_moe_weights
 from .registry import register_model
-from .swin_transformer_v2 import relative_coords_table
+from .swin_base import SwinBase
+from .swin_transformer_v2 import continuous_position_bias, relative_coords_table
+from .windows import derived_on, map_size, merged_size, register_derived_buffer, relative_position_index
 
-__all__ = ['WindowAttention', 'MoEMlp', 'SwinTransformerBlockMoE', 'SwinTransformerMoE']
+__all__ = ['WindowAttention', 'MoEMlp', 'SwinTransformerBlockMoE', 'MoEStage', 'SwinTransformerMoE']
 
 
-class WindowAttention(DerivedBuffersMixin, nn.Module):
-    """V1's scaled dot-product window attention with a continuous relative position bias from ``cpb_mlp``."""
-
-    _derived_buffers = ('relative_position_index', 'relative_coords_table')
+class WindowAttention(nn.Module):
+    """V1's scaled dot-product window attention with a continuous relative position bias from ``cpb_mlp`` (SwinV2's,
+    without the ``16 * sigmoid``)."""
 
     def __init__(self, dim: int, window_size: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -42,31 +42,40 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
-        self.register_buffer('relative_coords_table',
-                             relative_coords_table(self.window_size, self.pretrained_window_size), persistent=False)
-        self.register_buffer('relative_position_index', relative_position_index(self.window_size), persistent=False)
+        register_derived_buffer(self, 'relative_coords_table',
+                                relative_coords_table(self.window_size, self.pretrained_window_size))
+        register_derived_buffer(self, 'relative_position_index', relative_position_index(self.window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attention_bias(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(nW or 1, nH, N, N)``: ``cpb_mlp``'s bias (in fp32) plus the shift ``mask``."""
-        n = self.window_size[0] * self.window_size[1]
-        with torch.autocast(self.relative_coords_table.device.type, enabled=False):
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    def attention_bias(self, mask: Optional[torch.Tensor] = None,
+                       window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """``(nW or 1, nH, N, N)``: ``cpb_mlp``'s bias (in fp32) for ``window_size`` windows (default: the built ones;
+        another gets the coordinates a model built with it has) plus the shift ``mask``."""
+        window_size = self.window_size if window_size is None else to_2tuple(window_size)
+        coords, index = self.relative_coords_table, self.relative_position_index
+        if window_size != self.window_size:
+            coords = derived_on(relative_coords_table, (window_size, self.pretrained_window_size), coords.device)
+            index = derived_on(relative_position_index, (window_size,), index.device)
+        n = window_size[0] * window_size[1]
+        bias = continuous_position_bias(self.cpb_mlp, coords, index, n, self.num_heads).unsqueeze(0)
         return bias if mask is None else bias + mask.unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                window_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
+        """x: ``(B * nW, N, C)``, the tokens of each ``window_size`` window (default: the built one); mask:
+        ``(nW, N, N)`` additive, or None."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = window_attention(q, k, v, self.attention_bias(mask), self.scale, self.attn_drop if self.training else 0.0)
+        bias = self.attention_bias(mask, window_size)
+        x = window_attention(q, k, v, bias, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
-    def flops(self, n: int) -> int:
-        return (n * self.dim * 3 * self.dim + 2 * self.num_heads * n * (self.dim // self.num_heads) * n
-                + n * self.dim * self.dim)
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, '
+                f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
 
 
 class MoEMlp(nn.Module):
@@ -84,82 +93,77 @@ class MoEMlp(nn.Module):
         return self._moe_layer(x)
 
 
-class SwinTransformerBlockMoE(DerivedBuffersMixin, nn.Module):
+class SwinTransformerBlockMoE(ShiftedWindowBlock):
     """Pre-norm block: (shifted) window attention, then a dense MLP or, with ``moe``, :class:`MoEMlp`.
-    Returns ``(x, l_aux)``; ``l_aux`` is 0 for a dense block."""
-
-    _derived_buffers = ('attn_mask',)
+    Returns ``(x, l_aux)``; ``l_aux`` is 0 for a dense block. The window rule is V2's (the position MLP takes any
+    window)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, mlp_fc2_bias: bool = True,
-                 pretrained_window_size: int = 0, moe: Optional[dict] = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer: type = nn.LayerNorm,
+                 mlp_fc2_bias: bool = True, pretrained_window_size: int = 0, moe: Optional[dict] = None,
                  parallel: Optional[ExpertParallel] = None):
-        super().__init__()
-        self.dim, self.input_resolution, self.num_heads = dim, tuple(input_resolution), num_heads
-        self.mlp_ratio, self.is_moe = mlp_ratio, moe is not None
+        super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=False)
+        self.is_moe = moe is not None
         self.capacity_factor, self.top_value = (moe['capacity_factor'], moe['k']) if moe else (1.0, 1)
-        self.window_size, self.shift_size = clip_window(self.input_resolution, window_size, shift_size)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                                     attn_drop=attn_drop, proj_drop=drop,
                                     pretrained_window_size=to_2tuple(pretrained_window_size))
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = norm_layer(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = (MoEMlp(dim, hidden, parallel, mlp_fc2_bias=mlp_fc2_bias, **moe) if moe
                     else Mlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias))
-        mask = (shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
-                if self.shift_size > 0 else None)
-        self.register_buffer('attn_mask', mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = shifted_windows(self.norm1(x), self.input_resolution, self.window_size, self.shift_size)
-        y = merge_windows(self.attn(windows, self.attn_mask), self.input_resolution, self.window_size, self.shift_size)
-        x = self.drop_path.residual(x, y)
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major tokens of a ``size`` map (default: the built size) -> (tokens, auxiliary loss)."""
+        size = map_size(x, size, self.input_resolution)
+        x = self.drop_path.residual(x, self.attend_in_windows(self.attn, self.norm1(x), size))
         if self.is_moe:
             y, l_aux = self.mlp(self.norm2(x))
         else:
             y, l_aux = self.mlp(self.norm2(x)), x.new_zeros((), dtype=torch.float32)
         return self.drop_path.residual(x, y), l_aux
 
-    def flops(self) -> int:
-        h, w = self.input_resolution
-        num_windows = h * w // (self.window_size * self.window_size)
-        mlp = 2 * h * w * self.dim * self.dim * self.mlp_ratio
-        if self.is_moe:  # official count: the capacity's worth of expert work per token
-            mlp *= self.capacity_factor * self.top_value
-        return int(2 * self.dim * h * w + num_windows * self.attn.flops(self.window_size ** 2) + mlp)
+    def mlp_flops(self) -> float:
+        """Official count: an MoE MLP does the capacity's worth of expert work per token."""
+        return super().mlp_flops() * (self.capacity_factor * self.top_value if self.is_moe else 1)
 
 
 class MoEStage(nn.Module):
-    """One stage (``blocks``, then the optional ``downsample``); sums its blocks' auxiliary losses."""
+    """One stage (``blocks``, then the optional ``downsample``) of blocks that return ``(x, l_aux)``; returns the
+    tokens and the sum of its blocks' auxiliary losses."""
 
     def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module], use_checkpoint: bool = False):
         super().__init__()
         self.blocks, self.downsample, self.use_checkpoint = nn.ModuleList(blocks), downsample, use_checkpoint
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         l_aux = x.new_zeros((), dtype=torch.float32)
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                x, aux = checkpoint(blk, x, use_reentrant=False)  # the RNG state is replayed: same gate noise
+                x, aux = checkpoint(blk, x, size, use_reentrant=False)  # the RNG state is replayed: same gate noise
             else:
-                x, aux = blk(x)
+                x, aux = blk(x, size)
             l_aux = l_aux + aux
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = self.downsample(x, size)
         return x, l_aux
 
     def flops(self) -> int:
         return sum(b.flops() for b in self.blocks) + (self.downsample.flops() if self.downsample else 0)
 
 
-class SwinTransformerMoE(HierarchicalClassifierMixin, nn.Module):
-    """Swin-MoE classifier. Arguments keep the official names; ``moe_blocks`` lists, per stage, the indices of the
-    blocks with an MoE MLP (``[-1]``: none). The experts are placed over the ranks of the default process group
-    (one process: all local) per ``num_local_experts`` (:class:`~models.moe.ExpertParallel`);
+class SwinTransformerMoE(SwinBase):
+    """Swin-MoE classifier (:class:`~models.swin_base.SwinBase` of :class:`SwinTransformerBlockMoE` in
+    :class:`MoEStage`; fixed size, no backbone outputs). Arguments keep the official names; ``moe_blocks`` lists, per
+    stage, the indices of the blocks with an MoE MLP (``[-1]``: none). The experts are placed over the ranks of the
+    default process group (one process: all local) per ``num_local_experts`` (:class:`~models.moe.ExpertParallel`);
     ``expert_world_size`` builds rank 0's share of a job of that size instead (to count or inspect it)."""
+
+    weight_decay_exempt = frozenset({'cpb_mlp', 'relative_position_bias_table', 'fc1_bias', 'fc2_bias', 'temperature',
+                                     'cosine_projector', 'sim_matrix'})
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
@@ -173,63 +177,49 @@ class SwinTransformerMoE(HierarchicalClassifierMixin, nn.Module):
                  is_gshard_loss: bool = False, gate_noise: float = 1.0, cosine_router_dim: int = 256,
                  cosine_router_init_t: float = 0.5, moe_drop: float = 0.0, aux_loss_weight: float = 0.01,
                  expert_world_size: Optional[int] = None):
-        super().__init__()
         if not any(pretrained_window_sizes):  # the all-zero default fits any number of stages
             pretrained_window_sizes = [0] * len(depths)
-        if not len(depths) == len(num_heads) == len(moe_blocks) == len(pretrained_window_sizes):
-            raise ValueError("depths, num_heads, moe_blocks and pretrained_window_sizes differ in length")
-        self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, nn.LayerNorm, ape, patch_norm)
-        self.parallel = ExpertParallel(num_local_experts, world_size=expert_world_size)
-        self.aux_loss_weight = aux_loss_weight
+        if len(moe_blocks) != len(depths):
+            raise ValueError(f"moe_blocks {[list(b) for b in moe_blocks]} must have one entry per stage "
+                             f"(depths {list(depths)})")
+        parallel = ExpertParallel(num_local_experts, world_size=expert_world_size)
         moe = dict(k=top_value, capacity_factor=capacity_factor, gate_noise=gate_noise,
                    batch_prioritized_routing=use_bpr, normalize_gate=normalize_gate, is_gshard_loss=is_gshard_loss,
                    cosine_router=cosine_router, cosine_router_dim=cosine_router_dim,
                    cosine_router_init_t=cosine_router_init_t, moe_drop=moe_drop)
-        dpr = drop_path_rates(drop_path_rate, depths)
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2 ** i)
-            res = (self.patches_resolution[0] // 2 ** i, self.patches_resolution[1] // 2 ** i)
-            blocks = [SwinTransformerBlockMoE(
-                dim, res, num_heads[i], window_size=window_size, shift_size=0 if j % 2 == 0 else window_size // 2,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[sum(depths[:i]) + j], mlp_fc2_bias=mlp_fc2_bias,
-                pretrained_window_size=pretrained_window_sizes[i], moe=moe if j in moe_blocks[i] else None,
-                parallel=self.parallel) for j in range(depth)]
-            downsample = PatchMerging(res, dim, nn.LayerNorm) if i < self.num_layers - 1 else None
-            self.layers.append(MoEStage(blocks, downsample, use_checkpoint=use_checkpoint))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if self.absolute_pos_embed is not None:
-            nn.init.trunc_normal_(self.absolute_pos_embed, std=init_std)
-        self.apply(lambda m: init_moe_weights(m, init_std))
+        block = partial(SwinTransformerBlockMoE, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop_rate,
+                        mlp_fc2_bias=mlp_fc2_bias, parallel=parallel)
+        super().__init__(
+            block, PatchMerging, img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, ape=ape, patch_norm=patch_norm,
+            use_checkpoint=use_checkpoint, init_std=init_std, stage=MoEStage,
+            stage_args={'pretrained_window_size': pretrained_window_sizes},
+            block_args=lambda stage, index: {'moe': moe if index in moe_blocks[stage] else None})
+        self.parallel = parallel
+        self.aux_loss_weight = aux_loss_weight
+
+    def _init_weights(self, m: nn.Module) -> None:
+        init_moe_weights(m, self.init_std)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (normalised last-stage tokens ``(B, L, C)``, summed auxiliary loss of the MoE blocks)."""
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
+        x, size = self.embed(x)
         l_aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, aux = layer(x)
+            x, aux = layer(x, size)
             l_aux = l_aux + aux
+            if layer.downsample is not None:
+                size = merged_size(size)
         return self.norm(x), l_aux
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Sequence[int]] = None):
+        raise NotImplementedError("Swin-MoE has no backbone outputs: its stages return auxiliary losses too")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (logits, ``aux_loss_weight`` * auxiliary loss): add the second to the classification loss."""
         x, l_aux = self.forward_features(x)
         return self.forward_head(x), l_aux * self.aux_loss_weight
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> Set[str]:
-        return {'cpb_mlp', 'relative_position_bias_table', 'fc1_bias', 'fc2_bias', 'temperature', 'cosine_projector',
-                'sim_matrix'}
 
 
 def _swin_moe(name: str, **defaults):

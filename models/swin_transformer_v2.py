@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional, Sequence, Set, Tuple, Union
+from functools import partial
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .layers import (BasicLayer, DerivedBuffersMixin, DropPath, HierarchicalClassifierMixin, Mlp, clip_window,
-                     derived_buffer, derived_on, drop_path_rates, init_weights, log_spaced, merge_windows,
-                     relative_position_index, ShiftedWindowMixin, map_size, shifted_windows, to_2tuple,
-                     window_attention)
-from .features import BackboneMixin
+from .layers import DropPath, Mlp, ShiftedWindowBlock, log_spaced, to_2tuple, window_attention
 from .registry import register_model
+from .swin_base import SwinBase
+from .windows import derived_buffer, derived_on, map_size, register_derived_buffer, relative_position_index
 
-__all__ = ['WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'SwinTransformerV2', 'relative_coords_table']
+__all__ = ['WindowAttention', 'SwinTransformerBlock', 'PatchMerging', 'SwinTransformerV2', 'relative_coords_table',
+           'continuous_position_bias']
 
 # Upper bound of the learned per-head temperature: exp(logit_scale) <= 1 / 0.01.
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
@@ -48,14 +48,23 @@ def relative_coords_table(window_size: Tuple[int, int], pretrained_window_size: 
     return log_spaced(table * 8)
 
 
-class WindowAttention(DerivedBuffersMixin, nn.Module):
+def continuous_position_bias(cpb_mlp: nn.Module, coords: torch.Tensor, index: torch.Tensor, n: int,
+                             num_heads: int) -> torch.Tensor:
+    """``(nH, N, N)``: ``cpb_mlp`` of the ``(1, 2Wh-1, 2Ww-1, 2)`` coordinates ``coords``, read for the token pairs of
+    a window of ``n`` tokens through ``index``. Computed in fp32 (under autocast too: the MLP is tiny, and its
+    gradient sums over every window of the batch)."""
+    device = coords.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        table = cpb_mlp(coords).view(-1, num_heads)
+    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+class WindowAttention(nn.Module):
     """Window attention with cosine similarity scaled per head (``logit_scale``) and a continuous
     relative position bias ``16 * sigmoid(cpb_mlp(relative_coords_table))``.
 
     The qkv projection has biases for q and v only (``q_bias``, ``v_bias``), as in the official model.
     """
-
-    _derived_buffers = ('relative_position_index', 'relative_coords_table')
 
     def __init__(self, dim: int, window_size: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, pretrained_window_size: Tuple[int, int] = (0, 0)):
@@ -67,9 +76,9 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(512, num_heads, bias=False))
-        self.register_buffer('relative_coords_table',
-                             relative_coords_table(self.window_size, self.pretrained_window_size), persistent=False)
-        self.register_buffer('relative_position_index', relative_position_index(self.window_size), persistent=False)
+        register_derived_buffer(self, 'relative_coords_table',
+                                relative_coords_table(self.window_size, self.pretrained_window_size))
+        register_derived_buffer(self, 'relative_position_index', relative_position_index(self.window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -91,11 +100,7 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         if window_size != self.window_size:
             coords = derived_on(relative_coords_table, (window_size, self.pretrained_window_size), coords.device)
             index = derived_on(relative_position_index, (window_size,), index.device)
-        n = window_size[0] * window_size[1]
-        device = coords.device.type
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-            table = self.cpb_mlp(coords).view(-1, self.num_heads)
-        bias = table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        bias = continuous_position_bias(self.cpb_mlp, coords, index, window_size[0] * window_size[1], self.num_heads)
         return 16 * torch.sigmoid(bias)
 
     def attention_bias(self, mask: Optional[torch.Tensor] = None,
@@ -124,38 +129,23 @@ class WindowAttention(DerivedBuffersMixin, nn.Module):
         x = window_attention(q, k, v, bias, 1.0, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(bw, n, c)))
 
-    def flops(self, n: int) -> int:
-        """Multiply-adds for one window of ``n`` tokens (official formula; the bias MLP is not counted)."""
-        return (n * self.dim * 3 * self.dim + 2 * self.num_heads * n * (self.dim // self.num_heads) * n
-                + n * self.dim * self.dim)
-
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, window_size={self.window_size}, '
                 f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}')
 
 
-class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
+class SwinTransformerBlock(ShiftedWindowBlock):
     """Res-post-norm block: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``.
 
-    The window and shift are decided on the map that arrives, and ``attn_mask`` is derived, as in V1; but the
-    position MLP takes any window, so the configured ``window_rule`` holds at every size (no built window caps it).
+    The window and shift are decided on the map that arrives (:class:`~models.layers.ShiftedWindowBlock`); the
+    position MLP takes any window, so the configured window holds at every size (no built window caps it).
     """
-
-    _derived_buffers = ('attn_mask',)
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
                  norm_layer: type = nn.LayerNorm, pretrained_window_size: int = 0):
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
-        self.window_rule = (window_size, shift_size)
-        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
+        super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=False)
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=drop,
@@ -163,17 +153,11 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.init_shift_mask()
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Row-major tokens of a ``size`` map (default: the built size) in and out, the window decided on that map
-        and padded for the attention as in V1."""
+        """Row-major tokens of a ``size`` map (default: the built size) in and out."""
         size = map_size(x, size, self.input_resolution)
-        window, shift = self.window_at(size)
-        windows = shifted_windows(x, size, window, shift)
-        windows = self.attn(windows, self.shift_mask(size, x.device), window)
-        y = merge_windows(windows, size, window, shift)
-        x = self.drop_path.residual(x, self.norm1(y))
+        x = self.drop_path.residual(x, self.norm1(self.attend_in_windows(self.attn, x, size)))
         return self.drop_path.residual(x, self.norm2(self.mlp(x)))
 
     def init_respostnorm(self) -> None:
@@ -181,16 +165,6 @@ class SwinTransformerBlock(ShiftedWindowMixin, DerivedBuffersMixin, nn.Module):
         for norm in (self.norm1, self.norm2):
             nn.init.constant_(norm.bias, 0)
             nn.init.constant_(norm.weight, 0)
-
-    def flops(self) -> int:
-        h, w = self.input_resolution
-        num_windows = h * w // (self.window_size * self.window_size)
-        return (2 * self.dim * h * w + num_windows * self.attn.flops(self.window_size * self.window_size)
-                + int(2 * h * w * self.dim * self.dim * self.mlp_ratio))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
 class PatchMerging(layers.PatchMerging):
@@ -207,57 +181,22 @@ class PatchMerging(layers.PatchMerging):
         return (h // 2) * (w // 2) * 4 * self.dim * 2 * self.dim + h * w * self.dim // 2
 
 
-class SwinTransformerV2(BackboneMixin, HierarchicalClassifierMixin, nn.Module):
-    """Swin Transformer V2 classifier; same layout and arguments as V1 (no ``qk_scale``: attention is
-    cosine) plus ``pretrained_window_sizes``, one per stage (0: not fine-tuned from another window)."""
+class SwinTransformerV2(SwinBase):
+    """Swin Transformer V2 classifier and backbone (:class:`~models.swin_base.SwinBase`, whose arguments it takes) of
+    :class:`SwinTransformerBlock` and V2's :class:`PatchMerging`; no ``qk_scale`` (attention is cosine), and
+    ``pretrained_window_sizes``, one per stage (0: not fine-tuned from another window)."""
 
-    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, norm_layer: type = nn.LayerNorm, ape: bool = False,
-                 patch_norm: bool = True, use_checkpoint: bool = False,
-                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
-                 dynamic_img_size: Optional[bool] = None, features_only: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, out_norm: bool = False, frozen_stages: int = -1):
-        super().__init__()
-        if not len(depths) == len(num_heads) == len(pretrained_window_sizes):
-            raise ValueError(f"depths {list(depths)}, num_heads {list(num_heads)} and pretrained_window_sizes "
-                             f"{list(pretrained_window_sizes)} must have one entry per stage")
-        self.init_stem(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, mlp_ratio,
-                       drop_rate, norm_layer, ape, patch_norm,
-                       dynamic_img_size=features_only if dynamic_img_size is None else dynamic_img_size)
+    weight_decay_exempt = frozenset({'cpb_mlp', 'logit_scale', 'relative_position_bias_table'})
 
-        dpr = drop_path_rates(drop_path_rate, depths)
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2 ** i)
-            res = self.stage_resolutions[i]
-            first = sum(depths[:i])
-            blocks = [SwinTransformerBlock(dim, res, num_heads[i], window_size=window_size,
-                                           shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
-                                           qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                                           drop_path=dpr[first + j], norm_layer=norm_layer,
-                                           pretrained_window_size=pretrained_window_sizes[i])
-                      for j in range(depth)]
-            downsample = PatchMerging(res, dim, norm_layer) if i < self.num_layers - 1 else None
-            self.layers.append(BasicLayer(blocks, downsample, use_checkpoint=use_checkpoint))
+    def __init__(self, *, qkv_bias: bool = True, attn_drop_rate: float = 0.0,
+                 pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0), **kwargs):
+        super().__init__(partial(SwinTransformerBlock, qkv_bias=qkv_bias, attn_drop=attn_drop_rate), PatchMerging,
+                         stage_args={'pretrained_window_size': pretrained_window_sizes}, **kwargs)
 
-        self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
-        for layer in self.layers:
-            for blk in layer.blocks:
-                blk.init_respostnorm()
-        self.init_backbone(features_only, out_indices, out_norm, frozen_stages, norm_layer)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> Set[str]:
-        return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
+    def _init_weights(self, m: nn.Module) -> None:
+        super()._init_weights(m)
+        if isinstance(m, SwinTransformerBlock):  # after its norms: children are initialised first
+            m.init_respostnorm()
 
 
 def _swinv2(name: str, img_size: int, window_size: int, **defaults):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import models.layers
 from models import SwinTransformer, SwinTransformerV2
-from models.layers import BasicLayer, shifted_window_mask, window_partition, window_reverse
+from models.layers import BasicLayer
+from models.windows import shifted_window_mask, window_partition, window_reverse
 from models.swin_transformer import SwinTransformerBlock, WindowAttention
 from models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from tools.model_parity import randomize_

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models import SwinMLP, SwinTransformer, SwinTransformerV2, create_model
-from models.layers import derived_on
+from models.windows import derived_on
 from models.swin_mlp import SwinMLPBlock
 from models.swin_transformer import WindowAttention
 from models.swin_transformer_v2 import PatchMerging as PatchMergingV2

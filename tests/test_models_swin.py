@@ -8,7 +8,7 @@ import torch
 import models.layers
 from timm.layers import DropPath as TimmDropPath
 from models import SwinTransformer, create_model, list_models
-from models.layers import check_resolution, shifted_window_mask
+from models.windows import check_resolution, shifted_window_mask
 from models.swin_transformer import SwinTransformerBlock
 from tools.model_parity import randomize_
 

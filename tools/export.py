@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from config import img_size_hw
-from models import build_model
-from utils.checkpoint import TOLERATED_BUFFERS, load_model_state
+from models import build_model, is_derived_buffer
+from utils.checkpoint import load_model_state
 from utils.fileio import load_file_safe, local_path
 from utils.errors import UserError, exit_status
 
@@ -131,7 +131,7 @@ def export_safetensors(state: dict, cfg, path: str) -> None:
     from safetensors.torch import save_file
     # The learned tensors under their official names; buffers the model recomputes are left out.
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()
-               if isinstance(v, torch.Tensor) and not any(b in k for b in TOLERATED_BUFFERS)}
+               if isinstance(v, torch.Tensor) and not is_derived_buffer(k)}
     save_file(tensors, path, metadata={'format': 'pt', 'config': cfg.dump()})
 
 

@@ -1,7 +1,8 @@
 """CPU versions of the reference modules, swapped in by :func:`models.cpu.accelerate`.
 
 Each subclasses the module it replaces, keeps its parameters, buffers and state-dict keys, and computes the
-same function to float rounding. Each falls back to the reference ``forward`` where it cannot serve: tensors
+same function to float rounding. Each says ``impl=cpu`` in the printed model (the reference modules it replaces say
+``impl=reference``, ``nn.LayerNorm`` nothing): where it does, its forward runs, not the reference one. Each falls back to the reference ``forward`` where it cannot serve: tensors
 off the CPU, or something that expects the standard ops (torch.compile, tracing, the meta device, a dispatch
 mode, functorch; see :func:`models.cpu.dispatch.standard_ops_expected`).
 
@@ -42,16 +43,23 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` through our kernels where they serve: in bf16 the weight and bias gradients are summed in
     fp32, and forward and backward each take one pass."""
 
+    impl = 'cpu'
+
     def adopt(self) -> None:
         """Nothing to add to an ``nn.LayerNorm`` turned into this class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, impl={self.impl}'
+
 
 class Mlp(CastCacheMixin, layers.Mlp):
     """The reference MLP with oneDNN linears; where no gradient is needed the weights' low-precision copies are
     cached and, with the exact GELU, ``fc1`` and the activation run as one fused kernel."""
+
+    impl = 'cpu'
 
     def adopt(self) -> None:
         self._fused_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
@@ -94,6 +102,8 @@ class _SplitHeads(torch.autograd.Function):
 
 class WindowAttention(CastCacheMixin, swin_transformer.WindowAttention):
     """Swin V1 window attention on the CPU (see the module docstring)."""
+
+    impl = 'cpu'
 
     def adopt(self) -> None:
         self._cache = CastCache()  # what evaluation derives from the weights (see attention_bias)
