@@ -64,9 +64,9 @@ def build_model(config, is_pretrain: bool = False, device: Union[str, torch.devi
 
     ``is_pretrain``: the SimMIM pre-training model around a headless backbone (MODEL.SIMMIM.*).
     For a CPU the reference modules are swapped for their CPU versions (:mod:`models.cpu`; same parameters and
-    keys) unless ``CPU_KERNELS`` is False or TRAIN.SHARDING is fsdp; any other device gets the reference model. The model is returned on
-    the CPU, for the caller to move. A size or shape that the architecture cannot take is a UserError naming the
-    keys involved.
+    keys; ``impl=cpu`` in the printed model) unless ``CPU_KERNELS`` is False or TRAIN.SHARDING is fsdp; any other
+    device gets the reference model. The model is returned on the CPU, for the caller to move. A size or shape that
+    the architecture cannot take is a UserError naming the keys involved.
     """
     if is_pretrain:
         encoder = build_model(config, device=device)

@@ -287,7 +287,8 @@ class SwinBase(nn.Module):
 
 
 def _bad_index(i: int, n: int) -> int:
-    raise ValueError(f"out_indices entry {i} is not a stage of a {n}-stage model (0..{n - 1}, or negative from the end)")
+    raise ValueError(f"out_indices entry {i} is not a stage of a {n}-stage model (0..{n - 1}, or negative from "
+                     "the end)")
 
 
 def _prepare_state_dict(module: SwinBase, state_dict: Dict[str, torch.Tensor], prefix: str, *args) -> None:

@@ -4,11 +4,11 @@ Hwang et al., "Tutel: Adaptive Mixture-of-Experts at Scale" (2022), the official
 Parameter names follow the official release (``layers.2.blocks.1.mlp._moe_layer.experts.batched_fc1_w``, ...).
 
 A forward pass: :class:`~models.swin_base.SwinBase`'s stem, four stages of :class:`SwinTransformerBlockMoE`, its
-classifier; each block is V1's pre-norm block (shifted-window attention, then an MLP in a residual branch) with two differences from V1: the attention
-bias is a continuous position bias (``cpb_mlp`` on log-spaced offsets, as SwinV2's but without the
-16 * sigmoid), and in the blocks listed in ``moe_blocks`` the MLP is :class:`MoEMlp` (:mod:`models.moe`). Those
-blocks also return their auxiliary load-balancing loss; ``forward`` returns ``(logits, aux_loss_weight * sum of
-the blocks' losses)``.
+classifier. Each block is V1's pre-norm block (shifted-window attention, then an MLP in a residual branch) with two
+differences from V1: the attention bias is a continuous position bias (``cpb_mlp`` on log-spaced offsets, as
+SwinV2's but without the 16 * sigmoid), and in the blocks listed in ``moe_blocks`` the MLP is :class:`MoEMlp`
+(:mod:`models.moe`). Those blocks also return their auxiliary load-balancing loss; ``forward`` returns ``(logits,
+aux_loss_weight * sum of the blocks' losses)``.
 """
 from __future__ import annotations
 

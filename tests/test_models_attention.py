@@ -1,7 +1,7 @@
 """The reference window attention: one ``F.scaled_dot_product_attention`` call per block in training and
 evaluation (bias + shift mask as a 4-D ``attn_mask``), what the official roll / partition / explicit-softmax
-formulation computes, and under fp16 autocast a bias-table gradient summed in fp32, finite where an fp16 sum
-over the windows would overflow."""
+formulation computes (on the CPU path too), and under fp16 autocast a bias-table gradient summed in fp32, finite
+where an fp16 sum over the windows would overflow."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +14,7 @@ from models.layers import BasicLayer
 from models.windows import shifted_window_mask, window_partition, window_reverse
 from models.swin_transformer import SwinTransformerBlock, WindowAttention
 from models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+from test_models_cpu_swap import IMPLS, on_path
 from tools.model_parity import randomize_
 
 
@@ -41,11 +42,11 @@ def _official_block(blk: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     return x + blk.mlp(blk.norm2(x))
 
 
-def _stage() -> BasicLayer:
+def _stage(impl: str = 'reference') -> BasicLayer:
     torch.manual_seed(0)
     blocks = [SwinTransformerBlock(dim=16, input_resolution=(8, 12), num_heads=2, window_size=4,
                                    shift_size=s) for s in (0, 2, 0, 2)]
-    return randomize_(BasicLayer(blocks)).train()
+    return randomize_(on_path(BasicLayer(blocks), impl)).train()
 
 
 def _grads(module, x, fn):
@@ -57,8 +58,9 @@ def _grads(module, x, fn):
     return out.detach(), x.grad, grads
 
 
-def test_a_stage_of_shifted_blocks_matches_the_official_formulation_in_outputs_and_gradients():
-    stage = _stage()
+@pytest.mark.parametrize('impl', IMPLS)
+def test_a_stage_of_shifted_blocks_matches_the_official_formulation_in_outputs_and_gradients(impl):
+    stage = _stage(impl)
     x = torch.randn(2, 96, 16)
 
     def official(t):

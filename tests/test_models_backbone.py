@@ -1,6 +1,6 @@
 """Swin as a backbone: any input size (the official window rule decided on the map that arrives, padding as the
-official detection backbone), multi-scale features, per-output norms, frozen stages, and classification checkpoints
-loading into backbones."""
+official detection backbone, on the reference and the CPU path), multi-scale features, per-output norms, frozen
+stages, and classification checkpoints loading into backbones."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,7 @@ from models.swin_mlp import SwinMLPBlock
 from models.swin_transformer import WindowAttention
 from models.swin_transformer_v2 import PatchMerging as PatchMergingV2
 from models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+from test_models_cpu_swap import on_path
 
 FAMILIES = [SwinTransformer, SwinTransformerV2, SwinMLP]
 ODD_SIZES = [(97, 161), (230, 310), (31, 9)]
@@ -184,12 +185,13 @@ def _randomized(model):
 
 
 # ------------------------------------------------------------------ any input size
-@pytest.mark.parametrize('img_size', [64, 128])  # stage 4: 2x2, smaller than the window 4; 4x4, the window's size
+# stage 4: 2x2, smaller than the window 4; 4x4, the window's size
+@pytest.mark.parametrize('img_size, impl', [(64, 'reference'), (128, 'reference'), (64, 'cpu')])
 @pytest.mark.parametrize('cls', FAMILIES)
-def test_dynamic_model_equals_the_fixed_one_bit_for_bit_at_the_built_size(cls, img_size):
+def test_dynamic_model_equals_the_fixed_one_bit_for_bit_at_the_built_size(cls, img_size, impl):
     torch.manual_seed(0)
-    fixed = _tiny(cls, img_size=img_size)
-    dynamic = _tiny(cls, img_size=img_size, dynamic_img_size=True)
+    fixed = on_path(_tiny(cls, img_size=img_size), impl)
+    dynamic = on_path(_tiny(cls, img_size=img_size, dynamic_img_size=True), impl)
     dynamic.load_state_dict(fixed.state_dict())
     x = torch.randn(2, 3, img_size, img_size)
     out_f, out_d = fixed(x), dynamic(x)
@@ -213,11 +215,16 @@ def test_sizes_that_tile_nothing_run_forward_and_backward(cls, size):
 
 # built at 128, stage 4 is 4x4, the window's size (as swin_tiny's 7x7 at 224): at 230x310 it is 8x10 and shifts; at
 # 40x72 stages 3 and 4 (3x5, 2x3) shrink their windows; built at 64, stage 4 is 2x2 and V1 and Swin-MLP hold window 2
-@pytest.mark.parametrize('img_size, size', [(128, (230, 310)), (128, (97, 161)), (128, (40, 72)), (128, (128, 128)),
-                                            (64, (230, 310)), (64, (64, 64))])
+RULE_CASES = [(128, (230, 310)), (128, (97, 161)), (128, (40, 72)), (128, (128, 128)), (64, (230, 310)), (64, (64, 64))]
+
+
+# every case on the reference path; the CPU path (its evaluation fast path: cached bias + mask per window) on the
+# three that shift a larger map, shrink windows, and hold a shrunk window
+@pytest.mark.parametrize('img_size, size, impl', [(*case, 'reference') for case in RULE_CASES] +
+                         [(*case, 'cpu') for case in RULE_CASES[::2]])
 @pytest.mark.parametrize('cls', FAMILIES)
-def test_each_stage_follows_the_official_window_rule_at_the_size_that_arrives(cls, img_size, size):
-    model = _randomized(_tiny(cls, img_size=img_size, dynamic_img_size=True))
+def test_each_stage_follows_the_official_window_rule_at_the_size_that_arrives(cls, img_size, size, impl):
+    model = _randomized(on_path(_tiny(cls, img_size=img_size, dynamic_img_size=True), impl))
     with torch.no_grad():
         img = torch.randn(1, 3, *size)
         stages, logits = _reference_stages(model, img)

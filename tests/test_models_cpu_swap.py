@@ -1,8 +1,10 @@
 """The CPU swap (models/cpu): ``accelerate`` turns the reference modules into their CPU versions with the same
-keys and the same function (logits and every gradient, V1, V2 and Swin-MLP); ``build_model`` applies it on a CPU
-only, and not when turned off. Swin V1's evaluation fast path (fused linear + GELU, SDPA on strided views, cached
-low-precision weights) computes what its autograd path computes, takes the fused kernels, and follows weight
-changes."""
+keys and the same function (logits and every gradient, V1, V2 and Swin-MLP), and the printed model says which
+implementation each module runs; ``build_model`` applies it on a CPU only, and not when turned off. Swin V1's
+evaluation fast path (fused linear + GELU, SDPA on strided views, cached low-precision weights) computes what its
+autograd path computes, takes the fused kernels, and follows weight changes.
+
+:data:`IMPLS` and :func:`on_path` let the other model tests run a check over both paths."""
 from __future__ import annotations
 
 import pytest
@@ -13,11 +15,25 @@ from torch.profiler import profile
 import models.cpu.modules as cpu_modules
 import models.swin_transformer as swin_reference
 from config import get_config
-from models import SwinMLP, SwinTransformer, SwinTransformerV2, build_model
+from models import SwinMLP, SwinTransformer, SwinTransformerV2, build_model, cpu
 from models.cpu import accelerate
 from models.cpu.linear import CastCache, applies, dense
 from models.layers import Mlp
 from tools.model_parity import randomize_
+
+# The two paths a model can run: the reference modules as built, and the CPU versions build_model swaps in on a CPU.
+IMPLS = ['reference', 'cpu']
+
+
+def on_path(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """``model`` as it runs on ``impl``: as built ('reference'), or with the CPU versions swapped in ('cpu'; the test
+    is skipped where this machine has no CPU path)."""
+    if impl == 'cpu':
+        if not cpu.enabled():
+            pytest.skip('no CPU path here (SWIN_CPU_KERNELS=0, or PyTorch without oneDNN)')
+        accelerate(model)
+    return model
+
 
 KWARGS = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
               num_classes=5)
@@ -65,6 +81,36 @@ def test_the_swap_keeps_the_state_dict_keys_and_changes_module_types(family):
     swapped_types = {type(m) for m in swapped.modules()}
     assert set(cpu_modules.SWAPS.values()) & swapped_types  # something was swapped
     assert not set(cpu_modules.SWAPS) & swapped_types       # and nothing was left behind
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_the_printed_model_says_which_implementation_each_module_runs(family):
+    reference, swapped = _reference_and_swapped(family)
+    ours = [m for m in reference.modules() if type(m) in cpu_modules.SWAPS and type(m) is not torch.nn.LayerNorm]
+    assert ours and all('impl=reference' in m.extra_repr() for m in ours)  # our modules that have a CPU version
+    assert 'impl=cpu' not in repr(reference)
+    swapped_modules = [m for m in swapped.modules() if type(m) in cpu_modules.SWAPS.values()]
+    assert swapped_modules and all('impl=cpu' in m.extra_repr() for m in swapped_modules)
+    assert 'impl=cpu' in repr(swapped) and 'impl=reference' not in repr(swapped)
+
+
+def test_where_the_printout_says_impl_cpu_the_reference_forward_does_not_run(monkeypatch):
+    """What the printout warns of: an edit to the reference WindowAttention.forward changes nothing in a model whose
+    attention says impl=cpu."""
+    calls = []
+    reference_forward = swin_reference.WindowAttention.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self).impl)
+        return reference_forward(self, *args, **kwargs)
+    monkeypatch.setattr(swin_reference.WindowAttention, 'forward', counted)
+    reference, swapped = _reference_and_swapped('swin')
+    x = torch.randn(2, 3, 32, 32)
+    reference(x).sum().backward()
+    swapped(x).sum().backward()
+    with torch.no_grad():
+        swapped.eval()(x)
+    assert calls == ['reference'] * sum(KWARGS['depths'])
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -1,5 +1,6 @@
 """Swin Transformer V1: official state-dict layout, shifted-window masking, window clipping, input checks,
-activation checkpointing, and the shapes of every registered variant at tiny width."""
+activation checkpointing, and the shapes of every registered variant at tiny width. What computes is checked on the
+reference path and on the CPU path (``impl``: the CPU modules build_model swaps in)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from timm.layers import DropPath as TimmDropPath
 from models import SwinTransformer, create_model, list_models
 from models.windows import check_resolution, shifted_window_mask
 from models.swin_transformer import SwinTransformerBlock
+from test_models_cpu_swap import IMPLS, on_path
 from tools.model_parity import randomize_
 
 
@@ -94,9 +96,11 @@ def _changed_tokens(block, x, at):
     return {(int(r), int(c)) for r, c in (diff > 1e-6).nonzero()}
 
 
-def test_shifted_window_tokens_never_attend_across_the_rolled_border():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_shifted_window_tokens_never_attend_across_the_rolled_border(impl):
     torch.manual_seed(0)
-    block = SwinTransformerBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2).eval()
+    block = on_path(SwinTransformerBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2),
+                    impl).eval()
     randomize_(block)
     x = torch.randn(1, 64, 8)
     # (0, 0) rolls to the bottom-right window, which also holds tokens from rows/cols 6-7 and 2-5;
@@ -104,7 +108,8 @@ def test_shifted_window_tokens_never_attend_across_the_rolled_border():
     assert _changed_tokens(block, x, (0, 0)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     # an interior token shares its shifted window (rows/cols 2-5) with all 16 of them
     assert _changed_tokens(block, x, (3, 3)) == {(r, c) for r in range(2, 6) for c in range(2, 6)}
-    plain = SwinTransformerBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=0).eval()
+    plain = on_path(SwinTransformerBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=0),
+                    impl).eval()
     randomize_(plain)
     assert _changed_tokens(plain, x, (0, 0)) == {(r, c) for r in range(4) for c in range(4)}
 
@@ -140,7 +145,8 @@ def test_image_size_the_windows_cannot_tile_is_rejected_at_construction():
         SwinTransformer(img_size=226, window_size=7)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch, impl):
     calls = []
 
     def counting_checkpoint(fn, *args, **kwargs):
@@ -149,8 +155,8 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
 
     monkeypatch.setattr(models.layers, 'checkpoint', counting_checkpoint)
     torch.manual_seed(0)
-    plain = randomize_(_tiny(drop_rate=0.0))
-    ckpt = _tiny(use_checkpoint=True)
+    plain = on_path(randomize_(_tiny(drop_rate=0.0)), impl)
+    ckpt = on_path(_tiny(use_checkpoint=True), impl)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for model in (plain, ckpt):

@@ -1,10 +1,13 @@
-"""Swin-MLP: official key layout, the zero-padded shifted windows, shapes."""
+"""Swin-MLP: official key layout, the zero-padded shifted windows, shapes; what computes on the reference and the
+CPU path (``impl``)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models import SwinMLP
 from models.swin_mlp import SwinMLPBlock
+from test_models_cpu_swap import IMPLS, on_path
 from tools.model_parity import randomize_
 
 
@@ -30,9 +33,11 @@ def test_state_dict_keys_follow_the_official_layout():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_shifted_windows_are_zero_padded_not_rolled():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_shifted_windows_are_zero_padded_not_rolled(impl):
     torch.manual_seed(0)
-    block = randomize_(SwinMLPBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2)).eval()
+    block = SwinMLPBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2)
+    block = randomize_(on_path(block, impl)).eval()
     assert (block.window_size, block.shift_size) == (4, 2)
     x = torch.randn(1, 64, 8)
     # the map is padded by 2 on the top/left: the first window covers only rows/cols 0-1, no wrap-around
@@ -41,9 +46,10 @@ def test_shifted_windows_are_zero_padded_not_rolled():
     assert _changed_tokens(block, x, (3, 3)) == {(r, c) for r in range(2, 6) for c in range(2, 6)}
 
 
-def test_unshifted_windows_mix_only_within_their_window():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_unshifted_windows_mix_only_within_their_window(impl):
     torch.manual_seed(0)
-    block = randomize_(SwinMLPBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4)).eval()
+    block = randomize_(on_path(SwinMLPBlock(dim=8, input_resolution=(8, 8), num_heads=2, window_size=4), impl)).eval()
     assert _changed_tokens(block, torch.randn(1, 64, 8), (5, 1)) == {(r, c) for r in range(4, 8) for c in range(4)}
 
 
@@ -54,12 +60,13 @@ def test_window_shrinks_to_a_smaller_stage():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_activation_checkpointing_gives_the_same_gradients(impl):
     torch.manual_seed(0)
     args = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=3,
                 drop_path_rate=0.0)
-    plain = randomize_(SwinMLP(**args))
-    ckpt = SwinMLP(**args, use_checkpoint=True)
+    plain = on_path(randomize_(SwinMLP(**args)), impl)
+    ckpt = on_path(SwinMLP(**args, use_checkpoint=True), impl)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for model in (plain, ckpt):

@@ -1,5 +1,5 @@
 """Swin Transformer V2: official key layout, continuous position bias across window sizes,
-scaled cosine attention, res-post-norm."""
+scaled cosine attention, res-post-norm; what computes on the reference and the CPU path (``impl``)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch
 
 from models import SwinTransformerV2
 from models.swin_transformer_v2 import SwinTransformerBlock, relative_coords_table
+from test_models_cpu_swap import IMPLS, on_path
 from tools.model_parity import randomize_
 
 
@@ -72,9 +73,11 @@ def test_blocks_start_as_the_identity_because_post_norms_are_zeroed():
     assert (block.norm1.weight == 0).all() and (block.norm2.weight == 0).all()
 
 
-def test_attention_temperature_is_capped_at_100():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_attention_temperature_is_capped_at_100(impl):
     torch.manual_seed(0)
-    block = randomize_(SwinTransformerBlock(dim=8, input_resolution=(4, 4), num_heads=2, window_size=4)).eval()
+    block = SwinTransformerBlock(dim=8, input_resolution=(4, 4), num_heads=2, window_size=4)
+    block = randomize_(on_path(block, impl)).eval()
     x = torch.randn(1, 16, 8)
     with torch.no_grad():
         block.attn.logit_scale.fill_(math.log(100))
@@ -96,10 +99,11 @@ def test_pretrained_window_sizes_need_one_entry_per_stage():
         _tiny(pretrained_window_sizes=(0, 0, 0, 0))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_activation_checkpointing_gives_the_same_gradients(impl):
     torch.manual_seed(0)
-    plain = randomize_(_tiny())
-    ckpt = _tiny(use_checkpoint=True)
+    plain = on_path(randomize_(_tiny()), impl)
+    ckpt = on_path(_tiny(use_checkpoint=True), impl)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for model in (plain, ckpt):

@@ -1,10 +1,13 @@
 """CPU versions of the reference modules, swapped in by :func:`models.cpu.accelerate`.
 
 Each subclasses the module it replaces, keeps its parameters, buffers and state-dict keys, and computes the
-same function to float rounding. Each says ``impl=cpu`` in the printed model (the reference modules it replaces say
-``impl=reference``, ``nn.LayerNorm`` nothing): where it does, its forward runs, not the reference one. Each falls back to the reference ``forward`` where it cannot serve: tensors
+same function to float rounding. Each falls back to the reference ``forward`` where it cannot serve: tensors
 off the CPU, or something that expects the standard ops (torch.compile, tracing, the meta device, a dispatch
 mode, functorch; see :func:`models.cpu.dispatch.standard_ops_expected`).
+
+Each says ``impl=cpu`` in the printed model (the reference modules it replaces say ``impl=reference``; a plain
+``nn.LayerNorm`` says nothing): where a module says ``impl=cpu``, the forward here runs, not the reference one, so
+an edit to the reference forward changes nothing there.
 
 * :class:`LayerNorm`: our one-pass forward and backward kernels (:func:`models.cpu.kernels.layer_norm`).
 * :class:`Mlp`: ``fc1`` + GELU as one oneDNN primitive in evaluation, the GELU kernel fused with ``fc2``'s
