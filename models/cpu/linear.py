@@ -87,10 +87,13 @@ class CastCache:
 
 
 class CastCacheMixin:
-    """For modules whose fast path keeps a :class:`CastCache` in ``self._cache``: the cache is dropped at every
-    switch between training and evaluation (fused optimizers leave no trace in the version counter)."""
+    """For the CPU modules whose fast path keeps values derived from their weights: :meth:`adopt` gives the module its
+    :class:`CastCache`, ``_cache``, which is dropped at every switch between training and evaluation (fused
+    optimizers leave no trace in the version counter)."""
 
-    _cache: CastCache
+    def adopt(self) -> None:
+        """Called by :func:`models.cpu.accelerate` once the module has become its CPU class (no ``__init__`` runs)."""
+        self._cache = CastCache()
 
     def train(self, mode: bool = True):
         self._cache.clear()

@@ -28,7 +28,7 @@ from torch import nn
 from .. import layers, swin_transformer
 from . import kernels, linear
 from .dispatch import compute_dtype, standard_ops_expected
-from .linear import CastCache, CastCacheMixin
+from .linear import CastCacheMixin
 
 __all__ = ['LayerNorm', 'Mlp', 'WindowAttention', 'SWAPS']
 
@@ -65,8 +65,8 @@ class Mlp(CastCacheMixin, layers.Mlp):
     impl = 'cpu'
 
     def adopt(self) -> None:
+        super().adopt()
         self._fused_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
-        self._cache = CastCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _reference_expected(x):
@@ -104,12 +104,10 @@ class _SplitHeads(torch.autograd.Function):
 
 
 class WindowAttention(CastCacheMixin, swin_transformer.WindowAttention):
-    """Swin V1 window attention on the CPU (see the module docstring)."""
+    """Swin V1 window attention on the CPU (see the module docstring). Its cache holds what evaluation derives from
+    the weights (see :meth:`attention_bias`)."""
 
     impl = 'cpu'
-
-    def adopt(self) -> None:
-        self._cache = CastCache()  # what evaluation derives from the weights (see attention_bias)
 
     def attention_bias(self, mask: Optional[torch.Tensor] = None,
                        window_size: Optional[Union[int, Tuple[int, int]]] = None,
