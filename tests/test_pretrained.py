@@ -122,7 +122,8 @@ def test_official_files_with_stale_buffers_load(tmp_path):
 
 def test_another_architecture_is_an_error_naming_keys_and_shapes(tmp_path):
     path = save_weights(build_model(tiny_cfg(MODEL__SWIN__EMBED_DIM=24)), tmp_path / 'wide.pth')
-    expected = r'patch_embed\.proj\.weight checkpoint \[24, 3, 4, 4\] vs model \[16, 3, 4, 4\]'
+    expected = (r'official layout \(Swin V1\) do not fit the model: '
+                r'shape patch_embed\.proj\.weight weights \[24, 3, 4, 4\] vs model \[16, 3, 4, 4\]')
     with pytest.raises(UserError, match=expected):
         load_pretrained(tiny_cfg(pretrained=path), build_model(tiny_cfg()), LOG)
 

@@ -21,6 +21,7 @@ from utils.errors import UserError
 from utils.fileio import load_file_safe, local_path, save_file_atomic
 from utils.sharding import (full_model_state, full_optimizer_state, is_sharded, is_sharded_checkpoint, load_sharded,
                             load_model_state_into, load_optimizer_state, save_sharded)
+from utils.weight_layouts import Layout, check_fits, detect_layout, is_snapshot_folder, read_snapshot, to_official
 
 # ckpt_epoch_{N}.pth after a whole epoch; ckpt_epoch_{N}_step_{S}.pth when a run was stopped after
 # step S of epoch N (preemption), which resumes mid-epoch. ``.dcp`` instead of ``.pth``: a folder of shards
@@ -237,11 +238,14 @@ class Checkpointer:
         elif self.tag.startswith('.rank'):  # any rank's file names the checkpoint (auto-resume finds rank 0's)
             path = re.sub(r'\.rank\d+$', self.tag, str(path))
         self.logger.info(f"==============> Resuming from {path}....................")
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not is_snapshot_folder(path):
             return self._resume_shards(path, training, start_epoch)
         st, logger = self.state, self.logger
         ckpt, path = _read_checkpoint(str(path), self.tag, st.model, st.optimizer if training else None, logger)
-        logger.info(load_model_state(st.model, _model_state(ckpt, path), path))
+        state, layout = _model_state(ckpt, path)
+        if _converted(layout):  # our own and official checkpoints load as saved: nothing to say
+            logger.info(weights_line(path, layout))
+        logger.info(load_converted(st.model, state, layout, path))
         extras = {k: v for k, v in ckpt.items() if k not in _STANDARD_KEYS}
         if not training:
             return Resumed(epoch=start_epoch, extras=extras)
@@ -351,13 +355,52 @@ def _strip_wrapper_prefixes(state: dict) -> dict:
     return state
 
 
-def _model_state(ckpt: dict, path: str) -> dict:
+def _model_state(ckpt: dict, path: str) -> tuple[dict, Layout]:
+    """The weights of a checkpoint dict in the official layout, and the layout they were saved in. SimMIM's keys
+    (``encoder.*``, ``decoder.*``) are those of our own pre-training model: they stay, so its checkpoints resume."""
     for key in ('model', 'state_dict'):
         if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
+            return official_state(ckpt[key], path, keep=('simmim',))
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt  # a bare state dict
+        return official_state(ckpt, path, keep=('simmim',))  # a bare state dict
     raise UserError(f"{path}: no 'model' entry (found keys: {sorted(ckpt)[:8]})")
+
+
+def official_state(state: dict, source: str, keep: tuple[str, ...] = ()) -> tuple[dict, Layout]:
+    """``state`` in the official layout, with the :class:`~utils.weight_layouts.Layout` recognised from its keys.
+    Weights of another layout (timm, transformers, mm*, official detection, SimMIM unless ``keep`` names it) are
+    converted by :mod:`utils.weight_layouts`; official ones stay as saved (their derived buffers are tolerated by
+    the load), and so do keys of no Swin layout, for the strict load to name."""
+    layout = detect_layout(state)
+    if layout.name == 'unknown' or layout.name in keep or not _converted(layout):
+        return state, layout
+    return to_official(state, source)
+
+
+def _converted(layout: Layout) -> bool:
+    """Whether weights of ``layout`` need converting: another layout, or official keys under a prefix."""
+    return layout.name not in ('official', 'unknown') or bool(layout.prefix)
+
+
+def weights_line(source: str, layout: Layout) -> str:
+    """The log line naming the layout of the weights read from ``source``."""
+    done = ', converted to the official layout' if _converted(layout) else ''
+    return f"weights: {source}: {layout.describe()}{done}"
+
+
+def load_converted(model: torch.nn.Module, state: dict, layout: Layout, path: str) -> str:
+    """Load official-layout ``state`` (read in ``layout``) strictly into ``model``; weights that do not fit are one
+    UserError naming the layout, the first mismatching keys and the likely mix-up (V2 weights for a V1 model, a
+    22K head for a 1K model). The keys of the parts a backbone leaves out (``model.left_out``) are ignored."""
+    left_out = tuple(getattr(model, 'left_out', ()) or ())
+    if left_out:
+        state = {k: v for k, v in state.items() if not k.startswith(left_out)}
+    if layout.name != 'unknown':
+        check_fits(state, model.state_dict(), layout, path)
+    try:
+        return load_model_state(model, state, path)
+    except UserError as e:  # no Swin layout: say so next to the keys
+        raise UserError(f"{e} ({layout.describe()})") from None
 
 
 def _first(keys: Iterable[str], n: int = 3) -> str:
@@ -390,16 +433,33 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str) -> str:
     return f"loaded {len(state)} tensors from {path} ({len(own) - len(state)} buffers recomputed)"
 
 
-def load_weights(path: str, model: torch.nn.Module, use_ema: bool = False) -> dict:
-    """Load only the weights of a checkpoint (``.pth`` of any layout we read, or ``.safetensors``) into
-    ``model``: its 'model' entry, or 'model_ema' with ``use_ema``. Returns ``{'epoch': E or None}``;
-    UserError naming ``path`` when it cannot be read or does not fit."""
-    ckpt = load_file_safe(local_path(str(path)))
+def read_weights(path: str, use_ema: bool = False) -> dict:
+    """The weights of a checkpoint, for loading into a model: a ``.pth``/``.bin``/``.safetensors`` file of any
+    layout :mod:`utils.weight_layouts` reads (its 'model' entry, or 'model_ema' with ``use_ema``) or a hub snapshot
+    folder. Returns ``{'state': official-layout weights, 'layout': Layout, 'weights': the log line naming the
+    layout, 'epoch': E or None, 'snapshot': the Snapshot of a folder, else None}``; UserError naming ``path``."""
+    local = local_path(str(path))
+    if is_snapshot_folder(local):
+        if use_ema:
+            raise UserError(f"{path}: a hub snapshot folder holds no 'model_ema' weights")
+        snap = read_snapshot(local)
+        return {'state': snap.state, 'layout': snap.layout, 'weights': f"weights: {snap.describe()}", 'epoch': None,
+                'snapshot': snap}
+    ckpt = load_file_safe(local)
     if use_ema and not isinstance(ckpt.get('model_ema'), dict):
         raise UserError(f"{path}: no 'model_ema' entry (trained without TRAIN.EMA.ENABLE?)")
-    load_model_state(unwrap_model(model), ckpt['model_ema'] if use_ema else _model_state(ckpt, path), path)
+    state, layout = official_state(ckpt['model_ema'], path, ('simmim',)) if use_ema else _model_state(ckpt, path)
     epoch = ckpt.get('epoch')
-    return {'epoch': int(epoch) if isinstance(epoch, int) else None}
+    return {'state': state, 'layout': layout, 'weights': weights_line(str(path), layout),
+            'epoch': int(epoch) if isinstance(epoch, int) else None, 'snapshot': None}
+
+
+def load_weights(path: str, model: torch.nn.Module, use_ema: bool = False) -> dict:
+    """Load only the weights of a checkpoint (see :func:`read_weights`) into ``model``. Returns ``{'epoch': E or
+    None}``; UserError naming ``path`` when it cannot be read or does not fit."""
+    info = read_weights(path, use_ema)
+    load_converted(unwrap_model(model), info['state'], info['layout'], str(path))
+    return {'epoch': info['epoch']}
 
 
 def _load_training_state(ckpt: dict, path: str, state: TrainingState, logger) -> None:
@@ -434,6 +494,10 @@ def _read_checkpoint(path: str, tag: str, model: torch.nn.Module, optimizer, log
         base = moe_base(path)
         if os.path.isfile(rank_file(base, 0)):
             return read_rank_files(base, model, logger, optimizer)
+    if is_snapshot_folder(path):  # weights only, converted on reading: the log names the layout they came in
+        snap = read_snapshot(path)
+        logger.info(f"weights: {snap.describe()}")
+        return {'model': snap.state}, path
     return load_file_safe(local_path(path)), path
 
 

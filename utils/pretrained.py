@@ -1,8 +1,12 @@
 """Fine-tuning initialisation: load released or our own weights into a model of another shape.
 
 ``load_pretrained(config, model, logger)`` is what ``--pretrained PATH`` (MODEL.PRETRAINED) runs. It
-reads official-layout weights (a released ``{'model': ...}`` file, one of our checkpoints, or a
-SimMIM pre-training checkpoint whose keys start with ``encoder.``) and adapts them to ``model``:
+reads a ``.pth``/``.bin``/``.safetensors`` file or a hub snapshot folder (``config.json`` + weights, read
+offline) of any layout :mod:`utils.weight_layouts` recognises from the keys: official (a released
+``{'model': ...}`` file, one of our checkpoints, a SimMIM pre-training checkpoint whose keys start with
+``encoder.``), timm, Hugging Face transformers, mmdet/mmseg or the official detection backbones. One log line
+names the layout (``weights: ...``); weights of another layout are converted to the official one. The model
+comes from the run's config (``--cfg``), never from a snapshot's config.json. The weights are adapted to ``model``:
 
 * derived buffers (relative_position_index, relative_coords_table, attn_mask) are dropped: the model
   rebuilds them for its own window size;
@@ -16,7 +20,12 @@ SimMIM pre-training checkpoint whose keys start with ``encoder.``) and adapts th
 * SimMIM checkpoints lose their ``encoder.`` prefix; the decoder and the mask token are dropped.
 
 What was resized, dropped and kept is logged. Anything else that does not fit (another depth, width,
-head count, patch size) is a UserError naming the keys and their shapes.
+head count, patch size, V2 weights for a V1 model) is one UserError naming the layout, the first keys that do not
+match and the likely mix-up; so is a layout it cannot recognise.
+
+:func:`read_for_use` reads weights to run a model with (predict.py, tools.export): the weights in the official
+layout with what a snapshot's config.json says (model arguments, class names, preprocessing), and the config our
+checkpoints carry; :func:`snapshot_config` and :func:`with_model_of` turn those into the run's config.
 """
 from __future__ import annotations
 
@@ -30,14 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import get_default_config, merge_opts
 from models.windows import is_derived_buffer
-from utils.checkpoint import load_model_state
+from utils.checkpoint import load_converted, official_state, weights_line
 from utils.fileio import load_file_safe, local_path
 from utils.distributed import unwrap_model
 from utils.errors import UserError
+from utils.weight_layouts import Layout, Snapshot, is_snapshot_folder, model_opts, read_snapshot, to_official
 
 __all__ = ['load_pretrained', 'adapt_state_dict', 'resize_rel_pos_bias_table', 'resize_abs_pos_embed',
-           'read_class_map', 'strip_simmim_prefix', 'PretrainedReport', 'DEFAULT_22K_MAP']
+           'read_class_map', 'strip_simmim_prefix', 'PretrainedReport', 'DEFAULT_22K_MAP', 'read_pretrained',
+           'read_for_use', 'snapshot_config', 'with_model_of']
 
 # Where the official framework looks for its ImageNet-22K -> 1K class map (relative to the repository).
 DEFAULT_22K_MAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data',
@@ -272,6 +284,56 @@ def _moe_state(config, path: str, model: nn.Module, logger: logging.Logger) -> O
     return state
 
 
+def read_pretrained(path: str) -> tuple[dict, Layout, str]:
+    """The weights at ``path`` (a file, a URL, or a hub snapshot folder) for :func:`load_pretrained`: weights of
+    another layout converted to the official one; official and SimMIM ones as saved (:func:`adapt_state_dict` drops
+    and reports their extras). Returns ``(state, layout, log line)``; an unrecognised layout is a UserError naming
+    the first keys and the closest layout."""
+    local = local_path(path)
+    if is_snapshot_folder(local):
+        snap = read_snapshot(local)
+        return snap.state, snap.layout, weights_line(path, snap.layout)
+    state, layout = official_state(_state_of(load_file_safe(local), path), path, keep=('simmim',))
+    if layout.name == 'unknown':
+        to_official(state, path)  # raises the one-line error: first keys, closest layout
+    return state, layout, weights_line(path, layout)
+
+
+def read_for_use(path: str) -> tuple[Snapshot, Optional[object]]:
+    """Weights to run a model with (prediction, export): a hub snapshot folder, or a file of any layout (a URL is
+    downloaded first), as a :class:`~utils.weight_layouts.Snapshot` in the official layout, with the model
+    arguments, class names and preprocessing of a timm / transformers config.json where there is one; and the
+    config saved in our checkpoints (YAML text or the official CfgNode; None for others)."""
+    local = local_path(path)
+    if is_snapshot_folder(local):
+        return read_snapshot(local), None
+    ckpt = load_file_safe(local)
+    return read_snapshot(local, state=_state_of(ckpt, path)), ckpt.get('config')
+
+
+_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}
+
+
+def snapshot_config(snapshot: Snapshot):
+    """The default config with the model a snapshot's config.json (or its weights) describe: MODEL.TYPE,
+    MODEL.NUM_CLASSES, the family's section and DATA.IMG_SIZE (unfrozen)."""
+    cfg = get_default_config()
+    merge_opts(cfg, model_opts(snapshot.model_type, snapshot.model_args))
+    return cfg
+
+
+def with_model_of(cfg, source):
+    """A copy of ``cfg`` (unfrozen) whose model is ``source``'s: MODEL.TYPE, MODEL.NUM_CLASSES, the family's
+    section and DATA.IMG_SIZE. The rest (the recipe: data, evaluation, precision) stays ``cfg``'s."""
+    out = cfg.clone()
+    out.defrost()
+    section = _SECTIONS[source.MODEL.TYPE]
+    out.MODEL.TYPE, out.MODEL.NUM_CLASSES = source.MODEL.TYPE, source.MODEL.NUM_CLASSES
+    out.MODEL[section] = source.MODEL[section].clone()
+    out.DATA.IMG_SIZE = source.DATA.IMG_SIZE
+    return out
+
+
 def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map: Optional[list[int]] = None
                     ) -> PretrainedReport:
     """Initialise ``model`` from MODEL.PRETRAINED for fine-tuning; returns what was changed.
@@ -283,11 +345,15 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
     model = unwrap_model(model)
     state = _moe_state(config, path, model, logger) if config.MODEL.TYPE == 'swin_moe' else None
     if state is None:
-        state = _state_of(load_file_safe(local_path(path)), path)
+        state, layout, line = read_pretrained(path)
+    else:
+        state, layout = official_state(state, path, keep=('simmim',))
+        line = weights_line(path, layout)
+    logger.info(line)
     if class_map is None:
         class_map = _class_map_for(config, state, model)
     adapted, report = adapt_state_dict(state, model, class_map)
-    load_model_state(model, adapted, path)  # strict: names the keys and shapes that do not fit
+    load_converted(model, adapted, layout, path)  # strict: one line naming the layout, keys and likely mix-up
     changed = len(report.resized) + (0 if report.head == 'kept' else len(_HEAD_KEYS))
     report.log(logger, kept=len(adapted) - changed)
     if report.head.startswith('re-initialised') and '21841 classes' in report.head:

@@ -39,7 +39,8 @@ from utils.errors import UserError
 
 __all__ = ['Layout', 'Snapshot', 'ZooEntry', 'OFFICIAL_ZOO', 'LAYOUTS', 'detect_layout', 'to_official',
            'from_official', 'infer_model_args', 'fit_problems', 'check_fits', 'read_snapshot', 'hf_config',
-           'timm_config', 'write_timm_folder', 'write_hf_folder', 'model_opts', 'zoo_entry', 'zoo_line']
+           'timm_config', 'write_timm_folder', 'write_hf_folder', 'model_opts', 'zoo_entry', 'zoo_line',
+           'is_snapshot_folder']
 
 LAYOUTS = ('official', 'timm', 'hf', 'hf5', 'mmdet', 'detection', 'simmim')
 _LAYOUT_LABELS = {
@@ -757,7 +758,8 @@ class Snapshot:
 
     def describe(self) -> str:
         """One log line: what was read and how it was understood."""
-        text = f"{self.source}: {self.layout.describe()}, converted to the official layout"
+        converted = self.layout.name != 'official' or self.layout.prefix
+        text = f"{self.source}: {self.layout.describe()}" + (', converted to the official layout' if converted else '')
         if self.config_kind:
             text += f"; model from its {'timm' if self.config_kind == 'timm' else 'transformers'} config.json"
         return text + (f"; {len(self.class_names)} class names" if self.class_names else '')
@@ -797,12 +799,23 @@ def _load_state(path: str) -> Dict[str, Any]:
 
 
 def _config_next_to(path: str) -> Optional[Dict[str, Any]]:
-    """A timm or transformers config.json beside a weights file (a file picked out of a snapshot folder)."""
+    """A timm or transformers config.json beside a weights file (a file picked out of a snapshot folder). Any
+    other config.json there is not the file's: a run's output folder holds its config as YAML under that name."""
     candidate = os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')
     if not os.path.isfile(candidate):
         return None
-    config = _read_json(candidate)
+    try:
+        config = _read_json(candidate)
+    except UserError:
+        return None
     return config if ('architecture' in config or 'model_type' in config) else None
+
+
+def is_snapshot_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a hub snapshot folder: one holding a timm / transformers weights file
+    (``model.safetensors``, ``pytorch_model.bin`` or their shard index). A run's output folder or a sharded
+    ``.dcp`` checkpoint is not one."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES)
 
 
 def _reconcile(model_type: str, args: Dict[str, Any], inferred: Dict[str, Any], layout: Layout,
@@ -821,10 +834,11 @@ def _reconcile(model_type: str, args: Dict[str, Any], inferred: Dict[str, Any], 
     return merged
 
 
-def read_snapshot(path: str | os.PathLike) -> Snapshot:
+def read_snapshot(path: str | os.PathLike, state: Optional[Mapping[str, Any]] = None) -> Snapshot:
     """Read a ``.pth``/``.bin``/``.safetensors`` file or a hub snapshot folder (``config.json`` + weights; read
-    offline) of any layout :func:`detect_layout` recognises, into a :class:`Snapshot`. UserError (one line) for a
-    missing file, an unrecognised layout, or a config.json that contradicts the weights."""
+    offline) of any layout :func:`detect_layout` recognises, into a :class:`Snapshot`. ``state``: the file's state
+    dict where the caller has read it already (it is not read again). UserError (one line) for a missing file, an
+    unrecognised layout, or a config.json that contradicts the weights."""
     path = os.fspath(path)
     if os.path.isdir(path):
         folder, weights = path, _weights_in(path)
@@ -832,7 +846,7 @@ def read_snapshot(path: str | os.PathLike) -> Snapshot:
             else None
     else:
         folder, weights, config = os.path.dirname(os.path.abspath(path)), path, _config_next_to(path)
-    raw, layout = _convert(_load_state(weights), weights)
+    raw, layout = _convert(_load_state(weights) if state is None else state, weights)
     inferred = infer_model_args(raw, layout.family)
     kind = 'timm' if config and 'architecture' in config else 'hf' if config and 'model_type' in config else ''
     if kind:
