@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import trunc_normal_
+from .layers import init_weights, trunc_normal_
 
 __all__ = ['ExpertParallel', 'Routing', 'route', 'agree_over_ranks', 'gshard_loss', 'load_importance_loss',
            'TopKGate', 'CosineTopKGate', 'Experts', 'MoELayer', 'exclude_experts_from_ddp']
@@ -382,16 +382,11 @@ class MoELayer(nn.Module):
 
 
 def init_moe_weights(m: nn.Module, std: float) -> None:
-    """Official initialisation of the MoE model: Linear weights (gates and cosine projectors included) and expert
-    weights N(0, std) truncated, biases 0; LayerNorm 1 and 0. The cosine ``sim_matrix`` keeps its N(0, 0.01)."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=std)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, Experts):
+    """Official initialisation of the MoE model: :func:`~models.layers.init_weights` (Linear weights, gates and cosine
+    projectors included, N(0, std) truncated, biases 0; LayerNorm 1 and 0), and expert weights N(0, std) truncated,
+    biases 0. The cosine ``sim_matrix`` keeps its N(0, 0.01)."""
+    init_weights(m, std)
+    if isinstance(m, Experts):
         trunc_normal_(m.batched_fc1_w, std=std)
         trunc_normal_(m.batched_fc2_w, std=std)
         nn.init.zeros_(m.batched_fc1_bias)
