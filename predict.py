@@ -4,11 +4,18 @@
     python predict.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml \\
         --weights swin_tiny_patch4_window7_224.pth --device cpu photos/
     python predict.py --weights CKPT --native-size photo.jpg   # at the photo's own resolution, no crop
+    python predict.py --weights hub/swin_tiny_patch4_window7_224 photo.jpg   # a timm or transformers folder
 
-The model comes from ``--cfg`` (and ``--opts``), or, for checkpoints written by main.py, from the
-config saved inside them. Class names: the sub-folders of ``--data-path`` (its ``train`` folder when it
-has one, as in training), else the data path saved in our checkpoint, else the ImageNet-1K names for a
-1000-class model, else ``class <i>``. Folders are searched recursively for images.
+``--weights`` takes a ``.pth``/``.bin``/``.safetensors`` file of any layout utils.weight_layouts reads
+(official, timm, transformers, mmdet, detection) or a hub snapshot folder (``config.json`` + weights, read
+offline); one line on stderr names the layout. The model comes from ``--cfg`` (and ``--opts``), else from the
+config saved in checkpoints written by main.py, else from a timm / transformers config.json (the folder's, or
+one beside the file). Class names: the sub-folders of ``--data-path`` (its ``train`` folder when it has one, as
+in training), else the config.json's (transformers' ``id2label``, timm's ``label_names``), else the data path
+saved in our checkpoint, else the ImageNet-1K names for a 1000-class model, else ``class <i>``. Images are
+prepared as the config.json says where it does (timm's ``crop_pct``/``crop_mode``, ``mean``/``std``,
+``interpolation``; transformers' image processor), else as the official evaluation does. Folders are searched
+recursively for images.
 """
 from __future__ import annotations
 
@@ -23,22 +30,24 @@ import yaml
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from config import get_default_config, merge_opts, merge_yaml
+from config import get_default_config, img_size_hw, merge_opts, merge_yaml
 from data.datasets import IMG_EXTENSIONS, find_classes
 from data.decode import decode_pil
 from data.transforms import build_eval_transform
 from models import build_model
-from utils.checkpoint import load_model_state
-from utils.fileio import load_file_safe, local_path
+from utils.checkpoint import load_converted
 from utils.errors import UserError, exit_status
 from utils.host_memory import keep_freed_memory
+from utils.pretrained import read_for_use, snapshot_config
+from utils.weight_layouts import Snapshot
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('Swin Transformer prediction', add_help=True)
     parser.add_argument('images', nargs='+', help='image files or folders of images')
     parser.add_argument('--weights', '--resume', '--pretrained', dest='weights', required=True, metavar='CKPT',
-                        help="checkpoint: ours (ckpt_epoch_N.pth) or a released {'model': ...} file")
+                        help="checkpoint: ours (ckpt_epoch_N.pth), a released {'model': ...} file, timm or "
+                             "transformers weights, or a hub snapshot folder (config.json + weights)")
     parser.add_argument('--cfg', metavar='FILE', help="model config (default: the one saved in the checkpoint)")
     parser.add_argument('--opts', nargs='+', default=None, help="override config options: KEY VALUE pairs")
     parser.add_argument('--data-path', help='training data folder whose sub-folders name the classes')
@@ -70,16 +79,19 @@ def _plain(node):
     return list(node) if isinstance(node, tuple) else node
 
 
-def build_config(args: argparse.Namespace, ckpt: dict):
-    """The model's config: --cfg, else the checkpoint's own; then --opts."""
+def build_config(args: argparse.Namespace, saved=None, snapshot: Optional[Snapshot] = None):
+    """The model's config: --cfg, else the one ``saved`` in our checkpoint, else the ``snapshot``'s timm or
+    transformers config.json; then --opts."""
     cfg = get_default_config()
     if args.cfg:
         merge_yaml(cfg, args.cfg)
-    elif ckpt.get('config') is not None:
+    elif saved is not None:
         try:
-            _merge_saved(cfg, ckpt['config'])
+            _merge_saved(cfg, saved)
         except UserError as e:
             raise UserError(f"{args.weights}: its saved config does not load ({e}); pass --cfg") from None
+    elif snapshot is not None and snapshot.config_kind:
+        cfg = snapshot_config(snapshot)
     else:
         raise UserError(f"{args.weights} holds no config: pass the model's --cfg")
     if args.opts:
@@ -92,8 +104,11 @@ def build_config(args: argparse.Namespace, ckpt: dict):
 
 # ------------------------------------------------------------------------------------------ classes
 
-def class_names(cfg, data_path: Optional[str]) -> list[str]:
-    """Names of the model's classes (see the module docstring for where they come from)."""
+def class_names(cfg, data_path: Optional[str], known: Optional[Sequence[str]] = None) -> list[str]:
+    """Names of the model's classes (see the module docstring for where they come from); ``known``: the
+    names a snapshot's config.json gives."""
+    if known and len(known) == cfg.MODEL.NUM_CLASSES and not data_path:
+        return list(known)
     for root in (data_path, cfg.DATA.DATA_PATH):
         if root and os.path.isdir(root):
             train = os.path.join(root, 'train')
@@ -168,26 +183,42 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def eval_transform(cfg, preprocessing: dict, native_size: bool = False):
+    """How images are prepared: a snapshot's ``preprocessing`` (timm's names) where it gives any, through timm's
+    own evaluation transform at the model's input size; else the official evaluation (DATA.INTERPOLATION,
+    TEST.CROP). ``native_size``: normalisation alone."""
+    mean = tuple(preprocessing.get('mean', IMAGENET_DEFAULT_MEAN))
+    std = tuple(preprocessing.get('std', IMAGENET_DEFAULT_STD))
+    if native_size:
+        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    if not preprocessing:
+        return build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION, crop=cfg.TEST.CROP,
+                                    fast=False)[0]
+    from timm.data import create_transform
+    height, width = img_size_hw(cfg.DATA.IMG_SIZE)
+    return create_transform((3, height, width), is_training=False, mean=mean, std=std,
+                            interpolation=preprocessing.get('interpolation', cfg.DATA.INTERPOLATION),
+                            crop_pct=preprocessing.get('crop_pct', 0.875 if cfg.TEST.CROP else 1.0),
+                            crop_mode=preprocessing.get('crop_mode', 'center'))
+
+
 def main(args: argparse.Namespace) -> None:
-    ckpt = load_file_safe(local_path(args.weights))
-    cfg = build_config(args, ckpt)
+    files = image_files(args.images)  # a wrong path is the one line, before any weights are read
+    snapshot, saved = read_for_use(args.weights)
+    print(f"weights: {snapshot.describe()}", file=sys.stderr)
+    if snapshot.layout.name == 'simmim':
+        raise UserError(f"{args.weights} is a SimMIM pre-training checkpoint (no classifier): fine-tune it "
+                        "first with main_simmim_ft.py --pretrained")
+    cfg = build_config(args, saved, snapshot)
     device = _device(args.device)
     if cfg.HOST_MEMORY_CACHE and device.type == 'cpu':
         keep_freed_memory()
     model = build_model(cfg, device=device)
-    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    if any(k.startswith('decoder.') for k in state):
-        raise UserError(f"{args.weights} is a SimMIM pre-training checkpoint (no classifier): fine-tune it "
-                        "first with main_simmim_ft.py --pretrained")
-    load_model_state(model, state, args.weights)
+    load_converted(model, snapshot.state, snapshot.layout, args.weights)
     model.to(device)
-    names = class_names(cfg, args.data_path)
-    if args.native_size:  # the evaluation normalisation alone
-        transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-    else:
-        transform, _, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION,
-                                               crop=cfg.TEST.CROP, fast=False)
-    for path, top in predict(model, image_files(args.images), transform, device, args.topk, args.batch_size):
+    names = class_names(cfg, args.data_path, snapshot.class_names)
+    transform = eval_transform(cfg, snapshot.preprocessing, args.native_size)
+    for path, top in predict(model, files, transform, device, args.topk, args.batch_size):
         print(path)
         for index, prob in top:
             print(f"  {100 * prob:6.2f}%  {names[index]}")
