@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from config import get_default_config, merge_yaml
-from models import (SwinMLP, SwinTransformer, SwinTransformerMoE, SwinTransformerV2, build_model, count_params, create_model, is_model,
-                    list_models)
+from models import (DERIVED_BUFFERS, SwinMLP, SwinTransformer, SwinTransformerMoE, SwinTransformerV2, build_model,
+                    count_params, create_model, is_derived_buffer, is_model, list_models)
 from utils.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
@@ -121,6 +121,24 @@ def test_swin_moe_without_gate_noise_for_the_load_loss_is_a_user_error_naming_th
     with pytest.raises(UserError, match='MODEL.SWIN_MOE.*GATE_NOISE'):
         build_model(_cfg(MODEL__TYPE='swin_moe', MODEL__SWIN_MOE__GATE_NOISE=0.0,
                          MODEL__SWIN_MOE__MOE_BLOCKS=[[-1], [-1], [1], [-1]]))
+
+
+TINY = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=3)
+
+
+@pytest.mark.parametrize('cls, extra', [
+    (SwinTransformer, {}), (SwinTransformerV2, dict(pretrained_window_sizes=(0, 0))), (SwinMLP, {}),
+    (SwinTransformerMoE, dict(moe_blocks=[[1], [-1]]))], ids=['swin', 'swinv2', 'swin_mlp', 'swin_moe'])
+def test_every_family_saves_no_derived_buffer_and_drops_them_on_load(cls, extra):
+    """The derived-buffer rule, stated once (models.DERIVED_BUFFERS): every buffer a model holds is derived, none is
+    saved, and a state dict that carries them (an official checkpoint) loads strictly."""
+    model = cls(**TINY, **extra)
+    buffers = dict(model.named_buffers())
+    assert all(is_derived_buffer(name) for name in buffers)
+    assert buffers or cls is SwinMLP  # Swin-MLP pads instead of masking and has no position bias
+    assert not any(is_derived_buffer(key) for key in model.state_dict())
+    model.load_state_dict({**model.state_dict(), **buffers, 'layers.0.blocks.0.attn_mask': torch.zeros(1)})
+    assert set(DERIVED_BUFFERS) == {'relative_position_index', 'relative_coords_table', 'attn_mask'}
 
 
 def test_unknown_model_type_is_named():
