@@ -4,10 +4,21 @@
     torchrun --nproc_per_node 4 validate.py --cfg CFG --data-path DIR --checkpoints 'runs/*/model_best.pth' \\
         --results-file results.csv
 
+    python validate.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --data-path IMAGENET \\
+        --checkpoints 'released/*.pth'       # the official model zoo's table: measured next to reported
+
 Every checkpoint is evaluated as ``main.py --eval --resume CKPT`` does (the same loader, precision and exact
 sharded validation, so the figures do not depend on the number of processes). A folder contributes its
-``*.pth`` and ``*.safetensors`` files. A checkpoint that cannot be read or does not fit the model gets a
-row with its error and the run exits 1 after the others are evaluated.
+``*.pth``, ``*.bin`` and ``*.safetensors`` files and its hub snapshot sub-folders; a hub snapshot folder
+(timm or transformers: ``config.json`` + weights) is one checkpoint. Weights of any layout utils.weight_layouts
+reads are converted, and the log names the layout. A checkpoint that cannot be read or does not fit the model
+gets a row with its error and the run exits 1 after the others are evaluated.
+
+The model is ``--cfg``'s, except for checkpoints that say what they are: a snapshot folder's config.json, or
+an official released file (recognised by its file name and keys, see utils.weight_layouts.OFFICIAL_ZOO) whose
+config is under configs/ here. Their model and image size replace ``--cfg``'s, which still sets the rest
+(data, evaluation, precision). Next to a released file's Acc@1/Acc@5 the table shows what the official model
+zoo reports and the difference (CSV columns zoo_acc1, zoo_acc5, diff_acc1, diff_acc5).
 """
 from __future__ import annotations
 
@@ -19,18 +30,22 @@ from typing import Optional
 
 import torch
 
-from config import get_config
+from config import build_arg_parser, get_config, get_default_config, merge_yaml
 from data import build_loader
 from engine import validate
-from config import build_arg_parser
 from launch import open_run_log, run
 from models import build_model
 from utils.amp import resolve_amp
-from utils.checkpoint import load_weights
-from utils.distributed import DistEnv
+from utils.checkpoint import load_converted, read_weights
+from utils.distributed import DistEnv, unwrap_model
 from utils.errors import UserError
+from utils.pretrained import snapshot_config, with_model_of
+from utils.weight_layouts import ZooEntry, is_snapshot_folder, zoo_entry, zoo_line
 
-RESULT_COLUMNS = ('checkpoint', 'epoch', 'acc1', 'acc5', 'loss', 'error')
+RESULT_COLUMNS = ('checkpoint', 'epoch', 'acc1', 'acc5', 'loss', 'zoo_acc1', 'zoo_acc5', 'diff_acc1', 'diff_acc5',
+                  'error')
+REPO = os.path.dirname(os.path.abspath(__file__))
+_WEIGHT_EXTENSIONS = ('.pth', '.bin', '.safetensors')
 
 
 def parse_option(argv: Optional[list[str]] = None):
@@ -46,28 +61,94 @@ def parse_option(argv: Optional[list[str]] = None):
 
 
 def find_checkpoints(spec: str) -> list[str]:
-    """The checkpoint files named by ``spec``: a folder's .pth / .safetensors files, a glob's files, a file."""
+    """The checkpoints named by ``spec``: a hub snapshot folder; a folder's .pth / .bin / .safetensors files and
+    snapshot sub-folders; a glob's files and snapshot folders; a file."""
+    if is_snapshot_folder(spec):
+        return [spec]
     if os.path.isdir(spec):
-        paths = [os.path.join(spec, name) for name in os.listdir(spec) if name.endswith(('.pth', '.safetensors'))]
+        paths = [os.path.join(spec, name) for name in os.listdir(spec)]
+        paths = [p for p in paths if p.endswith(_WEIGHT_EXTENSIONS) or is_snapshot_folder(p)]
     else:
         paths = glob.glob(spec) if glob.has_magic(spec) else [spec] if os.path.exists(spec) else []
-    paths = sorted(p for p in paths if os.path.isfile(p))
+    paths = sorted(p for p in paths if os.path.isfile(p) or is_snapshot_folder(p))
     if not paths:
-        raise UserError(f"--checkpoints {spec}: no checkpoint files (.pth, .safetensors) there")
+        raise UserError(f"--checkpoints {spec}: no checkpoint files (.pth, .bin, .safetensors) or hub snapshot "
+                        "folders there")
     return paths
 
 
-def evaluate_checkpoint(config, path: str, model: torch.nn.Module, loader_val, env: DistEnv, amp_dtype,
-                        use_ema: bool, logger) -> dict:
-    """One row of the results: the checkpoint's Acc@1, Acc@5 and loss, or its error."""
-    logger.info(f"==============> Evaluating {path}")
-    try:
-        info = load_weights(path, model, use_ema=use_ema)
-    except UserError as e:
-        logger.error(str(e))
-        return {'checkpoint': path, 'error': str(e)}
-    acc1, acc5, loss = validate(config, loader_val, model, env.device, amp_dtype, logger)
-    return {'checkpoint': path, 'epoch': info['epoch'], 'acc1': acc1, 'acc5': acc5, 'loss': loss}
+def checkpoint_config(config, path: str, weights: dict) -> tuple[object, Optional[ZooEntry], str]:
+    """The config to evaluate ``path`` with, the official zoo's entry for it, and where its model comes from ('' for
+    ``config``'s own): a snapshot folder's config.json, or the config of a released file under configs/ here."""
+    entry = zoo_entry(path, weights['state']) if weights['layout'].name == 'official' else None
+    if weights['snapshot'] is not None and weights['snapshot'].config_kind:
+        return with_model_of(config, snapshot_config(weights['snapshot'])), None, f"{path}/config.json"
+    if entry is not None and entry.config and os.path.isfile(os.path.join(REPO, entry.config)):
+        released = get_default_config()
+        merge_yaml(released, os.path.join(REPO, entry.config))
+        cfg = with_model_of(config, released)
+        # the zoo's figures were measured with the released config's evaluation (no crop at 384 px)
+        cfg.TEST.CROP, cfg.DATA.INTERPOLATION = released.TEST.CROP, released.DATA.INTERPOLATION
+        return cfg, entry, entry.config
+    return config, entry, ''
+
+
+class Evaluator:
+    """Builds the model (one at a time) and the validation loaders (one per image size) the checkpoints need, and
+    evaluates each checkpoint with them."""
+
+    def __init__(self, config, env: DistEnv, loader_val, logger):
+        self.env, self.logger = env, logger
+        _, self.amp_dtype = resolve_amp(config, env.device)  # the precision is the run's, whatever the model
+        self.loaders = {self._loader_key(config): loader_val}
+        self.model, self.model_key = None, None
+
+    def _model(self, config) -> torch.nn.Module:
+        key = config.MODEL.dump() + str(config.DATA.IMG_SIZE)
+        if key != self.model_key:
+            self.model = None  # the previous model's memory first
+            self.model, self.model_key = build_model(config, device=self.env.device).to(self.env.device), key
+        return self.model
+
+    @staticmethod
+    def _loader_key(config) -> str:
+        """What a validation loader depends on that differs between checkpoints."""
+        return f"{config.DATA.IMG_SIZE} {config.TEST.CROP} {config.DATA.INTERPOLATION}"
+
+    def _loader(self, config):
+        key = self._loader_key(config)
+        if key not in self.loaders:
+            loader = build_loader(config)[3]
+            if self.env.device.type == 'cuda':
+                loader.finish_on = self.env.device
+            self.loaders[key] = loader
+        return self.loaders[key]
+
+    def evaluate(self, config, path: str, use_ema: bool) -> dict:
+        """One row of the results: the checkpoint's Acc@1, Acc@5 and loss (and the zoo's figures for a released
+        file), or its error."""
+        logger = self.logger
+        logger.info(f"==============> Evaluating {path}")
+        try:
+            weights = read_weights(path, use_ema=use_ema)
+            logger.info(weights['weights'])
+            cfg, entry, source = checkpoint_config(config, path, weights)
+            if source:
+                cfg.freeze()
+                logger.info(f"model: {cfg.MODEL.TYPE}, image size {cfg.DATA.IMG_SIZE} (TEST.CROP {cfg.TEST.CROP}), "
+                            f"from {source}")
+            model, loader_val = self._model(cfg), self._loader(cfg)
+            load_converted(unwrap_model(model), weights.pop('state'), weights['layout'], path)
+        except UserError as e:
+            logger.error(str(e))
+            return {'checkpoint': path, 'error': str(e)}
+        acc1, acc5, loss = validate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger)
+        row = {'checkpoint': path, 'epoch': weights['epoch'], 'acc1': acc1, 'acc5': acc5, 'loss': loss}
+        if entry is not None:
+            logger.info(zoo_line(entry, acc1, acc5))
+            row.update(zoo_acc1=entry.acc1, zoo_acc5=entry.acc5, diff_acc1=round(acc1 - entry.acc1, 3),
+                       diff_acc5=round(acc5 - entry.acc5, 3))
+        return row
 
 
 def sort_results(rows: list[dict]) -> list[dict]:
@@ -77,15 +158,22 @@ def sort_results(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The results as a fixed-width text table."""
+    """The results as a fixed-width text table; where a row is an official released file, the official model
+    zoo's Acc@1 / Acc@5 and measured minus reported."""
     width = max(len('checkpoint'), *(len(r['checkpoint']) for r in rows))
-    lines = [f"{'checkpoint':<{width}}  {'epoch':>5}  {'Acc@1':>7}  {'Acc@5':>7}  {'loss':>7}"]
+    zoo = any(r.get('zoo_acc1') is not None for r in rows)
+    head = f"{'checkpoint':<{width}}  {'epoch':>5}  {'Acc@1':>7}  {'Acc@5':>7}  {'loss':>7}"
+    lines = [head + (f"  {'zoo@1':>5}  {'zoo@5':>5}  {'diff@1':>6}  {'diff@5':>6}" if zoo else '')]
     for r in rows:
         if 'error' in r:
             lines.append(f"{r['checkpoint']:<{width}}  failed: {r['error']}")
             continue
         epoch = '' if r['epoch'] is None else r['epoch']
-        lines.append(f"{r['checkpoint']:<{width}}  {epoch:>5}  {r['acc1']:7.3f}  {r['acc5']:7.3f}  {r['loss']:7.4f}")
+        line = f"{r['checkpoint']:<{width}}  {epoch:>5}  {r['acc1']:7.3f}  {r['acc5']:7.3f}  {r['loss']:7.4f}"
+        if r.get('zoo_acc1') is not None:
+            line += (f"  {r['zoo_acc1']:5.1f}  {r['zoo_acc5']:5.1f}  {r['diff_acc1']:+6.2f}  "
+                     f"{r['diff_acc5']:+6.2f}")
+        lines.append(line)
     return '\n'.join(lines)
 
 
@@ -109,10 +197,8 @@ def validate_main(config, env: DistEnv, spec: str, results_file: Optional[str], 
     _, _, _, loader_val, _ = build_loader(config)
     if env.device.type == 'cuda':
         loader_val.finish_on = env.device
-    model = build_model(config, device=env.device).to(env.device)
-    _, amp_dtype = resolve_amp(config, env.device)
-    rows = sort_results([evaluate_checkpoint(config, p, model, loader_val, env, amp_dtype, use_ema, logger)
-                         for p in paths])
+    evaluator = Evaluator(config, env, loader_val, logger)
+    rows = sort_results([evaluator.evaluate(config, p, use_ema) for p in paths])
     logger.info(f"{len(rows)} checkpoints evaluated, best Acc@1 first:\n{format_table(rows)}")
     if env.is_main:
         if results_file:
