@@ -39,9 +39,10 @@ def test_the_setting_is_on_by_default():
 
 @pytest.mark.parametrize('opts, expected', [([], [True]), (['--opts', 'HOST_MEMORY_CACHE', 'False'], [])])
 def test_main_applies_the_setting_before_building_anything(tmp_path, monkeypatch, opts, expected):
+    import launch
     import main
     calls = []
-    monkeypatch.setattr(main, 'keep_freed_memory', lambda: calls.append(True))
+    monkeypatch.setattr(launch, 'keep_freed_memory', lambda: calls.append(True))
     status = main.run(['--cfg', str(REPO / 'configs/demo/swin_micro_digits.yaml'), '--data-path',
                        str(tmp_path / 'missing'), '--output', str(tmp_path / 'out'), *opts])
     assert status == 2 and calls == expected  # stops at the missing data, after the setting
