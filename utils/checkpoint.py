@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from models.windows import is_derived_buffer  # recomputed buffers: absent or stale in old files, never an error
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 from utils.fileio import load_file_safe, local_path, save_file_atomic
@@ -27,8 +28,6 @@ from utils.weight_layouts import Layout, check_fits, detect_layout, is_snapshot_
 # step S of epoch N (preemption), which resumes mid-epoch. ``.dcp`` instead of ``.pth``: a folder of shards
 # (TRAIN.SHARDED_CKPT).
 CKPT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.(?:pth|dcp)(\.rank\d+|\.global)?$')
-# Buffers the model recomputes from its architecture: absent or stale in old files, never an error.
-TOLERATED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 _STANDARD_KEYS = ('model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch', 'config', 'model_ema',
                   'step')
 
@@ -343,10 +342,6 @@ def auto_resume_helper(output_dir: str, logger=None, tag: str = '') -> Optional[
 
 # ------------------------------------------------------------------------------------------- loading
 
-def _is_tolerated(key: str) -> bool:
-    return any(name in key for name in TOLERATED_BUFFERS)
-
-
 def _strip_wrapper_prefixes(state: dict) -> dict:
     """Keys saved from a DDP- or compile-wrapped model carry 'module.' / '_orig_mod.' prefixes."""
     for prefix in ('module.', '_orig_mod.'):
@@ -411,9 +406,9 @@ def _first(keys: Iterable[str], n: int = 3) -> str:
 
 def load_model_state(model: torch.nn.Module, state: dict, path: str) -> str:
     """Strict load except for recomputable buffers; UserError naming the first mismatching keys/shapes."""
-    state = {k: v for k, v in _strip_wrapper_prefixes(state).items() if not _is_tolerated(k)}
+    state = {k: v for k, v in _strip_wrapper_prefixes(state).items() if not is_derived_buffer(k)}
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in state and not _is_tolerated(k))
+    missing = sorted(k for k in own if k not in state and not is_derived_buffer(k))
     unexpected = sorted(k for k in state if k not in own)
     shapes = [f"{k} checkpoint {list(v.shape)} vs model {list(own[k].shape)}" for k, v in state.items()
               if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
