@@ -7,6 +7,8 @@ autograd path computes, takes the fused kernels, and follows weight changes.
 :data:`IMPLS` and :func:`on_path` let the other model tests run a check over both paths."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -424,3 +426,16 @@ def test_evaluation_bias_cache_follows_the_window_decided_for_each_size():
         for size in ((32, 32), (20, 28), (48, 48), (32, 32), (20, 28)):
             x = torch.randn(2, 3, *size)
             assert torch.allclose(model(x), _reference(model, x), atol=1e-5), size
+
+
+def test_the_cpu_modules_switch_off_on_a_torch_they_were_not_built_for(monkeypatch, caplog):
+    """Outside models.cpu.BUILT_FOR (or without the private functions they call) the reference model runs, and
+    one log line says why."""
+    import models.cpu as cpu
+    monkeypatch.setattr(torch, '__version__', '2.99.0')
+    with caplog.at_level(logging.WARNING, logger='models.cpu'):
+        model = accelerate(FAMILIES['swin']())
+    assert not set(cpu_modules.SWAPS.values()) & {type(m) for m in model.modules()}
+    assert [r.getMessage() for r in caplog.records] == [
+        'CPU modules off (the reference model runs): built for torch 2.6 to 2.14, this torch is 2.99.0']
+    assert cpu.torch_supported('2.6.0+cu124') and cpu.torch_supported('2.14.1')

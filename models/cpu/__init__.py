@@ -10,22 +10,52 @@ place: the same parameters, buffers and state-dict keys, the same function to fl
 
 ``SWIN_CPU_KERNELS=0`` in the environment, or the config key ``CPU_KERNELS False``, leaves the reference model
 as it is. Each swapped module runs the reference forward for tensors off the CPU and under torch.compile.
+
+These modules use a few private PyTorch functions (dispatch-mode and functorch checks, the softmax backward), so
+they switch themselves off, with one log line, on a torch release outside the ones they were tested on
+(:data:`BUILT_FOR`) or one that lacks those functions: the reference model then runs, unchanged.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
 
 import torch
 from torch import nn
 
 from .modules import SWAPS
 
-__all__ = ['accelerate', 'enabled']
+__all__ = ['accelerate', 'enabled', 'BUILT_FOR']
+
+# The torch releases (major, minor) these modules were tested on, first and last.
+BUILT_FOR = ((2, 6), (2, 14))
+_PRIVATE_APIS = ((torch._C, '_are_functorch_transforms_active'), (torch, '_softmax_backward_data'))
+_logger = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    """Whether the environment allows the swap (``SWIN_CPU_KERNELS`` is not '0') and PyTorch has oneDNN."""
-    return os.environ.get('SWIN_CPU_KERNELS', '1') != '0' and torch.backends.mkldnn.is_available()
+    """Whether the environment allows the swap (``SWIN_CPU_KERNELS`` is not '0'), PyTorch has oneDNN, and this
+    torch is one the modules were built for (:func:`torch_supported`)."""
+    return (os.environ.get('SWIN_CPU_KERNELS', '1') != '0' and torch.backends.mkldnn.is_available()
+            and torch_supported(torch.__version__))
+
+
+@functools.lru_cache(maxsize=None)
+def torch_supported(version: str) -> bool:
+    """Whether torch ``version`` lies in :data:`BUILT_FOR` and has the private functions the modules call; logs
+    once why not."""
+    found = re.match(r'(\d+)\.(\d+)', version)
+    release = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    missing = [f'{owner.__name__}.{name}' for owner, name in _PRIVATE_APIS if not hasattr(owner, name)]
+    if BUILT_FOR[0] <= release <= BUILT_FOR[1] and not missing:
+        return True
+    (first, last) = BUILT_FOR
+    why = f"lacks {', '.join(missing)}" if missing else f"is {version}"
+    _logger.warning(f"CPU modules off (the reference model runs): built for torch {first[0]}.{first[1]} to "
+                    f"{last[0]}.{last[1]}, this torch {why}")
+    return False
 
 
 def accelerate(model: nn.Module) -> nn.Module:
