@@ -13,11 +13,6 @@ import zipfile
 ZIP_MARK = '.zip@'
 
 
-def is_zip_path(path: str) -> bool:
-    """True for paths of the form ``'/data/train.zip@/n01440764/x.JPEG'``."""
-    return ZIP_MARK in path
-
-
 def split_zip_path(path: str) -> tuple[str, str]:
     """``'/d/train.zip@/a/b.jpg'`` -> ``('/d/train.zip', 'a/b.jpg')``."""
     at = path.index(ZIP_MARK) + len(ZIP_MARK) - 1

@@ -202,10 +202,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist_ready() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if is_dist_ready() and get_world_size() > 1:
         dist.barrier()

@@ -21,10 +21,11 @@ class ModelEma:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9998, device: Optional[torch.device] = None) -> None:
-        # float32 EMA even for a low-precision model: (1 - decay) * delta vanishes in bf16/fp16.
+        # float32 EMA even for a low-precision model: (1 - decay) * delta vanishes in bf16/fp16. (timm takes
+        # ``dtype`` from 1.0.15 on: it is passed only when needed, so older timm serves fp32 models.)
         bare = unwrap_model(model)
         needs_fp32 = any(p.dtype in (torch.float16, torch.bfloat16) for p in bare.parameters())
-        self._ema = ModelEmaV3(bare, decay=decay, device=device, dtype=torch.float32 if needs_fp32 else None)
+        self._ema = ModelEmaV3(bare, decay=decay, device=device, **({'dtype': torch.float32} if needs_fp32 else {}))
         self._ema.requires_grad_(False)
 
     @property
@@ -51,10 +52,3 @@ class ModelEma:
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True):
         return self._ema.module.load_state_dict(state_dict, strict=strict)
 
-
-def build_model_ema(config, model: torch.nn.Module) -> Optional[ModelEma]:
-    """A ``ModelEma`` when TRAIN.EMA.ENABLE, else None."""
-    ema_cfg = config.TRAIN.get('EMA')
-    if ema_cfg is None or not ema_cfg.ENABLE:
-        return None
-    return ModelEma(model, decay=ema_cfg.DECAY)
