@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from utils import distributed as D
+from cli import free_port
 
 LAUNCH_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_LOCALID',
                'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'SLURM_NODELIST', 'SLURM_JOB_NODELIST', 'SLURM_STEP_NODELIST')
@@ -64,12 +64,6 @@ def test_no_launcher_is_one_process_without_a_group(monkeypatch):
     D.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _slurm_worker(rank: int, port: int, out_dir: str) -> None:
     for var in LAUNCH_VARS:
         os.environ.pop(var, None)
@@ -87,7 +81,7 @@ def _slurm_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_launched_like_srun_reduce_together(tmp_path):
-    mp.spawn(_slurm_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_slurm_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
     for rank, res in enumerate(results):
         assert res == {'rank': rank, 'world': 2, 'sum': 3.0, 'mean': 1.5, 'master': '127.0.0.1'}

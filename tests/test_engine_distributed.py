@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -16,6 +15,7 @@ from config import get_default_config
 from engine import TrainContext, train_one_epoch
 from utils.amp import GradScalerWithNorm
 from utils.errors import UserError
+from cli import free_port
 
 
 class _Scheduler:
@@ -78,15 +78,9 @@ def _worker(rank: int, port: int, out_dir: str, case: dict) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, **case) -> list[dict]:
     case = {'steps': 8, 'print_freq': 3, 'max_nonfinite': 5, 'poison': {}, 'stop_at': {}, **case}
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), case), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), case), nprocs=2, join=True)
     return [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
 
 
