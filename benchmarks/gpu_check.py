@@ -780,6 +780,9 @@ def fsdp_check(runs: MainRuns, family: str, amp: str, ddp: Optional[MainRun]) ->
     """V1 or V2 sharded with FSDP (TRAIN.SHARDING fsdp) for a few epochs: trains, the loss goes down."""
     arch = 'swin-t' if family == 'swin' else 'swinv2-t'
     amp = amp if runs.device.type == 'cuda' else 'bf16'
+    from utils.sharding import fsdp_runs_on_cpu
+    if runs.device.type == 'cpu' and not fsdp_runs_on_cpu():
+        return [skipped(f'main.py torchrun FSDP {arch} {amp}', 'needs torch 2.7 on the CPU')]
     run = runs.launch(f'fsdp_{family}', runs.argv(family, runs.work / f'fsdp_{family}', amp, runs.plan.fsdp_epochs,
                                                   '--sharding', 'fsdp'))
     ok, reason = _trained(run, 'nccl' if runs.device.type == 'cuda' else 'gloo')

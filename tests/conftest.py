@@ -11,6 +11,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _fsdp_runs_on_cpu() -> bool:
+    from utils.sharding import fsdp_runs_on_cpu
+    return fsdp_runs_on_cpu()
+
+
+# FSDP2 runs on CPU tensors from torch 2.7 on (main.py refuses it on 2.6 with one line, tested in test_main_errors)
+needs_cpu_fsdp = pytest.mark.skipif(not _fsdp_runs_on_cpu(), reason='FSDP2 on the CPU needs torch 2.7 or newer')
+
+
 def write_image_folder(root: str | os.PathLike, num_classes: int = 3, train_per_class: int = 8,
                        val_per_class: int = 4, size: int = 32, seed: int = 0, ext: str = 'png') -> Path:
     """Write root/train/<class>/* and root/val/<class>/*: each class a distinct colour plus noise."""

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from benchmarks.sharding_memory import report
 from cli import write_tiny_config
+from conftest import needs_cpu_fsdp
+
+pytestmark = needs_cpu_fsdp
 
 
 def test_fsdp_ranks_hold_about_half_of_ddps_bytes_at_two_processes(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cli import run_main, signal_whole_job, start_torchrun, torchrun, write_tiny_config
-from conftest import write_image_folder
+from conftest import needs_cpu_fsdp, write_image_folder
 
 TWO = ['--standalone', '--nproc_per_node=2']
 
@@ -68,6 +68,7 @@ def ddp_and_fsdp(setup):
     return ddp, fsdp, log
 
 
+@needs_cpu_fsdp
 def test_fsdp_trains_20_steps_as_ddp_does_and_logs_what_each_rank_holds(ddp_and_fsdp):
     ddp, fsdp, log = ddp_and_fsdp
     a = torch.load(ddp / 'ckpt_epoch_1.pth', weights_only=True)
@@ -82,6 +83,7 @@ def test_fsdp_trains_20_steps_as_ddp_does_and_logs_what_each_rank_holds(ddp_and_
     assert held and 0.4 < held[0] / full < 0.6  # half of the weights each
 
 
+@needs_cpu_fsdp
 def test_the_gathered_checkpoint_is_the_official_file_and_evaluates_in_one_plain_process(ddp_and_fsdp, setup):
     root, cfg, data = setup
     ddp, fsdp, log = ddp_and_fsdp
@@ -95,6 +97,7 @@ def test_the_gathered_checkpoint_is_the_official_file_and_evaluates_in_one_plain
     assert _acc1s(result.stdout + result.stderr)[-1] == _acc1s(log)[-2] == _acc1s(ddp_log)[-2]
 
 
+@needs_cpu_fsdp
 def test_fsdp_with_accumulation_and_activation_checkpointing_trains_as_ddp(setup):
     flags = ['--accumulation-steps', '2', '--use-checkpoint']
     runs = _train_side_by_side(setup, {'ddp_acc': ('TRAIN.EPOCHS', '1'),
@@ -138,6 +141,7 @@ def _consolidated(folder, out):
     return torch.load(out, weights_only=True)
 
 
+@needs_cpu_fsdp
 def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and_the_rerun_ends_identical(
         ddp_and_fsdp, stopped, tmp_path):
     _, gathered, _ = ddp_and_fsdp
@@ -156,6 +160,7 @@ def test_sigterm_to_every_process_mid_epoch_writes_a_sharded_step_checkpoint_and
                for n, st in whole['optimizer']['state'].items())
 
 
+@needs_cpu_fsdp
 def test_a_sharded_checkpoint_resumes_on_1_process(stopped, setup):
     root = setup[0]
     run_dir, stop_logs, _, _ = stopped
@@ -206,6 +211,7 @@ PRINT_FREQ: 5
 """
 
 
+@needs_cpu_fsdp
 def test_fsdp_trains_resumes_and_evaluates_swin_v2_in_bf16(setup):
     """Under FSDP's bf16 policy the position-bias MLP is an fp32 unit of its own: it used to be cast to bf16 and
     fail against the fp32 coordinates table ('mat1 and mat2 must have the same dtype')."""

@@ -10,6 +10,9 @@ import torch.distributed as dist
 from config import get_default_config
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
+from conftest import needs_cpu_fsdp
+from utils import sharding
+from utils.errors import UserError
 from utils.sharding import shard_model
 
 TINY = dict(img_size=32, patch_size=4, num_classes=3, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
@@ -33,6 +36,7 @@ def _record_dtypes(module: torch.nn.Module, name: str, seen: dict) -> None:
     module.register_forward_pre_hook(hook)
 
 
+@needs_cpu_fsdp
 @pytest.mark.parametrize('family', ['v1', 'v2'])
 def test_the_position_bias_stays_fp32_under_a_bf16_policy(one_rank_group, family):
     model = SwinTransformer(**TINY) if family == 'v1' else SwinTransformerV2(**TINY, pretrained_window_sizes=[0, 0])
@@ -52,3 +56,10 @@ def test_the_position_bias_stays_fp32_under_a_bf16_policy(one_rank_group, family
     sharded_bias = getattr(bias_owner, bias_name)
     assert sharded_bias.dtype == torch.float32 and sharded_bias.grad is not None
     assert torch.isfinite(sharded_bias.grad.full_tensor()).all()
+
+
+def test_fsdp_on_a_cpu_whose_torch_cannot_run_it_is_one_clear_error(one_rank_group, monkeypatch):
+    """torch 2.6's CPU streams lack what FSDP2 calls: a UserError before any sharding, not a crash mid-step."""
+    monkeypatch.setattr(sharding, 'fsdp_runs_on_cpu', lambda: False)
+    with pytest.raises(UserError, match='fsdp on the CPU needs torch 2.7 or newer'):
+        shard_model(SwinTransformer(**TINY), get_default_config(), torch.device('cpu'), torch.bfloat16)

@@ -66,6 +66,9 @@ def shard_model(model: nn.Module, config, device: torch.device, amp_dtype: Optio
                         "over the ranks); use ddp")
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise UserError("TRAIN.SHARDING fsdp needs several processes: launch with torchrun (or srun), or use ddp")
+    if device.type == 'cpu' and not fsdp_runs_on_cpu():
+        raise UserError(f"TRAIN.SHARDING fsdp on the CPU needs torch 2.7 or newer (this is {torch.__version__}: its "
+                        f"CPU streams lack what FSDP2 calls); use ddp here, or fsdp on GPUs")
     reduce_name = config.TRAIN.FSDP.REDUCE_DTYPE
     if reduce_name not in _DTYPES:
         raise UserError(f"bad value for config key TRAIN.FSDP.REDUCE_DTYPE: {reduce_name!r} "
@@ -101,6 +104,12 @@ def full_precision_units(unit: nn.Module) -> list[tuple[nn.Module, list[nn.Modul
         if isinstance(getattr(module, 'relative_position_bias_table', None), nn.Parameter):
             found.append((module, [c for c in module.children() if any(True for _ in c.parameters())]))
     return found
+
+
+def fsdp_runs_on_cpu() -> bool:
+    """Whether FSDP2 can run on CPU tensors in this torch: it records events on the CPU stream, which torch 2.7
+    made a no-op (2.6 has no such method)."""
+    return hasattr(torch.cpu, 'Stream') and hasattr(torch.cpu.Stream, 'record_event')
 
 
 @torch.no_grad()
