@@ -33,6 +33,7 @@ def cuda_as_if_present(model: torch.nn.Module):
             p.grad = torch.randn_like(p)
     with mock.patch('torch.cuda.is_available', lambda: True), \
             mock.patch('torch.cuda.is_bf16_supported', lambda *a, **k: True), \
+            mock.patch('torch.cuda.is_current_stream_capturing', lambda: False), \
             mock.patch.object(torch.Tensor, 'backward', stand_in_backward):
         yield
 
@@ -41,9 +42,10 @@ def train_step_on_fake_cuda(model: torch.nn.Module, amp_dtype: torch.dtype) -> d
     """One training step and one evaluation forward of ``model`` (on fake cuda) as engine.py runs them; returns
     the devices and dtypes seen."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # what build_optimizer picks on CUDA
-    scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16, device_type='cuda')
     images, targets = torch.randn(2, 3, 32, 32, device='cuda'), torch.tensor([0, 2], device='cuda')
     with cuda_as_if_present(model):
+        scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16, device_type='cuda')
+        assert scaler.enabled == (amp_dtype == torch.float16)
         model.train()
         with torch.autocast('cuda', dtype=amp_dtype):
             logits = model(images)
