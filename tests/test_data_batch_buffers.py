@@ -81,6 +81,14 @@ def test_batches_kept_by_the_loop_stay_intact_while_workers_reuse_buffers(tmp_pa
     assert len(kept) >= 4 and all(torch.equal(images, expected[step][0]) for step, images in kept.items())
 
 
+# torch 2.6 lets go of a batch's storage object later than the newer releases: its pool mostly falls back to fresh
+# shared memory (slower, the same data) and, under the 'file_system' strategy, leaves the buffers in /dev/shm
+# until the main process exits. Checked on 2.11 and 2.14.
+_REUSES_BUFFERS = tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 11)
+needs_buffer_reuse = pytest.mark.skipif(not _REUSES_BUFFERS, reason='torch before 2.11 does not give the buffers back')
+
+
+@needs_buffer_reuse
 def test_the_loader_hands_freed_buffers_back_to_its_workers(tmp_path, monkeypatch):
     root = jpeg_folder(tmp_path, num_classes=3, train_per_class=8, val_per_class=1)
     loader = build_loader(data_config(root, **{'DATA.BATCH_SIZE': 2, 'DATA.NUM_WORKERS': 2}))[2]
@@ -98,6 +106,7 @@ def _torch_shm_files() -> int:
     return sum(1 for name in os.listdir('/dev/shm') if name.startswith('torch_'))
 
 
+@needs_buffer_reuse
 @pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm')
 def test_workers_free_their_buffers_on_exit_under_the_file_system_sharing_strategy(tmp_path):
     root = jpeg_folder(tmp_path, num_classes=3, train_per_class=8, val_per_class=1)
