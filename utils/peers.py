@@ -70,6 +70,9 @@ class PeerWatch:
         if self._code == _RUNNING:
             self._code = _FINISHED
         self._finish()
+        # gloo's worker thread frees the last round's work (and its tensor, which needs the GIL) just after the
+        # round ends; on torch 2.6, freeing the group meanwhile from this thread deadlocks the process at exit
+        time.sleep(0.1)
 
     def _finish(self) -> None:
         self._wake.set()
