@@ -204,8 +204,9 @@ def test_drop_path_residual_is_timms_drop_path_added_in_one_pass(dtype):
         out = add(x, y)
         grads = torch.autograd.grad(out.float().square().sum(), (x, y))
         results.append((out.float(), *grads))
-    # rounding only: one fused multiply-add (ours) against a rounded product, then a sum (timm's)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    # rounding only: one fused multiply-add (ours) against a rounded product, then a sum (timm's); in bf16 the
+    # gradients may differ by a few units in the last place (2**-7 relative each; seen: 2 on torch 2.11)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=4 * 2 ** -7, atol=1e-2)
     for ours_t, timm_t in zip(*results):
         torch.testing.assert_close(ours_t, timm_t.to(ours_t.dtype), **tol)
     dropped = (results[0][2].float().flatten(1) == 0).all(1)
