@@ -975,9 +975,9 @@ def _deterministic() -> int:
 
 
 def main_worker(argv: Sequence[str]) -> int:
-    """A torchrun worker: ``main.run(ARGS)`` (main.py's own entry point) in a process group, and notes for the
-    parent in RESULT (JSON): the process group, what was patched, where yacs and termcolor came from, the host
-    synchronisations of the steps."""
+    """A torchrun worker: main.py's run (``launch.run`` of ``classification.train_or_evaluate``) in a process group,
+    and notes for the parent in RESULT (JSON): the process group, what was patched, where yacs and termcolor came
+    from, the host synchronisations of the steps."""
     p = argparse.ArgumentParser(prog='python -m benchmarks.gpu_check --main-worker')
     p.add_argument('result', type=Path)
     p.add_argument('--sync-debug', action='store_true', help='count the host synchronisations of the steps')
@@ -987,8 +987,10 @@ def main_worker(argv: Sequence[str]) -> int:
     split = argv.index('--') if '--' in argv else len(argv)  # then main.py's arguments
     args, main_args = p.parse_args(argv[:split]), argv[split + 1:]
     import engine
-    import main as swin_main  # and with it every module of the run
+    import launch  # and with it every module of the run
     import utils.distributed
+    from classification import train_or_evaluate
+    from config import parse_command_line
     notes: dict = {'process_group': {}, 'status': None, 'patched': {}}
     init = utils.distributed.init_distributed
     notes['patched']['init_distributed'] = rebind(init, _in_a_process_group(init, notes['process_group']))
@@ -1001,7 +1003,7 @@ def main_worker(argv: Sequence[str]) -> int:
         notes['patched']['train_one_epoch'] = rebind(engine.train_one_epoch, watch.wrap(engine.train_one_epoch))
     _Warnings(watch.on_sync)
     try:
-        notes['status'] = swin_main.run(main_args)
+        notes['status'] = launch.run(main_args, parse_command_line, train_or_evaluate)  # what main.py runs
     finally:
         notes.update(imports={m: getattr(sys.modules.get(m), '__file__', None) for m in ('yacs', 'termcolor')},
                      sync=watch.summary() if args.sync_debug else None, deterministic=args.deterministic,

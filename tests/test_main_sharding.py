@@ -11,8 +11,9 @@ import time
 
 import pytest
 import torch
+import yaml
 
-from cli import run_main, signal_whole_job, start_torchrun, torchrun, write_tiny_config
+from cli import TINY_CONFIG, run_main, signal_whole_job, start_torchrun, torchrun, write_tiny_config
 from conftest import needs_cpu_fsdp, write_image_folder
 
 TWO = ['--standalone', '--nproc_per_node=2']
@@ -183,32 +184,13 @@ def test_sharded_checkpoints_without_fsdp_are_a_config_error():
     assert config.TRAIN.SHARDED_CKPT is True and config.TRAIN.SHARDING == 'fsdp'
 
 
-V2_CONFIG = """\
-MODEL:
-  TYPE: swinv2
-  NAME: tiny_v2
-  NUM_CLASSES: 3
-  SWINV2:
-    EMBED_DIM: 16
-    DEPTHS: [1, 1]
-    NUM_HEADS: [1, 2]
-    WINDOW_SIZE: 4
-DATA:
-  IMG_SIZE: 32
-  BATCH_SIZE: 4
-  NUM_WORKERS: 0
-AUG:
-  AUTO_AUGMENT: none
-  REPROB: 0.0
-  MIXUP: 0.0
-  CUTMIX: 0.0
-TRAIN:
-  EPOCHS: 1
-  WARMUP_EPOCHS: 0
-  BASE_LR: 0.01
-  SHARDING: fsdp
-PRINT_FREQ: 5
-"""
+def _v2_config() -> str:
+    """The tiny recipe of tests/cli.py with a Swin V2 model, sharded."""
+    recipe = yaml.safe_load(TINY_CONFIG)
+    recipe['MODEL'] = {'TYPE': 'swinv2', 'NAME': 'tiny_v2', 'NUM_CLASSES': 3,
+                       'SWINV2': {'EMBED_DIM': 16, 'DEPTHS': [1, 1], 'NUM_HEADS': [1, 2], 'WINDOW_SIZE': 4}}
+    recipe['TRAIN'].update(EPOCHS=1, WARMUP_EPOCHS=0, SHARDING='fsdp')
+    return yaml.safe_dump(recipe)
 
 
 @needs_cpu_fsdp
@@ -217,7 +199,7 @@ def test_fsdp_trains_resumes_and_evaluates_swin_v2_in_bf16(setup):
     fail against the fp32 coordinates table ('mat1 and mat2 must have the same dtype')."""
     root, _, data = setup
     cfg = root / 'tiny_v2.yaml'
-    cfg.write_text(V2_CONFIG)
+    cfg.write_text(_v2_config())
     args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / 'v2'), '--amp-dtype', 'bfloat16']
     first = torchrun(TWO, args, cwd=root)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
