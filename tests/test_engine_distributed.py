@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from config import get_default_config
 from engine import TrainContext, train_one_epoch
 from utils.amp import GradScalerWithNorm
+from utils.distributed import cleanup
 from utils.errors import UserError
 from cli import free_port
 
@@ -75,7 +76,7 @@ def _worker(rank: int, port: int, out_dir: str, case: dict) -> None:
         result['error'] = str(e)
     with open(os.path.join(out_dir, f'{rank}.json'), 'w') as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    cleanup()  # waits for gloo to free the last work (torch 2.6 can deadlock otherwise)
 
 
 def _run(tmp_path, **case) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -235,8 +236,11 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group if this process created one."""
+    """Destroy the process group if this process created one. gloo's worker threads free the last collectives'
+    work (their tensors need the GIL) just after they end; on torch 2.6, destroying the group meanwhile can
+    deadlock the process, so the collectives are given a moment to be freed first."""
     if is_dist_ready():
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
