@@ -24,8 +24,9 @@ demo: setup
 	$(PYTHON) main.py --cfg configs/demo/swin_micro_digits.yaml --data-path $(DEMO_DIR) --output $(DEMO_OUT) \
 		--throughput --batch-size 64 --disable_amp
 
+# The suite, its files spread over the cores (pytest-xdist; a file's tests stay in one worker: they share fixtures)
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --dist loadfile tests
 
 # The whole suite on another torch release, in its own virtualenv .venv-torch-X (built once, ~5 GB):
 #   make test-torch TORCH=2.11.0 [TIMM=1.0.14]
