@@ -32,8 +32,10 @@ def test_auto_is_bfloat16_only_on_a_cpu_that_computes_it(monkeypatch, caplog, na
     """On a CPU that emulates bfloat16 (AVX2, AVX-512 without BF16) autocast is several times slower than
     float32: 'auto' trains in float32 there, and says why in one line; an explicit bfloat16 still forces it."""
     monkeypatch.setattr(amp, 'cpu_bf16_support', lambda: (native, 'the stub says so'))
+    amp._say_once.cache_clear()
     with caplog.at_level(logging.INFO, logger='utils.amp'):
         choice = resolve_amp(_cfg(), 'cpu')
+        assert resolve_amp(_cfg(), 'cpu') == choice  # asked again: the same answer, not said again
     assert choice == ((True, torch.bfloat16) if native else (False, None))
     assert caplog.messages == [f"AMP_DTYPE auto: {'bfloat16' if native else 'float32'} "
                                f"(this CPU {'computes it natively' if native else 'emulates bfloat16'}: the stub says so"

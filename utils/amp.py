@@ -43,19 +43,25 @@ def resolve_amp(config, device: torch.device | str) -> tuple[bool, Optional[torc
     return True, dtype
 
 
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    """The choice is made again wherever a run needs the dtype; it is logged once per process."""
+    _logger.info(message)
+
+
 def _auto_amp(device_type: str) -> tuple[bool, Optional[torch.dtype]]:
     if device_type == 'cuda':
         if cuda_bf16_native():
-            _logger.info("AMP_DTYPE auto: bfloat16 (the GPU computes it natively; AMP_DTYPE float16 for the "
-                         "official fp16 recipe)")
+            _say_once("AMP_DTYPE auto: bfloat16 (the GPU computes it natively; AMP_DTYPE float16 for the "
+                      "official fp16 recipe)")
             return True, torch.bfloat16
-        _logger.info("AMP_DTYPE auto: float16 with loss scaling (this GPU has no native bfloat16)")
+        _say_once("AMP_DTYPE auto: float16 with loss scaling (this GPU has no native bfloat16)")
         return True, torch.float16
     native, why = cpu_bf16_support()
     if native:
-        _logger.info(f"AMP_DTYPE auto: bfloat16 (this CPU computes it natively: {why})")
+        _say_once(f"AMP_DTYPE auto: bfloat16 (this CPU computes it natively: {why})")
         return True, torch.bfloat16
-    _logger.info(f"AMP_DTYPE auto: float32 (this CPU emulates bfloat16: {why}; AMP_DTYPE bfloat16 forces it)")
+    _say_once(f"AMP_DTYPE auto: float32 (this CPU emulates bfloat16: {why}; AMP_DTYPE bfloat16 forces it)")
     return False, None
 
 
