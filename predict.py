@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Iterable, Optional, Sequence
 
 import torch
-import yaml
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from config import get_default_config, img_size_hw, merge_opts, merge_yaml
+from config import img_size_hw
 from data.datasets import IMG_EXTENSIONS, find_classes
 from data.decode import decode_pil
 from data.transforms import build_eval_transform
@@ -38,8 +36,7 @@ from models import build_model
 from utils.checkpoint import load_converted
 from utils.errors import UserError, exit_status
 from utils.host_memory import keep_freed_memory
-from utils.pretrained import read_for_use, snapshot_config
-from utils.weight_layouts import Snapshot
+from utils.pretrained import build_config, read_for_use
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,46 +58,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ config
-
-def _merge_saved(cfg, saved) -> None:
-    """Merge a config saved in a checkpoint: YAML text (ours) or a mapping (official CfgNode)."""
-    data = saved if isinstance(saved, str) else yaml.safe_dump(_plain(saved))
-    with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
-        f.write(data)
-    try:
-        merge_yaml(cfg, f.name)
-    finally:
-        os.remove(f.name)
-
-
-def _plain(node):
-    if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
-    return list(node) if isinstance(node, tuple) else node
-
-
-def build_config(args: argparse.Namespace, saved=None, snapshot: Optional[Snapshot] = None):
-    """The model's config: --cfg, else the one ``saved`` in our checkpoint, else the ``snapshot``'s timm or
-    transformers config.json; then --opts."""
-    cfg = get_default_config()
-    if args.cfg:
-        merge_yaml(cfg, args.cfg)
-    elif saved is not None:
-        try:
-            _merge_saved(cfg, saved)
-        except UserError as e:
-            raise UserError(f"{args.weights}: its saved config does not load ({e}); pass --cfg") from None
-    elif snapshot is not None and snapshot.config_kind:
-        cfg = snapshot_config(snapshot)
-    else:
-        raise UserError(f"{args.weights} holds no config: pass the model's --cfg")
-    if args.opts:
-        merge_opts(cfg, list(args.opts))
-    if getattr(args, 'native_size', False):
-        cfg.MODEL.DYNAMIC_IMG_SIZE = True
-    cfg.freeze()
-    return cfg
-
 
 # ------------------------------------------------------------------------------------------ classes
 

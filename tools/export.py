@@ -96,7 +96,7 @@ def _parse_size(text: str) -> list[int]:
 def read_model(args: argparse.Namespace) -> tuple[nn.Module, object, Snapshot]:
     """``(model, config, snapshot)``: the fp32 reference model in eval mode with the weights read (the snapshot:
     them in the official layout, with a config.json's class names and preprocessing where there was one)."""
-    from predict import build_config  # the same config rules as prediction: --cfg, else the saved one
+    from utils.pretrained import build_config  # the same config rules as prediction: --cfg, else the saved one
     snapshot, saved = read_for_use(args.weights)
     opts = list(args.opts or [])
     if args.img_size:

@@ -32,14 +32,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from config import get_default_config, merge_opts
+from config import get_default_config, merge_opts, merge_yaml
 from models.windows import is_derived_buffer
 from utils.checkpoint import load_converted, official_state, weights_line
 from utils.fileio import load_file_safe, local_path
@@ -362,3 +364,45 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
                        "to keep the 1K rows of the 22K head")
     logger.info(f"=> loaded successfully '{path}'")
     return report
+
+
+# ------------------------------------------------------------------ a model config for using weights
+
+def _merge_saved(cfg, saved) -> None:
+    """Merge a config saved in a checkpoint: YAML text (ours) or a mapping (official CfgNode)."""
+    data = saved if isinstance(saved, str) else yaml.safe_dump(_plain(saved))
+    with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
+        f.write(data)
+    try:
+        merge_yaml(cfg, f.name)
+    finally:
+        os.remove(f.name)
+
+
+def _plain(node):
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    return list(node) if isinstance(node, tuple) else node
+
+
+def build_config(args, saved=None, snapshot: Optional[Snapshot] = None):
+    """The model's config for predict.py and tools.export (``args``: cfg, opts, weights[, native_size]): --cfg, else the one ``saved`` in our checkpoint, else the ``snapshot``'s timm or
+    transformers config.json; then --opts."""
+    cfg = get_default_config()
+    if args.cfg:
+        merge_yaml(cfg, args.cfg)
+    elif saved is not None:
+        try:
+            _merge_saved(cfg, saved)
+        except UserError as e:
+            raise UserError(f"{args.weights}: its saved config does not load ({e}); pass --cfg") from None
+    elif snapshot is not None and snapshot.config_kind:
+        cfg = snapshot_config(snapshot)
+    else:
+        raise UserError(f"{args.weights} holds no config: pass the model's --cfg")
+    if args.opts:
+        merge_opts(cfg, list(args.opts))
+    if getattr(args, 'native_size', False):
+        cfg.MODEL.DYNAMIC_IMG_SIZE = True
+    cfg.freeze()
+    return cfg
