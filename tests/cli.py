@@ -1,14 +1,26 @@
-"""Helpers for tests that run main.py as users do: a tiny config, subprocesses, free ports."""
+"""Helpers for tests that run main.py as users do: a tiny config, subprocesses, free ports.
+
+``run_main`` and ``torchrun`` launch *warm* (tests/warm.py: a process forked from a server that has imported
+torch once; the same argv, environment, streams, exit status and signals as a fresh interpreter, seconds
+faster). ``start_main``, ``start_ranks`` and ``start_torchrun`` start fresh interpreters: their tests signal
+process groups and read /proc, where the forked process tree would differ. ``SWIN_TEST_COLD=1`` makes every
+launch fresh.
+"""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
+WARM = Path(__file__).resolve().parent / 'warm.py'
 
 TINY_CONFIG = """\
 MODEL:
@@ -59,16 +71,49 @@ def _env() -> dict:
     return env
 
 
+class _WarmServer:
+    """This test process's warm-launch server, started once (at import: it imports while tests run)."""
+
+    def __init__(self):
+        self.socket = os.path.join(tempfile.mkdtemp(prefix='swin-warm-'), 'sock')
+        self.process = subprocess.Popen([sys.executable, str(WARM), 'serve', self.socket], env=_env(),
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        atexit.register(self.process.kill)
+
+    def ready(self, wait: float = 120.0) -> Optional[str]:
+        """The socket path once the server accepts; None if it died (launches then go cold)."""
+        deadline = time.monotonic() + wait
+        while not os.path.exists(self.socket):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return self.socket
+
+
+_WARM_SERVER = None if os.environ.get('SWIN_TEST_COLD') else _WarmServer()
+
+
+def python_command(*args: str) -> list[str]:
+    """``python ARGS`` as a command line: through the warm server when there is one."""
+    sock = _WARM_SERVER.ready() if _WARM_SERVER is not None else None
+    if sock is None:
+        return [sys.executable, *args]
+    return [sys.executable, str(WARM), 'run', sock, *args]
+
+
 def run_main(args: list[str], cwd: Path, timeout: int = 240, script: str = 'main.py') -> subprocess.CompletedProcess:
     """``python main.py ARGS`` (or another script of the repository) in ``cwd``: one process, no launcher."""
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=_env(),
+    return subprocess.run(python_command(str(REPO / script), *args), cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start_main(args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
     """``python main.py ARGS`` started in the background (stderr kept), for tests that signal it; with
-    ``new_group`` in a process group of its own, which a test can signal as a scheduler signals a job."""
-    return subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=_env(),
+    ``new_group`` in a process group of its own, which a test can signal as a scheduler signals a job (a fresh
+    interpreter then; warm otherwise: a signal sent to it reaches the run, SIGKILL included)."""
+    cmd = [sys.executable, str(REPO / 'main.py')] if new_group else python_command(str(REPO / 'main.py'))
+    return subprocess.Popen([*cmd, *args], cwd=cwd, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
@@ -86,13 +131,20 @@ def start_ranks(args: list[str], cwd: Path, world_size: int) -> list[subprocess.
 
 def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300,
              script: str = 'main.py') -> subprocess.CompletedProcess:
-    """``torchrun LAUNCH main.py ARGS`` (or another script) in ``cwd``."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / script), *args]
+    """``torchrun LAUNCH main.py ARGS`` (or another script) in ``cwd``: the launcher and its workers warm."""
+    worker = python_command(str(REPO / script))
+    cmd = [*python_command('-m', 'torch.distributed.run'), *launch, '--no-python', *worker, *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def start_torchrun(launch: list[str], args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
+    """``torchrun LAUNCH main.py ARGS`` in the background, output piped; in a process group of its own (fresh
+    interpreters then, which tests signal and find in /proc) with ``new_group``, else warm."""
+    if new_group:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
+    else:
+        cmd = [*python_command('-m', 'torch.distributed.run'), *launch, '--no-python',
+               *python_command(str(REPO / 'main.py')), *args]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=new_group)
 
