@@ -186,21 +186,34 @@ class ParquetShard:
 
 
 class ZipCheckpoint:
-    """A split's archive between two checkpoints: opened to append after the last one (or created), closed at
-    the next. Only the archive's bytes up to a recorded checkpoint are trusted when a conversion resumes."""
+    """A split's archive between two checkpoints: created, or reopened to append as the last checkpoint left it.
 
-    def __init__(self, path: str, resume_size: Optional[int]):
+    Appending overwrites the archive's directory (it follows the last member), so each checkpoint also keeps a
+    copy of it: ``restore = (data_end, directory)`` puts the archive back as it was at the checkpoint, whatever an
+    interrupted run wrote after it."""
+
+    def __init__(self, path: str, restore: Optional[tuple[int, bytes]]):
         self.path, self.count, self.size = path, 0, 0
-        if resume_size is None:
+        if restore is None:
+            self.start = 0
             self._archive = zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED, allowZip64=True)
-        else:
-            with open(path, 'rb+') as f:  # drop whatever an interrupted run wrote after the checkpoint
-                f.truncate(resume_size)
-            self._archive = zipfile.ZipFile(path, 'a', zipfile.ZIP_STORED, allowZip64=True)
+            return
+        self.start, directory = restore
+        with open(path, 'rb+') as f:
+            f.truncate(self.start)
+            f.seek(self.start)
+            f.write(directory)
+        self._archive = zipfile.ZipFile(path, 'a', zipfile.ZIP_STORED, allowZip64=True)
+
+    @property
+    def data_end(self) -> int:
+        """Where the members end and the directory begins."""
+        return self.start + self.size
 
     @staticmethod
     def cost(sample: Sample) -> int:
-        return 30 + len(sample.rel.encode('utf-8')) + len(sample.data)  # local header, name, bytes
+        """The member's bytes in the archive: local header, name and data (no extra field below 4 GB)."""
+        return 30 + len(sample.rel.encode('utf-8')) + len(sample.data)
 
     def add(self, sample: Sample) -> None:
         info = zipfile.ZipInfo(sample.rel, date_time=ZIP_DATE)
@@ -210,10 +223,16 @@ class ZipCheckpoint:
         self.count += 1
         self.size += self.cost(sample)
 
-    def close(self) -> None:
+    def close(self) -> bytes:
+        """Write the directory; returns it (the bytes after ``data_end``)."""
         self._archive.close()
         with open(self.path, 'rb+') as f:
             os.fsync(f.fileno())
+            f.seek(self.data_end)
+            directory = f.read()
+        if not directory.startswith((b'PK\x01\x02', b'PK\x05\x06', b'PK\x06\x06')):
+            raise RuntimeError(f'{self.path}: the directory is not at offset {self.data_end}')  # a zipfile change
+        return directory
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -238,8 +257,9 @@ class Layout:
     def shard_name(self, split: str, number: int) -> str:
         raise NotImplementedError
 
-    def open(self, split: str, number: int, resume_size: Optional[int]):
-        """The shard ``number`` of ``split``, written to a temporary file."""
+    def open(self, split: str, number: int, last: Optional[dict]):
+        """The shard ``number`` of ``split``, written to a temporary file; ``last``: the record of the shard
+        before it."""
         raise NotImplementedError
 
     def commit(self, split: str, number: int, shard) -> dict:
@@ -275,7 +295,7 @@ class WdsLayout(Layout):
     def shard_name(self, split: str, number: int) -> str:
         return f'{split}-{number:06d}.tar'
 
-    def open(self, split: str, number: int, resume_size: Optional[int]) -> TarShard:
+    def open(self, split: str, number: int, last: Optional[dict]) -> TarShard:
         return TarShard(os.path.join(self.dst, split, f'.{self.shard_name(split, number)}.tmp'))
 
     def read(self, split: str) -> Iterator[Stored]:
@@ -320,7 +340,7 @@ class ParquetLayout(Layout):
     def shard_name(self, split: str, number: int) -> str:
         return f'{split}-{number:05d}.parquet'
 
-    def open(self, split: str, number: int, resume_size: Optional[int]) -> ParquetShard:
+    def open(self, split: str, number: int, last: Optional[dict]) -> ParquetShard:
         path = os.path.join(self.dst, split, f'.{self.shard_name(split, number)}.tmp')
         return ParquetShard(path, self.schema, self.row_group_size)
 
@@ -356,12 +376,32 @@ class ZipLayout(Layout):
     def _partial(self, split: str) -> str:
         return os.path.join(self.dst, f'.{split}.zip.partial')
 
-    def open(self, split: str, number: int, resume_size: Optional[int]) -> ZipCheckpoint:
-        return ZipCheckpoint(self._partial(split), resume_size)
+    def _directory(self, split: str, number: int) -> str:
+        return os.path.join(self.dst, f'.{split}.zip.directory{number}')
 
-    def commit(self, split: str, number: int, shard) -> dict:
-        shard.close()
-        return {'size': os.path.getsize(shard.path)}
+    def open(self, split: str, number: int, last: Optional[dict]) -> ZipCheckpoint:
+        restore = None
+        if last is not None:
+            with open(self._directory(split, number - 1), 'rb') as f:
+                restore = (last['data_end'], f.read())
+        self._drop_directories(split, keep=number - 1)
+        return ZipCheckpoint(self._partial(split), restore)
+
+    def commit(self, split: str, number: int, shard: ZipCheckpoint) -> dict:
+        """A checkpoint: the archive closed, its directory kept aside."""
+        directory = shard.close()
+        with open(f'{self._directory(split, number)}.tmp', 'wb') as f:
+            f.write(directory)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f'{self._directory(split, number)}.tmp', self._directory(split, number))
+        return {'data_end': shard.data_end, 'bytes': shard.data_end + len(directory)}
+
+    def _drop_directories(self, split: str, keep: int) -> None:
+        prefix = os.path.basename(self._directory(split, ''))
+        for name in os.listdir(self.dst):
+            if name.startswith(prefix) and name != os.path.basename(self._directory(split, keep)):
+                os.remove(os.path.join(self.dst, name))
 
     def discard(self, shard) -> None:
         shard.close()  # appended nothing: the archive stays as the last checkpoint left it
@@ -371,6 +411,7 @@ class ZipLayout(Layout):
                           ''.join(f'{rel}\t{label}\n' for rel, label in entries))
         if os.path.exists(self._partial(split)):  # else renamed by the run this one resumes
             os.replace(self._partial(split), os.path.join(self.dst, f'{split}.zip'))
+        self._drop_directories(split, keep=-1)
 
     def outputs(self, split: str) -> list[str]:
         return [p for p in (os.path.join(self.dst, f'{split}.zip'), os.path.join(self.dst, f'{split}_map.txt'))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -56,8 +57,6 @@ class Item:
 @dataclass
 class Source:
     """The images of SRC per split, in the order training lists them, and the class names."""
-    root: str
-    kind: str  # 'imagenet' (folders) or 'imagenet22K' (JSON lists)
     splits: dict[str, list[Item]]
     classes: list[str]
 
@@ -70,22 +69,23 @@ class Source:
 
 
 def list_source(src: str, dataset: str = 'auto') -> Source:
-    """The images of SRC: class folders (``imagenet``) or the 22K JSON lists (``imagenet22K``)."""
+    """The images of SRC: class folders (``imagenet``) or the 22K JSON lists (``imagenet22K``); ``auto``: the
+    folders where SRC has a train/ or val/ folder, else the lists."""
     from data.build import IN22K_PREFIX
+    if dataset not in ('auto', 'imagenet', 'imagenet22K'):
+        raise UserError(f'--dataset {dataset!r}: expected auto, imagenet or imagenet22K')
     if not os.path.isdir(src):
         raise UserError(f'SRC not found: {src}')
-    has_folders = any(os.path.isdir(os.path.join(src, s)) for s in SPLITS)
-    has_lists = any(os.path.isfile(os.path.join(src, f'{IN22K_PREFIX}_map_{s}.txt')) for s in SPLITS)
+    folders = [s for s in SPLITS if os.path.isdir(os.path.join(src, s))]
+    lists = [s for s in SPLITS if os.path.isfile(os.path.join(src, f'{IN22K_PREFIX}_map_{s}.txt'))]
     if dataset == 'auto':
-        dataset = 'imagenet' if has_folders or not has_lists else 'imagenet22K'
-    if dataset == 'imagenet' and not has_folders:
-        raise UserError(f'{src} has no train/ or val/ folder (SRC/train/<class>/<images>), nor the ImageNet-22K lists '
-                        f'{IN22K_PREFIX}_map_train.txt / _map_val.txt')
-    if dataset == 'imagenet':
+        dataset = 'imagenet22K' if lists and not folders else 'imagenet'
+    if dataset == 'imagenet' and folders:
         return _list_folders(src)
-    if dataset == 'imagenet22K':
-        return _list_22k(src, [s for s in SPLITS if os.path.isfile(os.path.join(src, f'{IN22K_PREFIX}_map_{s}.txt'))])
-    raise UserError(f'--dataset {dataset!r}: expected auto, imagenet or imagenet22K')
+    if dataset == 'imagenet22K' and lists:
+        return _list_22k(src, lists)
+    raise UserError(f'{src} has no train/ or val/ folder (SRC/train/<class>/<images>), nor the ImageNet-22K lists '
+                    f'{IN22K_PREFIX}_map_train.txt / _map_val.txt')
 
 
 def _list_folders(src: str) -> Source:
@@ -99,7 +99,7 @@ def _list_folders(src: str) -> Source:
         classes = dataset.classes
         splits[split] = [Item(path, os.path.relpath(path, root).replace(os.sep, '/'), label)
                          for path, label in dataset.samples]
-    return Source(src, 'imagenet', splits, list(classes))
+    return Source(splits, list(classes))
 
 
 def _list_22k(src: str, splits: list[str]) -> Source:
@@ -108,24 +108,26 @@ def _list_22k(src: str, splits: list[str]) -> Source:
     listed = {}
     for split in splits:
         dataset = ImageNet22KDataset(src, f'{IN22K_PREFIX}_map_{split}.txt')
-        listed[split] = [Item(dataset.location(i), rel.strip('/'), label) for i, (rel, label) in enumerate(dataset.samples)]
+        listed[split] = [Item(dataset.location(i), rel.strip('/'), label)
+                         for i, (rel, label) in enumerate(dataset.samples)]
         negative = next((item for item in listed[split] if item.label < 0), None)
         if negative is not None:
             raise UserError(f'{dataset.ann_path}: negative label {negative.label} for {negative.rel}')
-    return Source(src, 'imagenet22K', listed, _names_by_folder([i for items in listed.values() for i in items]))
+    return Source(listed, _names_by_folder([i for items in listed.values() for i in items]))
 
 
 def _names_by_folder(items: list[Item]) -> list[str]:
     """Class names for the 22K lists: each label's folder name (the WordNet id) where labels and folders pair one
     to one, else the labels themselves."""
     count = max(item.label for item in items) + 1
+    labels = [str(i) for i in range(count)]
     names: dict[int, str] = {}
     for item in items:
-        if names.setdefault(item.label, posixpath.basename(posixpath.dirname(item.rel))) != \
-                posixpath.basename(posixpath.dirname(item.rel)):
-            return [str(i) for i in range(count)]
+        folder = posixpath.basename(posixpath.dirname(item.rel))
+        if names.setdefault(item.label, folder) != folder:
+            return labels
     if len(names) != count or len(set(names.values())) != count or '' in names.values():
-        return [str(i) for i in range(count)]
+        return labels
     return [names[i] for i in range(count)]
 
 
@@ -223,7 +225,7 @@ class Progress:
         fraction = done / max(self.total, 1)
         rate = (done - self.start_done) / max(now - self.started, 1e-6)
         line = (f'{self.label} {fraction:4.0%} |{"#" * int(fraction * 30):<30}| {done}/{self.total} images, '
-                f'{human_bytes(nbytes)}, {rate:.0f} images/s')
+                f'{human_bytes(nbytes)} read, {rate:.0f} images/s')
         self.stream.write(f'\r{line}' if self.tty else f'{line}\n')
         self.stream.flush()
 
@@ -251,11 +253,14 @@ class State:
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 data = json.load(f)
-            differ = sorted(k for k in set(header) | set(data['header']) if header.get(k) != data['header'].get(k))
+            before = data['header']
+            if before.get('source') != header['source']:
+                raise UserError(f'{dst} holds an unfinished conversion of other images (SRC changed since): '
+                                'name an empty DST')
+            differ = {k: before.get(k) for k in sorted(set(header) | set(before)) if header.get(k) != before.get(k)}
             if differ:
-                raise UserError(f'{dst} holds an unfinished conversion with other {", ".join(differ)}: run it again '
-                                f'as it began ({json.dumps({k: data["header"].get(k) for k in differ})}), or name an '
-                                'empty DST')
+                raise UserError(f'{dst} holds an unfinished conversion with other options ({json.dumps(differ)}): '
+                                'run it again as it began, or name an empty DST')
             return cls(path, data)
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise UserError(f'DST {dst} is a file: name a folder')
@@ -324,8 +329,8 @@ def write_shards(job: Job, split: str, start: int) -> list[list[str]]:
     met after the last one (none of them written)."""
     items, shards = job.source.splits[split], job.state.split(split)['shards']
     number = len(shards)
-    shard = job.layout.open(split, number, shards[-1].get('size') if shards else None)
-    skipped, nbytes = [], sum(s.get('bytes', 0) for s in shards)
+    shard = job.layout.open(split, number, shards[-1] if shards else None)
+    skipped, nbytes = [], 0
     progress = Progress(split, len(items), start)
     for index, (item, sample, why) in enumerate(prepared(items[start:], job.reencode, job.workers), start):
         if sample is None:
@@ -337,7 +342,7 @@ def write_shards(job: Job, split: str, start: int) -> list[list[str]]:
             job.state.add_shard(split, {**job.layout.commit(split, number, shard), 'end': index, 'count': shard.count,
                                         'skipped': skipped})
             number, skipped = number + 1, []
-            shard = job.layout.open(split, number, shards[-1].get('size'))
+            shard = job.layout.open(split, number, shards[-1])
         shard.add(sample)
         nbytes += len(sample.data)
         progress.update(index + 1, nbytes)
@@ -371,11 +376,8 @@ def _check_format(fmt: Optional[str]) -> str:
     if fmt not in LAYOUTS:
         raise UserError(f'--format {fmt!r}: expected one of {", ".join(LAYOUTS)}' if fmt else
                         f'--format is required: one of {", ".join(LAYOUTS)}')
-    if fmt == 'parquet':
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise UserError('--format parquet needs pyarrow (pip install pyarrow)') from None
+    if fmt == 'parquet' and importlib.util.find_spec('pyarrow') is None:
+        raise UserError('--format parquet needs pyarrow (pip install pyarrow)')
     return fmt
 
 
@@ -504,7 +506,8 @@ def verify(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('python -m tools.make_dataset', description=__doc__.splitlines()[0])
-    parser.add_argument('src', metavar='SRC', help='image folder (SRC/train/<class>/*, SRC/val/<class>/*) or the 22K lists')
+    parser.add_argument('src', metavar='SRC',
+                        help='image folder (SRC/train/<class>/*, SRC/val/<class>/*) or the 22K lists')
     parser.add_argument('dst', metavar='DST', nargs='?', help='output folder: new, empty, or an interrupted conversion')
     parser.add_argument('--format', help='zip | wds | parquet (with --verify: found from DST)')
     parser.add_argument('--verify', metavar='DST', help='compare a converted set with SRC instead of converting')
