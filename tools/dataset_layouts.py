@@ -192,17 +192,18 @@ class ZipCheckpoint:
     copy of it: ``restore = (data_end, directory)`` puts the archive back as it was at the checkpoint, whatever an
     interrupted run wrote after it."""
 
-    def __init__(self, path: str, restore: Optional[tuple[int, bytes]]):
+    def __init__(self, path: str, restore: Optional[tuple[int, Optional[bytes]]]):
         self.path, self.count, self.size = path, 0, 0
         if restore is None:
             self.start = 0
             self._archive = zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED, allowZip64=True)
             return
         self.start, directory = restore
-        with open(path, 'rb+') as f:
-            f.truncate(self.start)
-            f.seek(self.start)
-            f.write(directory)
+        if directory is not None:  # None: the archive is as this process closed it at the checkpoint
+            with open(path, 'rb+') as f:
+                f.truncate(self.start)
+                f.seek(self.start)
+                f.write(directory)
         self._archive = zipfile.ZipFile(path, 'a', zipfile.ZIP_STORED, allowZip64=True)
 
     @property
@@ -369,6 +370,7 @@ class ZipLayout(Layout):
     """One archive per split, ``DST/.<split>.zip.partial`` until the split is done."""
 
     name = 'zip'
+    _closed: Optional[tuple[str, int]] = None  # the checkpoint this object last wrote
 
     def begin(self, splits: list[str]) -> None:
         os.makedirs(self.dst, exist_ok=True)
@@ -381,7 +383,9 @@ class ZipLayout(Layout):
 
     def open(self, split: str, number: int, last: Optional[dict]) -> ZipCheckpoint:
         restore = None
-        if last is not None:
+        if last is not None and self._closed == (split, number - 1):
+            restore = (last['data_end'], None)  # going on in the process that closed it: nothing to restore
+        elif last is not None:
             with open(self._directory(split, number - 1), 'rb') as f:
                 restore = (last['data_end'], f.read())
         self._drop_directories(split, keep=number - 1)
@@ -395,6 +399,7 @@ class ZipLayout(Layout):
             f.flush()
             os.fsync(f.fileno())
         os.replace(f'{self._directory(split, number)}.tmp', self._directory(split, number))
+        self._closed = (split, number)
         return {'data_end': shard.data_end, 'bytes': shard.data_end + len(directory)}
 
     def _drop_directories(self, split: str, keep: int) -> None:
