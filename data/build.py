@@ -51,6 +51,7 @@ def build_loader(config) -> tuple[ImageListDataset, ImageListDataset, EpochLoade
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``."""
     rank, world = dist_info()
     mixup_fn = build_mixup(config)  # first: its config errors should not wait for a cache to fill
+    input_spec(config)  # likewise
     dataset_train, finish_train = build_dataset(True, config, rank, world)
     dataset_val, finish_val = build_dataset(False, config, rank, world, classes=dataset_train.classes
                                             if isinstance(dataset_train, ImageFolderDataset) else None)

@@ -129,7 +129,8 @@ _PIL_RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampli
 
 def resized_crop_tensor(img: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int],
                         mode: str = 'bicubic') -> torch.Tensor:
-    """The ``(top, left, height, width)`` box of a uint8 (3, H, W) tensor, resized to ``size``.
+    """The ``(top, left, height, width)`` box of a uint8 (3, H, W) tensor (or a float one of any channel
+    count), resized to ``size``.
 
     Resized in channels-last layout, where torch has fast uint8 antialiased kernels (~4x faster
     than stock Pillow's resize); the result keeps that layout, so it becomes a PIL image without a
@@ -143,7 +144,7 @@ def resized_crop_tensor(img: torch.Tensor, box: tuple[int, int, int, int], size:
 
 
 class TensorRandomResizedCrop:
-    """RandomResizedCrop of a uint8 (3, H, W) tensor to (3, *size), boxes drawn by torchvision's
+    """RandomResizedCrop of a (C, H, W) tensor to (C, *size), boxes drawn by torchvision's
     ``RandomResizedCrop.get_params`` (for pipelines that crop after decoding, e.g. ``data.simmim``)."""
 
     def __init__(self, size: ImageSize, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = 'bicubic'):
