@@ -135,8 +135,10 @@ def train_augment(config, spec: InputSpec) -> TrainAugment:
         ratio=_range(aug.RRC_RATIO, 'AUG.RRC_RATIO'), hflip=_probability(aug.HFLIP, 'AUG.HFLIP'),
         vflip=_probability(aug.VFLIP, 'AUG.VFLIP'))
     if not spec.rgb and settings.colour:
-        _logger.warning(f'AUG.COLOR_JITTER ({aug.COLOR_JITTER}) and AUG.AUTO_AUGMENT ({aug.AUTO_AUGMENT}) work on RGB '
-                        f'images only: both are off for this {spec.channels}-channel input')
+        on = [f'AUG.COLOR_JITTER {aug.COLOR_JITTER}'] if settings.color_jitter > 0 else []
+        on += [f'AUG.AUTO_AUGMENT {settings.policy}'] if settings.policy else []
+        _logger.warning(f'{" and ".join(on)}: RGB augmentation, off for this {spec.channels}-channel input '
+                        '(set AUG.COLOR_JITTER 0 and AUG.AUTO_AUGMENT none to silence this line)')
         settings = replace(settings, color_jitter=0.0, auto_augment='none')
     return settings
 

@@ -53,9 +53,10 @@ def _five_planes(rng, level: int, size: int) -> list[np.ndarray]:
             else np.clip(level + rng.normal(0, 20, (size, size)), 0, 255).astype(np.uint8) for k in range(5)]
 
 
-def write_channel_folder(root, channels: int, size: int = 48, per_class: tuple[int, int] = (4, 2)):
-    """root/{train,val}/class_c: grayscale 16-bit PNGs of size x (size + 8) (1 channel), or 5-page TIFFs and
-    .npy arrays of size x size (5 channels)."""
+def write_channel_folder(root, channels: int, size: int = 48, per_class: tuple[int, int] = (4, 2),
+                         width: int = 56):
+    """root/{train,val}/class_c: grayscale 16-bit PNGs of size x width (1 channel), or 5-page TIFFs and .npy
+    arrays of size x size (5 channels)."""
     rng = np.random.default_rng(0)
     for split, count in zip(('train', 'val'), per_class):
         for c, level in enumerate((40, 200)):
@@ -63,7 +64,7 @@ def write_channel_folder(root, channels: int, size: int = 48, per_class: tuple[i
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 if channels == 1:
-                    pixels = np.clip(level * 257 + rng.normal(0, 5000, (size, size + 8)), 0, 65535)
+                    pixels = np.clip(level * 257 + rng.normal(0, 5000, (size, width)), 0, 65535)
                     (folder / f'{i}.png').write_bytes(_png16(pixels))
                 elif i % 2:
                     (folder / f'{i}.npy').write_bytes(_npy(np.stack(_five_planes(rng, level, size), -1)
@@ -187,7 +188,8 @@ def test_grayscale_and_5_channel_data_train_a_step_and_evaluate(tmp_path, caplog
     cfg = _tiny(root, keys)
     with caplog.at_level(logging.WARNING):
         dataset_train, dataset_val, loader_train, loader_val, _ = build_loader(cfg)
-    assert 'AUG.COLOR_JITTER (0.4) and AUG.AUTO_AUGMENT (rand-m9-mstd0.5-inc1) work on RGB images only' in caplog.text
+    assert ('AUG.COLOR_JITTER 0.4 and AUG.AUTO_AUGMENT rand-m9-mstd0.5-inc1: RGB augmentation, off for this '
+            f'{channels}-channel input') in caplog.text
     assert len(dataset_train) == 8 and len(dataset_val) == 4
     model = build_model(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -222,3 +224,17 @@ def test_colour_augmentation_is_refused_below_the_builder_for_other_channel_coun
     transform, decoder, finish = build_train_transform(64, spec=InputSpec(1, (0.5,), (0.5,)), **{
         'color_jitter': 0.0, 'auto_augment': 'none'})
     assert isinstance(decoder, ChannelDecoder) and finish.mean.shape == (1, 1, 1)
+
+
+def test_main_fine_tunes_rgb_weights_on_16_bit_grayscale_images(tmp_path):
+    """End to end (one launch): main.py with MODEL.SWIN.IN_CHANS 1 trains from an RGB checkpoint, adapted."""
+    from cli import TINY_CONFIG, train_tiny
+    from config import get_default_config
+    cfg = get_default_config()
+    cfg.merge_from_other_cfg(cfg.load_cfg(TINY_CONFIG))
+    torch.save({'model': build_model(cfg).state_dict()}, tmp_path / 'rgb.pth')
+    root = write_channel_folder(tmp_path / 'gray', 1, size=32, width=32)
+    _, out, log = train_tiny(tmp_path, root, 'MODEL.SWIN.IN_CHANS', '1', 'DATA.MEAN', '[0.5]', 'DATA.STD', '[0.25]',
+                             'TRAIN.EPOCHS', '1', 'MODEL.PRETRAINED', str(tmp_path / 'rgb.pth'))
+    assert 'patch_embed.proj.weight adapted from 3 to 1 input channels' in log
+    assert ' * Acc@1 ' in log and (out / 'ckpt_epoch_0.pth').is_file()
