@@ -145,14 +145,15 @@ def draft_reduce(img: Image.Image, factor: int) -> float:
 
 # ---------------------------------------------------------------------------------- other channel counts
 NPY_MAGIC = b'\x93NUMPY'
-_DEEP_MODES = frozenset(('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'))  # Pillow's 16-bit (and 32-bit int) grey
+_DEEP_MODES = frozenset(('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'))  # 16-bit, 32-bit int and float grey
+_BAND_MODES = frozenset(('L', 'LA', 'RGB', 'RGBA', 'CMYK'))  # 8-bit modes read band by band as they are
 _LEVELS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.bool_): 1.0}
 
 
 def unit_range(pixels: np.ndarray) -> torch.Tensor:
     """An integer or float array as float32 in [0, 1]: uint8 over 255, uint16 (and Pillow's 32-bit integer
     grey, which 16-bit PNGs open as on older Pillow) over 65535, floats as they are."""
-    dtype = pixels.dtype.newbyteorder('=') if pixels.dtype.byteorder not in '=|' else pixels.dtype
+    dtype = pixels.dtype.newbyteorder('=')  # big-endian 16-bit TIFFs and arrays: the native type
     if dtype.kind == 'f':
         return torch.from_numpy(np.asarray(pixels, dtype=np.float32))
     levels = _LEVELS.get(dtype, 65535.0 if dtype == np.dtype(np.int32) else None)
@@ -164,7 +165,7 @@ def unit_range(pixels: np.ndarray) -> torch.Tensor:
 def _page_planes(page: Image.Image) -> list[np.ndarray]:
     """The channel planes of one decoded Pillow image: 16-bit and float pages as one plane at full depth,
     multi-band ones (RGB, RGBA, LA, CMYK) band by band, palettes and bilevel through RGB or L."""
-    if page.mode in _DEEP_MODES or page.mode == 'F' or page.mode in ('L', 'RGB', 'RGBA', 'LA', 'CMYK'):
+    if page.mode in _DEEP_MODES or page.mode in _BAND_MODES:
         pixels = np.asarray(page)
     else:
         pixels = np.asarray(page.convert('L' if len(page.getbands()) == 1 and page.mode != 'P' else 'RGB'))
@@ -199,7 +200,7 @@ class ChannelDecoder:
     def _planes(self, img: Image.Image) -> list[np.ndarray]:
         img.load()  # a truncated or corrupt file fails here
         if self.channels == 1:
-            return [np.asarray(img if img.mode in _DEEP_MODES or img.mode == 'F' else img.convert('L'))]
+            return [np.asarray(img if img.mode in _DEEP_MODES else img.convert('L'))]
         if img.format != 'TIFF' or getattr(img, 'n_frames', 1) == 1:
             return _page_planes(img)
         return [plane for page in ImageSequence.Iterator(img) for plane in _page_planes(page)]

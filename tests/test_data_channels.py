@@ -212,6 +212,7 @@ def test_other_channel_counts_draw_the_same_crops_on_both_paths(tmp_path, channe
         cfg = _tiny(root, keys, **{'DATA.FAST_LOADER': fast, 'DATA.IMG_SIZE': 40, 'AUG.REPROB': 0.0, **NO_COLOUR})
         loaders = build_loader(cfg)
         loaders[2].set_epoch(1)
+        loaders[3].finish_on = torch.device('cpu') if fast else None  # float batches finished on arrival too
         train[fast] = torch.cat([x for x, _ in loaders[2]])
         val[fast] = torch.cat([x for x, _ in loaders[3]])
     assert (train[True] - train[False]).abs().max() < 1e-5  # one multiply-add against subtract and divide
