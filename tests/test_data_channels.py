@@ -239,3 +239,10 @@ def test_main_fine_tunes_rgb_weights_on_16_bit_grayscale_images(tmp_path):
                              'TRAIN.EPOCHS', '1', 'MODEL.PRETRAINED', str(tmp_path / 'rgb.pth'))
     assert 'patch_embed.proj.weight adapted from 3 to 1 input channels' in log
     assert ' * Acc@1 ' in log and (out / 'ckpt_epoch_0.pth').is_file()
+
+
+def test_simmim_pretraining_reads_other_channel_counts_with_their_statistics():
+    from data.simmim import build_simmim_transform
+    transform, decoder, finish = build_simmim_transform(32, InputSpec(1, (0.5,), (0.25,)))
+    image = transform(decoder(_png16(np.full((40, 40), 65535))))
+    assert image.shape == (1, 32, 32) and torch.allclose(finish([image]), torch.full((1, 1, 32, 32), 2.0))
