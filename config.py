@@ -38,6 +38,9 @@ _C.DATA.MASK_PATCH_SIZE = 32  # SimMIM
 _C.DATA.MASK_RATIO = 0.6  # SimMIM
 _C.DATA.MAX_BAD_FRACTION = 0.01  # (ours) share of unreadable training images that stops a run
 _C.DATA.FAST_LOADER = True  # (ours) uint8 workers + batch-level normalisation
+# (ours) per-channel normalisation, as many values as the model's IN_CHANS (default: ImageNet's RGB statistics)
+_C.DATA.MEAN = [0.485, 0.456, 0.406]
+_C.DATA.STD = [0.229, 0.224, 0.225]
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -190,10 +193,15 @@ _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 _C.AUG.REPEATED_AUG = 0  # (ours) repeated augmentation: 0 off, N >= 2 repeats
+_C.AUG.RRC_SCALE = [0.08, 1.0]  # (ours) random resized crop: range of the crop's share of the image area
+_C.AUG.RRC_RATIO = [3 / 4, 4 / 3]  # (ours) random resized crop: range of the crop's aspect ratio (w / h)
+_C.AUG.HFLIP = 0.5  # (ours) probability of a horizontal flip
+_C.AUG.VFLIP = 0.0  # (ours) probability of a vertical flip
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()
 _C.TEST.CROP = True
+_C.TEST.CROP_PCT = 224 / 256  # (ours) with CROP: resize the short side to IMG_SIZE / CROP_PCT, then centre-crop
 _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
 
@@ -219,6 +227,9 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
+
+# The section holding each MODEL.TYPE's own keys (PATCH_SIZE, IN_CHANS, ...).
+MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_moe': 'SWIN_MOE', 'swin_mlp': 'SWIN_MLP'}
 
 # Keys that take an int or a pair [H, W].
 _SIZE_KEYS = frozenset({'DATA.IMG_SIZE'})

@@ -1,7 +1,9 @@
 """``build_loader(config)``: datasets, samplers, loaders and mixup from the config.
 
 The only module of ``data/`` that reads config keys (DATA.*, AUG.*, TEST.*, MODEL.NUM_CLASSES,
-MODEL.LABEL_SMOOTHING, SEED, EVAL_MODE); everything it builds takes plain arguments. Returns what the
+MODEL.LABEL_SMOOTHING, the model family's IN_CHANS, SEED, EVAL_MODE); everything it builds takes plain
+arguments, the augmentation and the input as :class:`~data.transforms.TrainAugment` and
+:class:`~data.transforms.InputSpec` (:func:`train_augment`, :func:`input_spec`). Returns what the
 official ``build_loader`` returns, with these differences users may notice:
 
 * the number of classes comes from the data and is checked against MODEL.NUM_CLASSES (more is a
@@ -16,18 +18,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional
+from dataclasses import replace
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 from timm.data import Mixup
 
+from config import MODEL_SECTIONS
 from utils.errors import UserError
 
-from .datasets import ImageFolderDataset, ImageListDataset, ImageNet22KDataset, ZipMapDataset
+from .datasets import (ARRAY_EXTENSIONS, IMG_EXTENSIONS, ImageFolderDataset, ImageListDataset, ImageNet22KDataset,
+                       ZipMapDataset)
 from .loader import EpochLoader
 from .samplers import (DistributedShuffleSampler, RepeatedAugSampler, SeededBatchSampler, ShardShuffleSampler,
                        ValShardSampler)
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import InputSpec, TrainAugment, build_eval_transform, build_train_transform
 
 _logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ def build_loader(config) -> tuple[ImageListDataset, ImageListDataset, EpochLoade
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``."""
     rank, world = dist_info()
     mixup_fn = build_mixup(config)  # first: its config errors should not wait for a cache to fill
+    input_spec(config)  # likewise
     dataset_train, finish_train = build_dataset(True, config, rank, world)
     dataset_val, finish_val = build_dataset(False, config, rank, world, classes=dataset_train.classes
                                             if isinstance(dataset_train, ImageFolderDataset) else None)
@@ -69,14 +75,72 @@ def _epoch_loader(config, dataset, sampler, finish, rank: int, train: bool) -> E
 
 
 def build_transform(is_train: bool, config):
-    """``(transform, decoder, batch_finish)`` for the split, from DATA.*, AUG.* and TEST.*."""
+    """``(transform, decoder, batch_finish)`` for the split, from DATA.*, AUG.*, TEST.* and IN_CHANS."""
+    spec = input_spec(config)
     if is_train:
-        return build_train_transform(
-            config.DATA.IMG_SIZE, interpolation=config.DATA.INTERPOLATION, color_jitter=config.AUG.COLOR_JITTER,
-            auto_augment=config.AUG.AUTO_AUGMENT, re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE,
-            re_count=config.AUG.RECOUNT, fast=config.DATA.FAST_LOADER)
-    return build_eval_transform(config.DATA.IMG_SIZE, interpolation=config.DATA.INTERPOLATION,
-                                crop=config.TEST.CROP, fast=config.DATA.FAST_LOADER)
+        return build_train_transform(config.DATA.IMG_SIZE, train_augment(config, spec), fast=config.DATA.FAST_LOADER,
+                                     spec=spec)
+    crop_pct = config.TEST.CROP_PCT
+    if not 0 < crop_pct <= 1:
+        raise UserError(f'TEST.CROP_PCT must be in (0, 1], got {crop_pct}')
+    return build_eval_transform(config.DATA.IMG_SIZE, interpolation=config.DATA.INTERPOLATION, crop=config.TEST.CROP,
+                                fast=config.DATA.FAST_LOADER, crop_pct=crop_pct, spec=spec)
+
+
+def input_spec(config) -> InputSpec:
+    """The input the model takes: its family's IN_CHANS (MODEL.SWIN.IN_CHANS for swin, ...), DATA.MEAN and
+    DATA.STD; a UserError naming the keys when the statistics do not have one value per channel."""
+    key = f'MODEL.{MODEL_SECTIONS[config.MODEL.TYPE]}.IN_CHANS'
+    channels = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]].IN_CHANS
+    if channels < 1:
+        raise UserError(f'{key} must be at least 1, got {channels}')
+    mean, std = _numbers(config.DATA.MEAN, 'DATA.MEAN'), _numbers(config.DATA.STD, 'DATA.STD')
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f'DATA.MEAN and DATA.STD need one value per input channel ({key} is {channels}), got '
+                        f'{len(mean)} and {len(std)}: e.g. --opts DATA.MEAN "{[0.5] * channels}" '
+                        f'DATA.STD "{[0.5] * channels}"')
+    if min(std) <= 0:
+        raise UserError(f'DATA.STD values must be positive, got {list(std)}')
+    return InputSpec(channels, mean, std)
+
+
+def _numbers(values: Sequence, key: str, count: Optional[int] = None) -> tuple[float, ...]:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or (
+            count is not None and len(values) != count):
+        what = f'{count} numbers' if count else 'a list of numbers'
+        raise UserError(f'bad value for config key {key}: {list(values)!r} (expected {what})')
+    return tuple(float(v) for v in values)
+
+
+def _range(values: Sequence, key: str) -> tuple[float, float]:
+    low, high = _numbers(values, key, count=2)
+    if not 0 < low <= high:
+        raise UserError(f'bad value for config key {key}: {list(values)!r} (expected [low, high] with 0 < low <= high)')
+    return low, high
+
+
+def _probability(value: float, key: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f'bad value for config key {key}: {value!r} (a probability, between 0 and 1)')
+    return float(value)
+
+
+def train_augment(config, spec: InputSpec) -> TrainAugment:
+    """The training augmentation from AUG.* and DATA.INTERPOLATION. For input other than RGB, colour jitter
+    and auto-augment (RGB operations) are turned off, with one warning line naming the keys."""
+    aug = config.AUG
+    settings = TrainAugment(
+        interpolation=config.DATA.INTERPOLATION, color_jitter=aug.COLOR_JITTER, auto_augment=aug.AUTO_AUGMENT,
+        re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT, scale=_range(aug.RRC_SCALE, 'AUG.RRC_SCALE'),
+        ratio=_range(aug.RRC_RATIO, 'AUG.RRC_RATIO'), hflip=_probability(aug.HFLIP, 'AUG.HFLIP'),
+        vflip=_probability(aug.VFLIP, 'AUG.VFLIP'))
+    if not spec.rgb and settings.colour:
+        on = [f'AUG.COLOR_JITTER {aug.COLOR_JITTER}'] if settings.color_jitter > 0 else []
+        on += [f'AUG.AUTO_AUGMENT {settings.policy}'] if settings.policy else []
+        _logger.warning(f'{" and ".join(on)}: RGB augmentation, off for this {spec.channels}-channel input '
+                        '(set AUG.COLOR_JITTER 0 and AUG.AUTO_AUGMENT none to silence this line)')
+        settings = replace(settings, color_jitter=0.0, auto_augment='none')
+    return settings
 
 
 def _check_data_path(path: str) -> None:
@@ -96,6 +160,7 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
     path = config.DATA.DATA_PATH
     _check_data_path(path)
     transform, decoder, finish = build_transform(is_train, config)
+    extensions = IMG_EXTENSIONS if input_spec(config).rgb else IMG_EXTENSIONS + ARRAY_EXTENSIONS
     common = dict(transform=transform, decoder=decoder, on_bad='replace' if is_train else 'blank',
                   blank_size=config.DATA.IMG_SIZE, lazy=is_train and config.EVAL_MODE)
     split = 'train' if is_train else 'val'
@@ -108,7 +173,7 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
         folder = os.path.join(path, split)
         if not os.path.isdir(folder):
             raise UserError(f'{split} folder not found: {folder} (expected DATA_PATH/{split}/<class>/<images>)')
-        dataset = ImageFolderDataset(folder, classes=classes, **common)
+        dataset = ImageFolderDataset(folder, classes=classes, extensions=extensions, **common)
     if not common['lazy']:
         _logger.info(f'{split} set: {len(dataset)} images, {dataset.num_classes} classes ({type(dataset).__name__})')
     return dataset, finish

@@ -34,6 +34,7 @@ from .zipreader import ZipReader
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+ARRAY_EXTENSIONS = ('.npy',)  # NumPy arrays: listed for input other than RGB (data.decode.ChannelDecoder)
 
 
 class LoadedSample(NamedTuple):
@@ -174,10 +175,11 @@ def find_classes(root: str) -> list[str]:
 
 class ImageFolderDataset(ImageListDataset):
     """``root/<class>/**/<image>``. Pass the training set's ``classes`` when building the validation set,
-    so that labels agree even where a validation folder lacks a class."""
+    so that labels agree even where a validation folder lacks a class. ``extensions``: the files listed."""
 
-    def __init__(self, root: str, classes: Optional[Sequence[str]] = None, **kwargs):
-        self.root = root
+    def __init__(self, root: str, classes: Optional[Sequence[str]] = None,
+                 extensions: Sequence[str] = IMG_EXTENSIONS, **kwargs):
+        self.root, self.extensions = root, tuple(extensions)
         self._folders = find_classes(root)
         # Known without listing the files (a directory listing), so lazy datasets stay cheap.
         self._given_classes = list(classes) if classes is not None else self._folders
@@ -194,9 +196,9 @@ class ImageFolderDataset(ImageListDataset):
         for name in found:
             for folder, _, files in sorted(os.walk(os.path.join(self.root, name), followlinks=True)):
                 samples += [(os.path.join(folder, f), class_to_idx[name])
-                            for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+                            for f in sorted(files) if f.lower().endswith(self.extensions)]
         if not samples:
-            raise UserError(f'no images ({", ".join(IMG_EXTENSIONS)}) found in class folders of {self.root}')
+            raise UserError(f'no images ({", ".join(self.extensions)}) found in class folders of {self.root}')
         return samples, classes
 
     def _read(self, index: int) -> bytes:

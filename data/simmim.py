@@ -1,10 +1,11 @@
 """Data for SimMIM pre-training: random patch masks, the light augmentation, and a masked loader.
 
 ``build_loader_simmim(config)`` returns ``(dataset, loader)``; the loader yields ``(images, masks)``:
-normalised images ``(B, 3, H, W)`` and masks ``(B, H / p, W / p)`` (1 = hidden) at the model's patch
-size ``p``. Masks hide DATA.MASK_RATIO of the DATA.MASK_PATCH_SIZE squares (rounded up), as the
-official MaskGenerator does. Images come from the folder DATA_PATH/train (or DATA_PATH itself when it
-has no train folder, as the official script reads it); labels are ignored.
+normalised images ``(B, C, H, W)`` (C: the model's IN_CHANS; DATA.MEAN / DATA.STD) and masks
+``(B, H / p, W / p)`` (1 = hidden) at the model's patch size ``p``. Masks hide DATA.MASK_RATIO of the
+DATA.MASK_PATCH_SIZE squares (rounded up), as the official MaskGenerator does. Images come from the folder
+DATA_PATH/train (or DATA_PATH itself when it has no train folder, as the official script reads it); labels
+are ignored.
 
 The images go through the usual loader (per-sample seeded crops, unreadable-file tolerance); each
 batch's masks are drawn from a generator seeded by ``(seed, epoch, rank, step)``, so a resumed epoch
@@ -22,12 +23,12 @@ import torch
 from config import img_size_hw
 from utils.errors import UserError
 
-from .build import dist_info
-from .datasets import ImageFolderDataset, ZipMapDataset
-from .decode import decode_tensor
+from .build import dist_info, input_spec
+from .datasets import ARRAY_EXTENSIONS, IMG_EXTENSIONS, ImageFolderDataset, ZipMapDataset
+from .decode import ChannelDecoder, decode_tensor
 from .loader import EpochLoader
 from .samplers import DistributedShuffleSampler, SeededBatchSampler, mix_seed
-from .transforms import BatchNormalize, FastTrainTransform, TensorRandomResizedCrop
+from .transforms import BatchNormalize, FastTrainTransform, InputSpec, TensorRandomResizedCrop
 
 __all__ = ['MaskGenerator', 'MaskedLoader', 'build_simmim_transform', 'build_loader_simmim']
 
@@ -72,10 +73,13 @@ class MaskGenerator:
         return torch.from_numpy(np.stack([self(rng) for _ in range(n)]))
 
 
-def build_simmim_transform(img_size: Union[int, Sequence[int]]):
-    """``(transform, decoder, batch_finish)``: random resized crop (scale 0.67-1), flip, normalise."""
+def build_simmim_transform(img_size: Union[int, Sequence[int]], spec: Optional[InputSpec] = None):
+    """``(transform, decoder, batch_finish)``: random resized crop (scale 0.67-1), flip, normalise. ``spec``:
+    the input (default RGB, ImageNet's statistics); other than RGB, the same steps on float tensors."""
+    spec = spec or InputSpec()
     crop = TensorRandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bilinear')
-    return FastTrainTransform(crop, None), decode_tensor, BatchNormalize(exact=False)
+    decoder = decode_tensor if spec.rgb else ChannelDecoder(spec.channels)
+    return FastTrainTransform(crop, None), decoder, BatchNormalize(spec.mean, spec.std, exact=False)
 
 
 class MaskedLoader:
@@ -109,7 +113,7 @@ def _model_patch_size(config) -> int:
     return config.MODEL[section].PATCH_SIZE
 
 
-def _dataset(config, transform, decoder, rank: int, world: int):
+def _dataset(config, transform, decoder, rank: int, world: int, extensions: Sequence[str] = IMG_EXTENSIONS):
     path = config.DATA.DATA_PATH
     if not path or not os.path.isdir(path):
         raise UserError(f"DATA.DATA_PATH not found: {path!r} (use --data-path)")
@@ -120,7 +124,7 @@ def _dataset(config, transform, decoder, rank: int, world: int):
     folder = os.path.join(path, 'train')
     folder = folder if os.path.isdir(folder) else path
     _logger.info(f"SimMIM pre-training images: {folder}")
-    return ImageFolderDataset(folder, **common)
+    return ImageFolderDataset(folder, extensions=extensions, **common)
 
 
 def build_loader_simmim(config) -> tuple[object, MaskedLoader]:
@@ -128,8 +132,10 @@ def build_loader_simmim(config) -> tuple[object, MaskedLoader]:
     rank, world = dist_info()
     masks = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, _model_patch_size(config),
                           config.DATA.MASK_RATIO)
-    transform, decoder, finish = build_simmim_transform(config.DATA.IMG_SIZE)
-    dataset = _dataset(config, transform, decoder, rank, world)
+    spec = input_spec(config)
+    transform, decoder, finish = build_simmim_transform(config.DATA.IMG_SIZE, spec)
+    dataset = _dataset(config, transform, decoder, rank, world,
+                       IMG_EXTENSIONS if spec.rgb else IMG_EXTENSIONS + ARRAY_EXTENSIONS)
     sampler = DistributedShuffleSampler(dataset.__len__, rank, world, seed=config.SEED)
     batches = SeededBatchSampler(sampler, config.DATA.BATCH_SIZE, drop_last=True, seed=config.SEED, rank=rank)
     loader = EpochLoader(dataset, batches, num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,

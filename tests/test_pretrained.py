@@ -177,3 +177,25 @@ def test_the_shipped_22k_to_1k_map_keeps_the_official_rows_of_a_22k_head(tmp_pat
     report = load_pretrained(tiny_cfg(pretrained=path, MODEL__NUM_CLASSES=1000), model, LOG)  # no class-map key
     assert report.head.startswith('mapped: 21841 -> 1000')
     assert torch.equal(model.head.weight, source.head.weight[torch.tensor(rows)])
+
+
+def test_rgb_weights_adapted_to_one_channel_give_the_rgb_models_logits_on_replicated_gray(tmp_path, caplog):
+    rgb = build_model(tiny_cfg()).eval()
+    path = save_weights(rgb, tmp_path / 'rgb.pth')
+    gray = build_model(tiny_cfg(MODEL__SWIN__IN_CHANS=1)).eval()
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        load_pretrained(tiny_cfg(pretrained=path, MODEL__SWIN__IN_CHANS=1), gray, LOG)
+    assert ('pretrained: patch_embed.proj.weight adapted from 3 to 1 input channels (summed over R, G and B, '
+            "as timm's adapt_input_conv)") in caplog.text
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(gray(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_rgb_weights_for_five_channels_repeat_rgb_scaled_by_three_fifths(tmp_path):
+    five = build_model(tiny_cfg('swinv2', MODEL__SWINV2__IN_CHANS=5))
+    path = save_weights(build_model(tiny_cfg(model_type='swinv2')), tmp_path / 'v2.pth')
+    load_pretrained(tiny_cfg('swinv2', path, MODEL__SWINV2__IN_CHANS=5), five, LOG)
+    source = torch.load(path)['model']['patch_embed.proj.weight']
+    expected = torch.cat([source, source[:, :2]], dim=1) * 3 / 5
+    assert five.patch_embed.proj.in_channels == 5 and torch.allclose(five.patch_embed.proj.weight, expected)

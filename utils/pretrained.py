@@ -14,6 +14,8 @@ comes from the run's config (``--cfg``), never from a snapshot's config.json. Th
   V2's continuous position bias (``cpb_mlp``) does not depend on the window and is carried as is (the
   model normalises coordinates by MODEL.SWINV2.PRETRAINED_WINDOW_SIZES);
 * ``absolute_pos_embed`` is resized bicubically to the model's patch grid;
+* RGB weights meet a model of another input channel count (MODEL.*.IN_CHANS): the patch embedding's
+  convolution is adapted as timm adapts a first convolution (:func:`adapt_input_conv`), in one log line;
 * the classifier: kept when the class count matches; mapped when a class-map file (one source row index
   per line, e.g. the official data/map22kto1k.txt) is given; otherwise re-initialised to zero, as the
   official loader does;
@@ -49,14 +51,15 @@ from utils.distributed import unwrap_model
 from utils.errors import UserError
 from utils.weight_layouts import Layout, Snapshot, is_snapshot_folder, model_opts, read_snapshot, to_official
 
-__all__ = ['load_pretrained', 'adapt_state_dict', 'resize_rel_pos_bias_table', 'resize_abs_pos_embed',
-           'read_class_map', 'strip_simmim_prefix', 'PretrainedReport', 'DEFAULT_22K_MAP', 'read_pretrained',
-           'read_for_use', 'snapshot_config', 'with_model_of']
+__all__ = ['load_pretrained', 'adapt_state_dict', 'adapt_input_conv', 'resize_rel_pos_bias_table',
+           'resize_abs_pos_embed', 'read_class_map', 'strip_simmim_prefix', 'PretrainedReport', 'DEFAULT_22K_MAP',
+           'read_pretrained', 'read_for_use', 'snapshot_config', 'with_model_of']
 
 # Where the official framework looks for its ImageNet-22K -> 1K class map (relative to the repository).
 DEFAULT_22K_MAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data',
                                'map22kto1k.txt')
 _HEAD_KEYS = ('head.weight', 'head.bias')
+_INPUT_CONV = 'patch_embed.proj.weight'  # the first convolution of every family: (embed_dim, in_chans, p, p)
 # Keys only a SimMIM pre-training model has; a classifier never uses them.
 _PRETRAIN_ONLY = ('mask_token',)
 
@@ -68,10 +71,13 @@ class PretrainedReport:
     dropped: list = field(default_factory=list)  # key names (or "N buffers ...")
     head: str = 'kept'
     notes: list = field(default_factory=list)
+    channels: str = ''  # how the input convolution was adapted to another channel count, if it was
 
     def log(self, logger: logging.Logger, kept: int) -> None:
         for line in self.notes:
             logger.info(line)
+        if self.channels:
+            logger.info(self.channels)
         if self.resized:
             logger.info(f"pretrained: resized {len(self.resized)} tensors: " + '; '.join(self.resized))
         if self.dropped:
@@ -102,6 +108,37 @@ def resize_abs_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     x = embed.float().reshape(1, side, side, chans).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=tuple(grid), mode='bicubic', align_corners=False)
     return x.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], chans).to(embed.dtype)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB first convolution's weight ``(O, 3, kh, kw)`` for ``in_chans`` input channels, the way timm adapts
+    one (``timm.models._manipulate.adapt_input_conv``): one channel takes the sum over R, G and B (a grey image
+    then gives what the RGB weights gave on it replicated thrice); any other count repeats R, G, B cyclically,
+    scaled by ``3 / in_chans`` so that inputs alike in every channel keep the RGB weights' output scale."""
+    out_chans, rgb, kh, kw = weight.shape
+    if rgb != 3:
+        raise ValueError(f'expected an RGB convolution (O, 3, kh, kw), got {list(weight.shape)}')
+    work = weight.float()
+    if in_chans == 1:
+        adapted = work.sum(dim=1, keepdim=True)
+    else:
+        adapted = work.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    return adapted.to(weight.dtype).contiguous()
+
+
+def _adapt_input_channels(state: dict, own: dict, report: PretrainedReport) -> None:
+    """RGB weights into a model of another input channel count: :func:`adapt_input_conv` on its first
+    convolution. Any other difference in that convolution is left for the strict load to report."""
+    src, dst = state.get(_INPUT_CONV), own.get(_INPUT_CONV)
+    if src is None or dst is None or src.ndim != 4 or src.shape[1] != 3 or src.shape[1] == dst.shape[1]:
+        return
+    if src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
+        return
+    chans = dst.shape[1]
+    state[_INPUT_CONV] = adapt_input_conv(src, chans)
+    how = 'summed over R, G and B' if chans == 1 else f'R, G, B repeated and scaled by 3/{chans}'
+    report.channels = (f"pretrained: {_INPUT_CONV} adapted from 3 to {chans} input channels ({how}, as timm's "
+                       "adapt_input_conv)")
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -229,6 +266,7 @@ def adapt_state_dict(state: dict, model: nn.Module, class_map: Optional[list[int
     _v2_window_note(state, model, report)
     state = _drop_buffers_and_extras(state, report)
     own = model.state_dict()
+    _adapt_input_channels(state, own, report)
     _resize_position_tables(state, own, _model_grid(model), report)
     _adapt_head(state, model, class_map, report)
     return state, report
@@ -356,7 +394,7 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, class_map:
         class_map = _class_map_for(config, state, model)
     adapted, report = adapt_state_dict(state, model, class_map)
     load_converted(model, adapted, layout, path)  # strict: one line naming the layout, keys and likely mix-up
-    changed = len(report.resized) + (0 if report.head == 'kept' else len(_HEAD_KEYS))
+    changed = len(report.resized) + (0 if report.head == 'kept' else len(_HEAD_KEYS)) + bool(report.channels)
     report.log(logger, kept=len(adapted) - changed)
     if report.head.startswith('re-initialised') and '21841 classes' in report.head:
         logger.warning(f"22K weights into a {model.head.out_features}-class model without a class map: the head "
