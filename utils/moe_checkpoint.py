@@ -15,6 +15,7 @@ way, so a training run resumes on another number of processes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -195,17 +196,16 @@ def _names_in_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[
     return [name_of.get(id(p), '') for group in optimizer.param_groups for p in group['params']]
 
 
-def _regroup_moments(files: _RankFiles, own: int, index, key: str, writer: ExpertLayout, reader: ExpertLayout,
-                     rank: int, model_dim: int) -> Optional[dict]:
+def _regroup_moments(files: _RankFiles, own: int, index, key: str, regroup: Callable) -> Optional[dict]:
     """One expert parameter's optimizer state (``state[index]`` of writer rank ``own``) for this rank: entries shaped
-    like the parameter (Adam's moments, momentum) regrouped as the weights are, scalars (the step) kept; None when
-    an entry has another shape and cannot be regrouped."""
+    like the parameter (Adam's moments, momentum) regrouped as the weights are (``regroup``: :func:`regroup_expert`
+    with the layouts, rank and width bound), scalars (the step) kept; None when an entry has another shape and
+    cannot be regrouped."""
     shape = files.entry(own, 'model', key).shape
     param, out = key.rsplit('.', 1)[1], {}
     for what, value in files(own)['optimizer']['state'][index].items():
         if isinstance(value, torch.Tensor) and value.shape == shape:
-            out[what] = regroup_expert(lambda r: files(r)['optimizer']['state'][index][what], param, writer, reader,
-                                       rank, model_dim)
+            out[what] = regroup(lambda r: files(r)['optimizer']['state'][index][what], param)
         elif isinstance(value, torch.Tensor) and value.dim() > 0:
             return None
         else:
@@ -229,7 +229,9 @@ def _regroup_optimizer(files: _RankFiles, own: int, model: nn.Module, optimizer:
             index = key if keyed_by_name else number.get(key)
             if index not in state:
                 continue  # not optimised (the frozen fc2 bias) or not stepped yet
-            state[index] = _regroup_moments(files, own, index, key, writer, reader, rank, experts.model_dim)
+            regroup = functools.partial(regroup_expert, writer=writer, reader=reader, rank=rank,
+                                        model_dim=experts.model_dim)
+            state[index] = _regroup_moments(files, own, index, key, regroup)
             if state[index] is None:
                 del state[index]
                 dropped.append(key)
