@@ -7,9 +7,9 @@ ranks it holds nothing and every call is a no-op.
 
 Trackers are optional packages, imported only when asked for. A resumed run continues the same tracker run:
 each tracker's run id, with the last step and epoch it was sent, is kept in the checkpoints under 'trackers'
-(:meth:`RunRecorder.checkpoint_entry`) and in ``OUTPUT/trackers.json`` (rewritten at every log step, so it is
-newer than the checkpoint after a ``kill -9``). A resumed run sends nothing at or below those marks, so the steps
-it trains again reach the tracker once. A tracker that fails while the run goes on is switched off with one
+(:meth:`RunRecorder.checkpoint_entry`) and in ``OUTPUT/trackers.json`` (rewritten before every send, so it is
+newer than the checkpoint after a ``kill -9``); MLflow's store answers exactly what it holds. A resumed run sends
+nothing at or below those marks, so the steps it trains again never reach a tracker twice. A tracker that fails while the run goes on is switched off with one
 warning: a tracker outage never stops a training run.
 """
 from __future__ import annotations
@@ -111,9 +111,11 @@ class MlflowTracker:
         if uri.startswith('file:'):  # MLflow 3 keeps its file store behind this switch; ours are local test runs
             os.environ.setdefault('MLFLOW_ALLOW_FILE_STORE', 'true')
         self.client = MlflowClient(tracking_uri=uri)
+        self.logged = None
         if run_id is not None and self._exists(run_id):
             self.client.update_run(run_id, status='RUNNING')
             self.run_id = run_id
+            self.logged = self._last_logged()
             return  # its parameters were logged when it was created (MLflow refuses to change them)
         experiment = self.client.get_experiment_by_name(settings.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(settings.project)
@@ -129,6 +131,12 @@ class MlflowTracker:
             return True
         except MlflowException:  # another tracking store than the one the run was logged to: a new run
             return False
+
+    def _last_logged(self) -> tuple[int, int]:
+        """(step, epoch) the run has up to: MLflow writes each call through, so its store knows exactly."""
+        steps = [m.step for m in self.client.get_metric_history(self.run_id, 'train/loss')]
+        epochs = [m.step for m in self.client.get_metric_history(self.run_id, 'epoch')]
+        return max(steps, default=-1), max(epochs, default=-1)
 
     def _log(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -159,17 +167,19 @@ class RunRecorder:
         self.tb_writer, self.trackers, self.marks_file = tb_writer, list(trackers), marks_file
         self.logger = logger or logging.getLogger(__name__)
         marks = marks or {}
-        self.marks = {t.name: Mark(t.run_id, *_resumed_marks(marks.get(t.name), t.run_id)) for t in self.trackers}
+        self.marks = {t.name: Mark(t.run_id, *_resumed_marks(marks.get(t.name), t)) for t in self.trackers}
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Per-step figures (TensorBoard: by global batch index ``step``)."""
         if self.tb_writer is not None:
             for name, value in metrics.items():
                 self.tb_writer.add_scalar(name, value, step)
-        for tracker in self._due(lambda mark: step > mark.step):
-            if self._call(tracker, 'log_step', metrics, step):
-                self.marks[tracker.name].step = step
-        self._save_marks()
+        due = self._due(lambda mark: step > mark.step)
+        for tracker in due:
+            self.marks[tracker.name].step = step
+        self._save_marks()  # before sending: a kill in between loses the step rather than sending it twice
+        for tracker in due:
+            self._call(tracker, 'log_step', metrics, step)
 
     def log_epoch(self, epoch: int, step: int, scalars: Mapping[str, float], row: Mapping[str, Any]) -> None:
         """An epoch's figures: ``scalars`` to TensorBoard by epoch, summary.csv's ``row`` (empty cells left out)
@@ -179,10 +189,12 @@ class RunRecorder:
                 self.tb_writer.add_scalar(name, value, epoch)
             self.tb_writer.flush()
         row = {k: v for k, v in row.items() if v is not None}
-        for tracker in self._due(lambda mark: epoch > mark.epoch):
-            if self._call(tracker, 'log_epoch', row, step):
-                self.marks[tracker.name].epoch = epoch
+        due = self._due(lambda mark: epoch > mark.epoch)
+        for tracker in due:
+            self.marks[tracker.name].epoch = epoch
         self._save_marks()
+        for tracker in due:
+            self._call(tracker, 'log_epoch', row, step)
 
     def checkpoint_entry(self) -> dict:
         """The checkpoint entry that lets a resumed run continue the same tracker runs ({} without trackers)."""
@@ -226,9 +238,12 @@ class RunRecorder:
         os.replace(tmp, self.marks_file)  # atomic: a kill leaves the previous version
 
 
-def _resumed_marks(saved: Optional[dict], run_id: str) -> tuple[int, int]:
-    """(step, epoch) a tracker run had received, from the marks of the same run id; (-1, -1) for a new run."""
-    if not saved or saved.get('run_id') != run_id:
+def _resumed_marks(saved: Optional[dict], tracker) -> tuple[int, int]:
+    """(step, epoch) a tracker run has received: what its store says where it knows (``tracker.logged``), else the
+    saved marks of the same run id; (-1, -1) for a new run."""
+    if getattr(tracker, 'logged', None) is not None:
+        return tracker.logged
+    if not saved or saved.get('run_id') != tracker.run_id:
         return -1, -1
     return int(saved.get('step', -1)), int(saved.get('epoch', -1))
 
@@ -273,10 +288,9 @@ def build_recorder(config, rank: int, resumed_extras: Optional[dict], logger: lo
         except Exception as e:  # no credentials, an unreachable server: one line, before any training
             raise UserError(f"--log {name}: the tracker run could not be started: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        if trackers[-1].run_id != run_id:
-            run_id = None
-        done = marks.get(name, {})
-        logger.info(f"--log {name}: run {trackers[-1].run_id}" + (
-            f" continued (it has steps up to {done.get('step', -1)}, epochs up to {done.get('epoch', -1)})"
-            if run_id else ''))
-    return RunRecorder(create_tb_writer(config.OUTPUT, rank), trackers, marks, marks_file, logger)
+    recorder = RunRecorder(create_tb_writer(config.OUTPUT, rank), trackers, marks, marks_file, logger)
+    for name, mark in recorder.marks.items():
+        logger.info(f"--log {name}: run {mark.run_id}" + (
+            f" continued: it has steps up to {mark.step} and epochs up to {mark.epoch}, not sent again"
+            if marks.get(name, {}).get('run_id') == mark.run_id else ''))
+    return recorder
