@@ -9,8 +9,8 @@ Trackers are optional packages, imported only when asked for. A resumed run cont
 each tracker's run id, with the last step and epoch it was sent, is kept in the checkpoints under 'trackers'
 (:meth:`RunRecorder.checkpoint_entry`) and in ``OUTPUT/trackers.json`` (rewritten before every send, so it is
 newer than the checkpoint after a ``kill -9``); MLflow's store answers exactly what it holds. A resumed run sends
-nothing at or below those marks, so the steps it trains again never reach a tracker twice. A tracker that fails while the run goes on is switched off with one
-warning: a tracker outage never stops a training run.
+nothing at or below those marks, so the steps it trains again never reach a tracker twice. A tracker that fails
+while the run goes on is switched off with one warning: a tracker outage never stops a training run.
 """
 from __future__ import annotations
 
@@ -159,8 +159,8 @@ TRACKERS = {'wandb': WandbTracker, 'mlflow': MlflowTracker}
 class RunRecorder:
     """Receives the run's per-step and per-epoch metrics and sends them to TensorBoard and the trackers.
 
-    ``marks`` (name -> :class:`Mark`) say what each tracker run has already received (a resumed run's); ``marks_file``
-    is rewritten with them after every log call when there are trackers."""
+    ``marks`` (name -> saved :class:`Mark` fields) say what each tracker run has already received (a resumed run's);
+    ``marks_file`` is rewritten with the new marks before every send."""
 
     def __init__(self, tb_writer: Any = None, trackers: Sequence = (), marks: Optional[dict] = None,
                  marks_file: Optional[str] = None, logger: Optional[logging.Logger] = None):
@@ -177,7 +177,8 @@ class RunRecorder:
         due = self._due(lambda mark: step > mark.step)
         for tracker in due:
             self.marks[tracker.name].step = step
-        self._save_marks()  # before sending: a kill in between loses the step rather than sending it twice
+        if due:  # saved before sending: a kill in between loses the step rather than sending it twice
+            self._save_marks()
         for tracker in due:
             self._call(tracker, 'log_step', metrics, step)
 
@@ -192,7 +193,8 @@ class RunRecorder:
         due = self._due(lambda mark: epoch > mark.epoch)
         for tracker in due:
             self.marks[tracker.name].epoch = epoch
-        self._save_marks()
+        if due:
+            self._save_marks()
         for tracker in due:
             self._call(tracker, 'log_epoch', row, step)
 
@@ -203,6 +205,7 @@ class RunRecorder:
         return {CHECKPOINT_KEY: {name: asdict(mark) for name, mark in self.marks.items()}}
 
     def close(self, ok: bool = True) -> None:
+        """End the tracker runs (``ok`` False: as failed) and close TensorBoard's file."""
         for tracker in list(self.trackers):
             self._call(tracker, 'close', ok)
         self.trackers = []
@@ -219,15 +222,13 @@ class RunRecorder:
     def _due(self, wanted) -> list:
         return [t for t in self.trackers if wanted(self.marks[t.name])]
 
-    def _call(self, tracker, method: str, *args) -> bool:
+    def _call(self, tracker, method: str, *args) -> None:
         try:
             getattr(tracker, method)(*args)
-            return True
         except Exception as e:  # a tracker's outage must not end a training run
             self.logger.warning(f"--log {tracker.name}: {type(e).__name__}: {e}; {tracker.name} is off for the rest "
                                 f"of this run")
             self.trackers.remove(tracker)
-            return False
 
     def _save_marks(self) -> None:
         if not self.marks_file or not self.marks:

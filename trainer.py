@@ -4,7 +4,8 @@
     Trainer(config, env, context, checkpointer, logger).fit(loader_train, loader_val, resumed, preemption)
 
 A :class:`Variant` is the one switch between classification, Swin-MoE and SimMIM pre-training: its loss, the
-parameters it keeps out of DDP, how it counts the model's size. Checkpoint names (Swin-MoE's per-rank files)
+parameters it keeps out of DDP, how it counts the model's size. Distillation is classification with a teacher in
+its loss (:func:`with_distillation`). Checkpoint names (Swin-MoE's per-rank files)
 are the :class:`~utils.checkpoint.Checkpointer`'s business.
 """
 from __future__ import annotations

@@ -125,8 +125,10 @@ def test_the_log_steps_reach_the_recorder_and_the_official_line_keeps_its_format
     lines = [m for m in caplog.messages if m.startswith('Train:')]
     n = r'-?\d+\.\d{4}'
     official = (r'Train: \[1/4\]\[IDX/5\]\teta \d+:\d\d:\d\d lr 0\.100000\t wd 0\.0500\t'
-                rf'time {n} \({n}\)\tloss {n} \({n}\)\tgrad_norm {n} \({n}\)\tloss_scale 1\.0000 \(1\.0000\)\tmem \d+MB')
-    assert [bool(re.fullmatch(official.replace('IDX', str(i)), line)) for i, line in zip((0, 2, 4), lines)] == [True] * 3
+                rf'time {n} \({n}\)\tloss {n} \({n}\)\tgrad_norm {n} \({n}\)\t'
+                r'loss_scale 1\.0000 \(1\.0000\)\tmem \d+MB')
+    matches = [re.fullmatch(official.replace('IDX', str(i)), line) for i, line in zip((0, 2, 4), lines)]
+    assert len(lines) == 3 and all(matches), lines
     assert [(c[2], sorted(c[1])) for c in tracker.calls] == [
         (step, ['train/grad_norm', 'train/loss', 'train/lr']) for step in (5, 7, 9)]
 
