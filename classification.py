@@ -12,9 +12,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import launch
 from data import build_loader
 from engine import TrainContext, throughput, validate
-from logger import create_tb_writer
 from models import build_model
-from trainer import Trainer, amp_dtype_of, pick_resume_file, prepare_training, variant_for
+from tracking import build_recorder
+from trainer import Trainer, amp_dtype_of, pick_resume_file, prepare_training, variant_for, with_distillation
 from utils.checkpoint import Resumed, TrainingState, build_checkpointer
 from utils.distributed import DistEnv
 from utils.errors import UserError
@@ -44,6 +44,8 @@ def train_or_evaluate(config, env: DistEnv) -> None:
     from --pretrained, resuming from --resume or the newest checkpoint)."""
     logger = launch.open_run_log(config, env)
     variant = variant_for(config.MODEL.TYPE)
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # a teacher that does not fit fails before the data loads
+        variant = with_distillation(config, variant, env.device, logger)
     _, _, loader_train, loader_val, mixup_fn = build_loader(config)
     if env.device.type == 'cuda':  # uint8 batches cross to the GPU and are normalised there
         loader_train.finish_on = loader_val.finish_on = env.device
@@ -77,6 +79,6 @@ def train_or_evaluate(config, env: DistEnv) -> None:
     ctx = TrainContext(model=run.model, criterion=build_criterion(config, mixup_fn), optimizer=run.optimizer,
                        lr_scheduler=run.lr_scheduler, loss_scaler=run.scaler, device=env.device,
                        amp_dtype=amp_dtype_of(config, env), mixup_fn=mixup_fn, model_ema=run.model_ema,
-                       tb_writer=create_tb_writer(config.OUTPUT, env.rank), loss_fn=variant.loss_fn)
-    with PreemptionHandler() as preemption:
+                       loss_fn=variant.loss_fn)
+    with build_recorder(config, env.rank, resumed.extras, logger) as ctx.recorder, PreemptionHandler() as preemption:
         Trainer(config, env, ctx, checkpoints, logger).fit(loader_train, loader_val, resumed, preemption)

@@ -205,6 +205,23 @@ _C.TEST.CROP_PCT = 224 / 256  # (ours) with CROP: resize the short side to IMG_S
 _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
 
+# ----------------------------------------------------------------------------- distillation (ours)
+# A teacher's logits join the loss: loss = (1 - ALPHA) * base + ALPHA * distillation (distillation.py). Off while
+# TEACHER_WEIGHTS is empty.
+_C.DISTILL = CN()
+_C.DISTILL.TEACHER_CFG = ''  # the teacher's YAML (default: the config saved in TEACHER_WEIGHTS, or its config.json)
+_C.DISTILL.TEACHER_WEIGHTS = ''  # any file or hub snapshot folder --pretrained reads
+_C.DISTILL.TYPE = 'soft'  # soft: KL divergence at temperature TAU (x TAU^2); hard: CE on the teacher's argmax
+_C.DISTILL.TAU = 1.0
+_C.DISTILL.ALPHA = 0.5
+
+# ----------------------------------------------------------------------------- run trackers (ours)
+# Beside TensorBoard (always on): wandb, mlflow (tracking.py); rank 0 only.
+_C.LOG = CN()
+_C.LOG.BACKENDS = []
+_C.LOG.PROJECT = ''  # W&B project / MLflow experiment; '' : swin_transformer
+_C.LOG.MLFLOW_URI = ''  # '' : MLFLOW_TRACKING_URI if set, else file:OUTPUT/mlruns
+
 # ----------------------------------------------------------------------------- misc
 _C.ENABLE_AMP = False  # SimMIM scripts
 _C.AMP_ENABLE = True
@@ -372,6 +389,7 @@ _FLAG_KEYS = {
     'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME',
     'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG',
     'optim': 'TRAIN.OPTIMIZER.NAME', 'amp_dtype': 'AMP_DTYPE', 'sharding': 'TRAIN.SHARDING',
+    'teacher_cfg': 'DISTILL.TEACHER_CFG', 'teacher_weights': 'DISTILL.TEACHER_WEIGHTS',
 }
 # Boolean flags -> (config key, value set when the flag is given).
 _SWITCH_KEYS = {
@@ -404,6 +422,9 @@ def update_config(cfg: CN, args: Any) -> None:
     for dest, (key, value) in _SWITCH_KEYS.items():
         if getattr(args, dest, False):
             _set_key(cfg, key, value)
+    if getattr(args, 'log', None):  # --log wandb --log mlflow, or --log wandb,mlflow
+        names = [name.strip() for value in args.log for name in value.split(',') if name.strip()]
+        cfg.LOG.BACKENDS = list(dict.fromkeys(names))
     if getattr(args, 'amp_opt_level', None):
         # apex's opt levels are gone; O0 (pure fp32) is the only one that still means something.
         cfg.AMP_OPT_LEVEL = args.amp_opt_level
@@ -424,7 +445,9 @@ _CHOICES = {
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'), 'TRAIN.SHARDING': ('ddp', 'fsdp'),
     'TRAIN.FSDP.REDUCE_DTYPE': ('float32', 'bfloat16', 'float16'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'), 'TRAIN.BEST_METRIC': ('acc1', 'ema_acc1'),
+    'DISTILL.TYPE': ('soft', 'hard'),
 }
+LOG_BACKENDS = ('wandb', 'mlflow')
 # Keys that must be at least this number.
 _MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
             'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
@@ -455,6 +478,21 @@ def _check_values(cfg: CN) -> None:
         raise UserError("TRAIN.SHARDED_CKPT True needs TRAIN.SHARDING fsdp (a ddp run writes the single file)")
     if cfg.TRAIN.BEST_METRIC == 'ema_acc1' and not cfg.TRAIN.EMA.ENABLE:
         raise UserError("TRAIN.BEST_METRIC ema_acc1 needs TRAIN.EMA.ENABLE True")
+    _check_distill_and_log(cfg)
+
+
+def _check_distill_and_log(cfg: CN) -> None:
+    unknown = [name for name in cfg.LOG.BACKENDS if name not in LOG_BACKENDS]
+    if unknown:
+        raise UserError(f"bad value for config key LOG.BACKENDS (--log): {unknown[0]!r} (choose from "
+                        f"{', '.join(LOG_BACKENDS)}; TensorBoard is always on)")
+    if not 0.0 <= cfg.DISTILL.ALPHA <= 1.0:
+        raise UserError(f"bad value for config key DISTILL.ALPHA: {cfg.DISTILL.ALPHA!r} (must be between 0 and 1)")
+    if cfg.DISTILL.TAU <= 0:
+        raise UserError(f"bad value for config key DISTILL.TAU: {cfg.DISTILL.TAU!r} (must be > 0)")
+    if cfg.DISTILL.TEACHER_CFG and not cfg.DISTILL.TEACHER_WEIGHTS:
+        raise UserError("DISTILL.TEACHER_CFG (--teacher-cfg) needs the teacher's weights: --teacher-weights PATH "
+                        "(DISTILL.TEACHER_WEIGHTS); a teacher with random weights teaches nothing")
 
 
 def get_config(args: Any) -> CN:
@@ -518,6 +556,13 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
                              'else float16 on CUDA, float32 on CPU')
     parser.add_argument('--compile', action='store_true', help='(ours) torch.compile the model')
     parser.add_argument('--sharding', choices=['ddp', 'fsdp'], help='(ours) TRAIN.SHARDING')
+    parser.add_argument('--log', action='append', metavar='wandb|mlflow',
+                        help='(ours) also log to Weights & Biases / MLflow (repeat, or a comma list): LOG.BACKENDS')
+    parser.add_argument('--teacher-cfg', type=str, metavar='FILE',
+                        help="(ours) distillation: the teacher's config (DISTILL.TEACHER_CFG)")
+    parser.add_argument('--teacher-weights', type=str, metavar='PATH',
+                        help="(ours) distillation: the teacher's weights, any layout --pretrained reads "
+                             "(DISTILL.TEACHER_WEIGHTS)")
     return parser
 
 

@@ -10,7 +10,7 @@ import datetime
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -34,7 +34,8 @@ class TrainContext:
     amp_dtype: Optional[torch.dtype]  # None: full precision
     mixup_fn: Optional[Callable] = None
     model_ema: Any = None
-    tb_writer: Any = None
+    # a tracking.RunRecorder: TensorBoard and the --log trackers (None: the log lines only)
+    recorder: Any = None
     # (ctx, batch) -> (loss, batch size[, {name: part of the loss}]): classification by default; SimMIM and
     # Swin-MoE (whose parts 'loss-cls' and 'loss-aux' join the log line) pass their own.
     loss_fn: Callable = None
@@ -44,20 +45,24 @@ class TrainContext:
             self.loss_fn = classification_loss
 
 
-def classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of a (samples, targets) batch, after mixup/cutmix when on."""
+def mixed_batch(ctx: TrainContext, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (samples, targets) batch on the device, after mixup/cutmix when on."""
     samples, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
     if ctx.mixup_fn is not None:
         samples, targets = ctx.mixup_fn(samples, targets)
+    return samples, targets
+
+
+def classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of a (samples, targets) batch, after mixup/cutmix when on."""
+    samples, targets = mixed_batch(ctx, batch)
     with autocast(ctx.device, ctx.amp_dtype):
         return ctx.criterion(ctx.model(samples), targets), samples.shape[0]
 
 
 def moe_classification_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, int, dict]:
     """Swin-MoE: cross-entropy plus the model's weighted auxiliary load-balancing loss (official main_moe.py)."""
-    samples, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
-    if ctx.mixup_fn is not None:
-        samples, targets = ctx.mixup_fn(samples, targets)
+    samples, targets = mixed_batch(ctx, batch)
     with autocast(ctx.device, ctx.amp_dtype):
         logits, l_aux = ctx.model(samples)
         l_cls = ctx.criterion(logits, targets)
@@ -117,7 +122,7 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
     accum, save_steps = config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.get('SAVE_STEPS', 0)
     num_steps = len(data_loader)
     stats = StepStats(ctx.device, config.TRAIN.MAX_NONFINITE_STEPS)
-    meters, check_due = {'time': AverageMeter(), 'loss_scale': AverageMeter()}, False
+    progress, check_due = EpochProgress(epoch, config.TRAIN.EPOCHS, num_steps, logger), False
     start = end = time.time()
     images, stopped_at, read = 0, None, None
     for idx, batch in enumerate(data_loader, start=start_step):
@@ -137,7 +142,7 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
                     and idx != num_steps - 1:
                 save_step(epoch, idx + 1)
         images += batch_size
-        meters['time'].update(time.time() - end)
+        progress.step_time.update(time.time() - end)
         end = time.time()
         log_now = idx % config.PRINT_FREQ == 0 or idx == num_steps - 1
         check_due = check_due or log_now
@@ -146,7 +151,7 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
             read = stats.read(stop_requested=preemption is not None and preemption.received is not None,
                               agree=checking)
         if log_now:
-            log_train_step(config, ctx, read, meters, epoch, idx, num_steps, logger)
+            log_train_step(ctx, progress, idx, read)
         if checking:
             check_due = False
             stats.raise_if_too_many_in_a_row(read, epoch)
@@ -161,7 +166,7 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
         logger.warning(f"EPOCH {epoch}: {read['skipped']} optimizer steps skipped (inf/NaN gradients)")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
     return {'loss': read['loss_avg'], 'grad_norm': read['grad_norm_avg'], 'skipped_steps': read['skipped'],
-            'images_per_second': images / max(epoch_time, 1e-9), 'stopped_at': stopped_at}
+            'images_per_second': images / max(epoch_time, 1e-9), 'stopped_at': stopped_at, 'steps': num_steps}
 
 
 class StepStats:
@@ -237,17 +242,28 @@ class StepStats:
                             f"lower TRAIN.BASE_LR or check the data")
 
 
-def log_train_step(config, ctx: TrainContext, read: dict, meters: dict, epoch: int, idx: int, num_steps: int,
-                   logger: logging.Logger) -> None:
-    """The official ``Train: [e/E][i/N]`` line (and TensorBoard scalars) from :meth:`StepStats.read`; ``meters``
-    holds the host-side step time and the loss scale as seen at the log steps."""
+@dataclass
+class EpochProgress:
+    """Where an epoch is, for its log steps: the epoch of ``epochs`` (TRAIN.EPOCHS), ``num_steps`` batches, and the
+    host-side meters (the step time, the loss scale as seen at the log steps)."""
+    epoch: int
+    epochs: int
+    num_steps: int
+    logger: logging.Logger
+    step_time: AverageMeter = field(default_factory=AverageMeter)
+    loss_scale: AverageMeter = field(default_factory=AverageMeter)
+
+
+def log_train_step(ctx: TrainContext, progress: EpochProgress, idx: int, read: dict) -> None:
+    """The official ``Train: [e/E][i/N]`` line for batch ``idx`` from :meth:`StepStats.read`, and the step's loss,
+    lr and grad_norm to ``ctx.recorder`` (TensorBoard, trackers) at the global batch index."""
     lr = ctx.optimizer.param_groups[0]['lr']
     wd = ctx.optimizer.param_groups[0]['weight_decay']
-    step_time, scale = meters['time'], meters['loss_scale']
+    step_time, scale, epoch, num_steps = progress.step_time, progress.loss_scale, progress.epoch, progress.num_steps
     scale.update(ctx.loss_scaler.get_scale())
     eta = step_time.avg * (num_steps - idx - 1)
-    logger.info(
-        f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
+    progress.logger.info(
+        f'Train: [{epoch}/{progress.epochs}][{idx}/{num_steps}]\t'
         f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t'
         f'time {step_time.val:.4f} ({step_time.avg:.4f})\t'
         f'loss {read["loss"]:.4f} ({read["loss_avg"]:.4f})\t'
@@ -256,13 +272,11 @@ def log_train_step(config, ctx: TrainContext, read: dict, meters: dict, epoch: i
         f'loss_scale {scale.val:.4f} ({scale.avg:.4f})\t'
         f'mem {memory_mb(ctx.device):.0f}MB')
     if read['skipped']:
-        logger.warning(f"{read['skipped']} optimizer steps skipped so far in epoch {epoch} (inf/NaN gradients; "
-                       f"{int(read['in_a_row'])} in a row now)")
-    if ctx.tb_writer is not None:
-        step = epoch * num_steps + idx
-        ctx.tb_writer.add_scalar('train/loss', read['loss'], step)
-        ctx.tb_writer.add_scalar('train/lr', lr, step)
-        ctx.tb_writer.add_scalar('train/grad_norm', read['grad_norm'], step)
+        progress.logger.warning(f"{read['skipped']} optimizer steps skipped so far in epoch {epoch} (inf/NaN "
+                                f"gradients; {int(read['in_a_row'])} in a row now)")
+    if ctx.recorder is not None:
+        ctx.recorder.log_step(epoch * num_steps + idx,
+                              {'train/loss': read['loss'], 'train/lr': lr, 'train/grad_norm': read['grad_norm']})
 
 
 @torch.no_grad()

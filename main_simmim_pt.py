@@ -18,9 +18,9 @@ import launch
 from config import parse_command_line
 from data.simmim import build_loader_simmim
 from engine import TrainContext
-from logger import create_tb_writer
 from models import build_model
-from trainer import SIMMIM, Trainer, amp_dtype_of, pick_resume_file, prepare_training
+from tracking import build_recorder
+from trainer import SIMMIM, Trainer, amp_dtype_of, pick_resume_file, prepare_training, with_distillation
 from utils.checkpoint import Resumed, TrainingState, build_checkpointer
 from utils.distributed import DistEnv
 from utils.preemption import PreemptionHandler
@@ -29,6 +29,7 @@ from utils.preemption import PreemptionHandler
 def pretrain(config, env: DistEnv) -> None:
     """Masked-image-modelling pre-training: the SimMIM variant of the training loop, without validation."""
     logger = launch.open_run_log(config, env)
+    with_distillation(config, SIMMIM, env.device, logger)  # refuses a teacher
     _, loader = build_loader_simmim(config)
     logger.info(f"Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}")
     model = build_model(config, is_pretrain=True, device=env.device)
@@ -41,9 +42,8 @@ def pretrain(config, env: DistEnv) -> None:
     resumed = checkpoints.resume(resume) if resume else Resumed(epoch=config.TRAIN.START_EPOCH)
     ctx = TrainContext(model=run.model, criterion=None, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                        loss_scaler=run.scaler, device=env.device, amp_dtype=amp_dtype_of(config, env),
-                       model_ema=run.model_ema, tb_writer=create_tb_writer(config.OUTPUT, env.rank),
-                       loss_fn=SIMMIM.loss_fn)
-    with PreemptionHandler() as preemption:
+                       model_ema=run.model_ema, loss_fn=SIMMIM.loss_fn)
+    with build_recorder(config, env.rank, resumed.extras, logger) as ctx.recorder, PreemptionHandler() as preemption:
         Trainer(config, env, ctx, checkpoints, logger).fit(loader, None, resumed, preemption)
 
 

@@ -4,7 +4,8 @@
     Trainer(config, env, context, checkpointer, logger).fit(loader_train, loader_val, resumed, preemption)
 
 A :class:`Variant` is the one switch between classification, Swin-MoE and SimMIM pre-training: its loss, the
-parameters it keeps out of DDP, how it counts the model's size. Checkpoint names (Swin-MoE's per-rank files)
+parameters it keeps out of DDP, how it counts the model's size. Distillation is classification with a teacher in
+its loss (:func:`with_distillation`). Checkpoint names (Swin-MoE's per-rank files)
 are the :class:`~utils.checkpoint.Checkpointer`'s business.
 """
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 from data.samplers import mix_seed
+from distillation import build_distillation_loss
 from engine import (TrainContext, classification_loss, masked_reconstruction_loss, moe_classification_loss,
                     train_one_epoch, validate)
 from lr_scheduler import build_scheduler
@@ -28,6 +30,7 @@ from utils.amp import GradScalerWithNorm, resolve_amp
 from utils.checkpoint import Checkpointer, Resumed
 from utils.distributed import DistEnv, all_reduce_max, barrier
 from utils.ema import ModelEma
+from utils.errors import UserError
 from utils.rng import capture_rng_state, restore_rng_state, seed_process
 from utils.sharding import describe_held_bytes, held_bytes, is_sharded, shard_model
 from utils.summary import write_summary_row
@@ -68,6 +71,18 @@ SIMMIM = Variant('simmim', loss_fn=masked_reconstruction_loss, flops=False)
 def variant_for(model_type: str) -> Variant:
     """The variant a classifier of MODEL.TYPE ``model_type`` trains as."""
     return SWIN_MOE if model_type == 'swin_moe' else CLASSIFICATION
+
+
+def with_distillation(config, variant: Variant, device: torch.device, logger) -> Variant:
+    """``variant`` with DISTILL.*'s teacher in its loss (distillation.py); ``variant`` itself without a teacher
+    (DISTILL.TEACHER_WEIGHTS empty). Only plain classification takes one."""
+    if not config.DISTILL.TEACHER_WEIGHTS:
+        return variant
+    if variant.loss_fn is not classification_loss:
+        raise UserError(f"distillation (--teacher-weights, DISTILL.*) trains classifiers: a {variant.name} run "
+                        "cannot take a teacher")
+    return replace(variant, name=f'{variant.name}+distillation',
+                   loss_fn=build_distillation_loss(config, device, logger))
 
 
 # ----------------------------------------------------------------------------------------- the training set-up
@@ -175,7 +190,7 @@ class Trainer:
             loader_train.set_epoch(epoch, start_step)
 
             def save_step(epoch_: int, step: int) -> None:
-                self.save_step(epoch_, step, max_accuracy, best.extra())
+                self.save_step(epoch_, step, max_accuracy, self._extra(best))
             stats = train_one_epoch(config, self.ctx, loader_train, epoch, logger, start_step, preemption, save_step)
             if stats['stopped_at'] is not None:
                 save_step(epoch, stats['stopped_at'])
@@ -191,10 +206,15 @@ class Trainer:
                 if best.is_new_best(metrics[config.TRAIN.BEST_METRIC]):
                     self.checkpointer.save_best(epoch, metrics[config.TRAIN.BEST_METRIC])
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                self.checkpointer.save(epoch, max_accuracy, extra=best.extra())
+                self.checkpointer.save(epoch, max_accuracy, extra=self._extra(best))
             self.record_epoch(epoch, stats, metrics, time.time() - epoch_start)
         self.checkpointer.save_final()
         logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
+    def _extra(self, best: 'BestTracker') -> dict:
+        """The checkpoint entries beyond the official ones: the best score, the tracker runs to continue."""
+        recorder = self.ctx.recorder
+        return {**best.extra(), **(recorder.checkpoint_entry() if recorder is not None else {})}
 
     def _start_step(self, resumed: Resumed, epoch: int, num_steps: int) -> int:
         """The batch this epoch starts at: 0, or for the epoch a mid-epoch checkpoint stopped in, where it
@@ -228,21 +248,19 @@ class Trainer:
         barrier()
 
     def record_epoch(self, epoch: int, stats: dict, metrics: dict, seconds: float) -> None:
-        """An epoch's figures to TensorBoard and, on rank 0, a row of OUTPUT/summary.csv."""
+        """An epoch's figures: on rank 0 a row of OUTPUT/summary.csv, and the same row (with TensorBoard's
+        per-epoch scalars) to the recorder."""
         ctx = self.ctx
         lr = max(group['lr'] for group in ctx.optimizer.param_groups)
-        scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
-        scalars.update({f'val/{name}': value for name, value in metrics.items()})
-        if ctx.tb_writer is not None:
-            for name, value in scalars.items():
-                ctx.tb_writer.add_scalar(name, value, epoch)
-            ctx.tb_writer.flush()
+        row = {'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'], 'val_loss': metrics.get('loss'),
+               'val_acc1': metrics.get('acc1'), 'val_acc5': metrics.get('acc5'), 'ema_acc1': metrics.get('ema_acc1'),
+               'images_per_second': stats['images_per_second'], 'epoch_seconds': seconds}
         if self.env.is_main:
-            write_summary_row(self.config.OUTPUT, {
-                'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'], 'val_loss': metrics.get('loss'),
-                'val_acc1': metrics.get('acc1'), 'val_acc5': metrics.get('acc5'),
-                'ema_acc1': metrics.get('ema_acc1'), 'images_per_second': stats['images_per_second'],
-                'epoch_seconds': seconds})
+            write_summary_row(self.config.OUTPUT, row)
+        if ctx.recorder is not None:
+            scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
+            scalars.update({f'val/{name}': value for name, value in metrics.items()})
+            ctx.recorder.log_epoch(epoch, (epoch + 1) * stats['steps'], scalars, row)
 
 
 def initial_best(resumed: Resumed, metric: str) -> Optional[float]:
