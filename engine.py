@@ -100,13 +100,22 @@ def no_sync(model: torch.nn.Module, accumulating: bool):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int, logger: logging.Logger,
-                    start_step: int = 0, preemption=None,
-                    save_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-    """Train one epoch from batch ``start_step`` on.
+@dataclass
+class MidEpoch:
+    """Where an epoch starts and what may end it early: ``start_step`` (batches already done, on a resume),
+    ``preemption`` (a stop-signal watcher whose ``received`` is set by SIGTERM/SIGUSR1...), and
+    ``save_step(epoch, batches_done)``, which writes the resumable mid-epoch checkpoint."""
+    start_step: int = 0
+    preemption: Optional[Any] = None
+    save_step: Optional[Callable[[int, int], None]] = None
 
-    ``save_step(epoch, batches_done)`` writes the resumable mid-epoch checkpoint; it is called on every rank
-    after each TRAIN.SAVE_STEPS-th optimizer step (counted over the run) but the epoch's last.
+
+def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int, logger: logging.Logger,
+                    mid: Optional[MidEpoch] = None) -> dict[str, Any]:
+    """Train one epoch from batch ``mid.start_step`` on.
+
+    ``mid.save_step`` is called on every rank after each TRAIN.SAVE_STEPS-th optimizer step (counted over the
+    run) but the epoch's last.
 
     A step whose gradients are inf/NaN is skipped on every rank alike (DDP's all-reduce spreads them); more
     than TRAIN.MAX_NONFINITE_STEPS in a row end the run with a UserError. The step's numbers stay on the device
@@ -117,6 +126,8 @@ def train_one_epoch(config, ctx: TrainContext, data_loader: Iterable, epoch: int
     ``stopped_at``: the number of batches done when a stop signal ended the epoch early (None when it ran to
     the end).
     """
+    mid = mid or MidEpoch()
+    start_step, preemption, save_step = mid.start_step, mid.preemption, mid.save_step
     ctx.model.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     accum, save_steps = config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.get('SAVE_STEPS', 0)

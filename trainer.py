@@ -20,7 +20,7 @@ import torch
 
 from data.samplers import mix_seed
 from distillation import build_distillation_loss
-from engine import (TrainContext, classification_loss, masked_reconstruction_loss, moe_classification_loss,
+from engine import (MidEpoch, TrainContext, classification_loss, masked_reconstruction_loss, moe_classification_loss,
                     train_one_epoch, validate)
 from lr_scheduler import build_scheduler
 from models.complexity import count_flops, count_params
@@ -191,7 +191,8 @@ class Trainer:
 
             def save_step(epoch_: int, step: int) -> None:
                 self.save_step(epoch_, step, max_accuracy, self._extra(best))
-            stats = train_one_epoch(config, self.ctx, loader_train, epoch, logger, start_step, preemption, save_step)
+            stats = train_one_epoch(config, self.ctx, loader_train, epoch, logger,
+                                    MidEpoch(start_step, preemption, save_step))
             if stats['stopped_at'] is not None:
                 save_step(epoch, stats['stopped_at'])
                 logger.info("stopped by a signal after writing a checkpoint; run the same command to continue")

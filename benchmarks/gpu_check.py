@@ -874,7 +874,8 @@ class SyncWatch:
     def wrap(self, train_one_epoch: Callable) -> Callable:
         """main.py's train_one_epoch, its steps told apart by a counting loss function."""
         @functools.wraps(train_one_epoch)
-        def watched(config, ctx, data_loader, epoch, logger, start_step=0, *args, **kwargs):
+        def watched(config, ctx, data_loader, epoch, logger, mid=None):
+            start_step = mid.start_step if mid is not None else 0
             loss_fn, num, freq, index = ctx.loss_fn, len(data_loader), config.PRINT_FREQ, [start_step]
 
             def counted(ctx_, batch):
@@ -888,7 +889,7 @@ class SyncWatch:
             if cuda:
                 torch.cuda.set_sync_debug_mode('warn')
             try:
-                return train_one_epoch(config, ctx, data_loader, epoch, logger, start_step, *args, **kwargs)
+                return train_one_epoch(config, ctx, data_loader, epoch, logger, mid)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode('default')

@@ -152,8 +152,8 @@ def test_the_sync_watch_counts_only_the_syncs_of_steps_between_log_steps():
 
     from benchmarks import gpu_check
 
-    def train_one_epoch(config, ctx, data_loader, epoch, logger, start_step=0, *rest):
-        for _, batch in enumerate(data_loader, start=start_step):
+    def train_one_epoch(config, ctx, data_loader, epoch, logger, mid=None):
+        for _, batch in enumerate(data_loader, start=mid.start_step if mid else 0):
             ctx.loss_fn(ctx, batch)
 
     def loss_fn(ctx, batch):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from config import get_default_config
-from engine import TrainContext, train_one_epoch
+from engine import MidEpoch, TrainContext, train_one_epoch
 from utils.amp import GradScalerWithNorm
 from utils.distributed import cleanup
 from utils.errors import UserError
@@ -68,7 +68,7 @@ def _worker(rank: int, port: int, out_dir: str, case: dict) -> None:
     loader = _Loader(rank, case['steps'], set(case['poison'].get(str(rank), [])), stop)
     result = {}
     try:
-        stats = train_one_epoch(cfg, ctx, loader, 0, logging.getLogger(f'rank{rank}'), preemption=stop)
+        stats = train_one_epoch(cfg, ctx, loader, 0, logging.getLogger(f'rank{rank}'), MidEpoch(preemption=stop))
         result.update(stopped_at=stats['stopped_at'], skipped=stats['skipped_steps'],
                       weights=[p.detach().flatten().tolist() for p in model.parameters()],
                       steps=optimizer.state[next(model.parameters())]['step'].item())
