@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath, Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, window_attention
+from .layers import Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, window_attention
 from .moe import ExpertParallel, MoELayer, init_moe_weights
 from .registry import register_model
 from .swin_base import SwinBase
@@ -106,15 +106,13 @@ class SwinTransformerBlockMoE(ShiftedWindowBlock):
         super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=False)
         self.is_moe = moe is not None
         self.capacity_factor, self.top_value = (moe['capacity_factor'], moe['k']) if moe else (1.0, 1)
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                    attn_drop=attn_drop, proj_drop=drop,
-                                    pretrained_window_size=to_2tuple(pretrained_window_size))
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = norm_layer(dim)
+        attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=drop,
+                               pretrained_window_size=to_2tuple(pretrained_window_size))
         hidden = int(dim * mlp_ratio)
-        self.mlp = (MoEMlp(dim, hidden, parallel, mlp_fc2_bias=mlp_fc2_bias, **moe) if moe
-                    else Mlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias))
+        mlp = (MoEMlp(dim, hidden, parallel, mlp_fc2_bias=mlp_fc2_bias, **moe) if moe
+               else Mlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias))
+        self.add_branches('attn', attn, mlp, drop_path, norm_layer)
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-major tokens of a ``size`` map (default: the built size) -> (tokens, auxiliary loss)."""
