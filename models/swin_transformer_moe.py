@@ -158,7 +158,8 @@ class SwinTransformerMoE(SwinBase):
     :class:`MoEStage`; fixed size, no backbone outputs). Arguments keep the official names; ``moe_blocks`` lists, per
     stage, the indices of the blocks with an MoE MLP (``[-1]``: none). The experts are placed over the ranks of the
     default process group (one process: all local) per ``num_local_experts`` (:class:`~models.moe.ExpertParallel`);
-    ``expert_world_size`` builds rank 0's share of a job of that size instead (to count or inspect it)."""
+    ``expert_world_size`` builds rank 0's share of a job of that size instead (to count or inspect it);
+    ``frozen_stages`` is the base's (frozen experts stay out of DDP's ignore list: they have no gradient)."""
 
     weight_decay_exempt = frozenset({'cpb_mlp', 'relative_position_bias_table', 'fc1_bias', 'fc2_bias', 'temperature',
                                      'cosine_projector', 'sim_matrix'})
@@ -174,7 +175,7 @@ class SwinTransformerMoE(SwinBase):
                  cosine_router: bool = False, normalize_gate: bool = False, use_bpr: bool = True,
                  is_gshard_loss: bool = False, gate_noise: float = 1.0, cosine_router_dim: int = 256,
                  cosine_router_init_t: float = 0.5, moe_drop: float = 0.0, aux_loss_weight: float = 0.01,
-                 expert_world_size: Optional[int] = None):
+                 expert_world_size: Optional[int] = None, frozen_stages: int = -1):
         if not any(pretrained_window_sizes):  # the all-zero default fits any number of stages
             pretrained_window_sizes = [0] * len(depths)
         if len(moe_blocks) != len(depths):
@@ -191,7 +192,7 @@ class SwinTransformerMoE(SwinBase):
             block, PatchMerging, img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
             drop_rate=drop_rate, drop_path_rate=drop_path_rate, ape=ape, patch_norm=patch_norm,
-            use_checkpoint=use_checkpoint, init_std=init_std, stage=MoEStage,
+            use_checkpoint=use_checkpoint, frozen_stages=frozen_stages, init_std=init_std, stage=MoEStage,
             stage_args={'pretrained_window_size': pretrained_window_sizes},
             block_args=lambda stage, index: {'moe': moe if index in moe_blocks[stage] else None})
         self.parallel = parallel
