@@ -504,7 +504,8 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
     parser.add_argument('--throughput', action='store_true', help='Test throughput only')
     parser.add_argument('--fused_window_process', action='store_true', help='Fused window shift & partition')
     parser.add_argument('--fused_layernorm', action='store_true', help='Use fused layernorm.')
-    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam')
+    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam '
+                        "(ours: or one of timm's, e.g. lamb, lion; see TRAIN.OPTIMIZER.NAME)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
                         help='ignored: the launcher sets LOCAL_RANK')
     # ours
