@@ -83,7 +83,8 @@ def test_frozen_parameters_get_no_gradient_no_optimizer_state_and_keep_their_val
     if freeze == 'head_only':
         trained = {n for n, p in model.named_parameters() if id(p) in in_optimizer}
         assert trained == {'head.weight', 'head.bias'}
-    assert describe_frozen(model).endswith('training head' if freeze == 'head_only' else 'training layers.1, norm, head')
+    trains = 'head' if freeze == 'head_only' else 'layers.1, norm, head'
+    assert describe_frozen(model).endswith(f'training {trains}')
     # train_one_epoch put the model in train mode: the frozen stages stayed in eval mode (no drop path)
     assert not model.layers[0].training and model.layers[1].training == (freeze == 'stages')
 
@@ -115,7 +116,8 @@ def test_a_resumed_frozen_run_continues_exactly_and_checkpoints_keep_the_frozen_
     cfg = _cfg(tmp_path / 'stopped', 'stages')
     first, run, ctx = _prepare(cfg)
     _epoch(cfg, ctx, 0)
-    path = build_checkpointer(cfg, TrainingState(first, run.optimizer, run.lr_scheduler, run.scaler), 0, LOG).save(0, 0.0)
+    state = TrainingState(first, run.optimizer, run.lr_scheduler, run.scaler)
+    path = build_checkpointer(cfg, state, 0, LOG).save(0, 0.0)
     assert 'patch_embed.proj.weight' in torch.load(path, weights_only=True)['model']
 
     resumed, run, ctx = _prepare(cfg, seed=1)  # other initial weights: the frozen ones too must come from the file
