@@ -164,6 +164,12 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 
 _C.TRAIN.LAYER_DECAY = 1.0
+# (ours) freezing (fine-tuning, linear probing): frozen parameters get no gradient and no optimizer state, and frozen
+# stages run in eval mode (no dropout, no drop path). FROZEN_STAGES k: the patch embedding (and absolute position
+# embedding) and the first k stages, the backbone's frozen_stages rule (0: the embedding only; -1: nothing).
+# HEAD_ONLY: everything but the classifier head (a linear probe).
+_C.TRAIN.FROZEN_STAGES = -1
+_C.TRAIN.HEAD_ONLY = False
 
 _C.TRAIN.MOE = CN()
 _C.TRAIN.MOE.SAVE_MASTER = False
@@ -452,7 +458,7 @@ LOG_BACKENDS = ('wandb', 'mlflow')
 _MINIMUM = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'MODEL.NUM_CLASSES': 1,
             'TRAIN.EPOCHS': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'SAVE_FREQ': 1, 'PRINT_FREQ': 1,
             'TRAIN.WARMUP_EPOCHS': 0, 'TRAIN.KEEP_CKPTS': 0, 'TRAIN.MAX_NONFINITE_STEPS': 0,
-            'TRAIN.SAVE_STEPS': 0, 'PEER_TIMEOUT': 0.0}
+            'TRAIN.SAVE_STEPS': 0, 'PEER_TIMEOUT': 0.0, 'TRAIN.FROZEN_STAGES': -1}
 
 
 def _get_key(cfg: CN, key: str) -> Any:
@@ -547,7 +553,8 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
     parser.add_argument('--throughput', action='store_true', help='Test throughput only')
     parser.add_argument('--fused_window_process', action='store_true', help='Fused window shift & partition')
     parser.add_argument('--fused_layernorm', action='store_true', help='Use fused layernorm.')
-    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam')
+    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd/fused_adam '
+                        "(ours: or one of timm's, e.g. lamb, lion; see TRAIN.OPTIMIZER.NAME)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
                         help='ignored: the launcher sets LOCAL_RANK')
     # ours

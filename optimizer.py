@@ -1,4 +1,5 @@
-"""The optimizer: parameter groups without weight decay, optional layer-wise lr decay, AdamW or SGD.
+"""The optimizer: parameter groups without weight decay, optional layer-wise lr decay, AdamW or SGD (official), or
+any of timm's optimizers that steps on such groups (LAMB, Lion, ...).
 
 No weight decay for 1-D parameters (norms), biases, and whatever the model lists in
 ``no_weight_decay()`` / ``no_weight_decay_keywords()`` (Swin: absolute_pos_embed,
@@ -8,6 +9,9 @@ Without layer decay there are exactly two groups, [decay, no-decay], in the offi
 official checkpoint's optimizer state loads. With ``TRAIN.LAYER_DECAY != 1`` each group also carries
 ``lr_scale`` = LAYER_DECAY ** (num_layers - layer_id); the group's ``lr`` stays the base lr and the
 scheduler (timm's ``Scheduler.update_groups``) multiplies it by ``lr_scale`` at every step.
+
+timm's optimizers are built by ``timm.optim.create_optimizer_v2`` from these same groups (not from the model, so
+timm's own grouping never runs): the no-decay lists and layer decay hold for them as for AdamW.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from config import get_default_config
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 
-OPTIMIZERS = ('adamw', 'fused_adam', 'sgd')
+OPTIMIZERS = ('adamw', 'fused_adam', 'sgd')  # the official names, built here
+_DEFAULT_OPTIMIZER = get_default_config().TRAIN.OPTIMIZER
 
 
 def _skip_lists(model: torch.nn.Module) -> tuple[set, set]:
@@ -88,8 +94,44 @@ def _adamw(params, config, fused_ok: bool) -> torch.optim.Optimizer:
                              weight_decay=config.TRAIN.WEIGHT_DECAY, **kwargs)
 
 
+def timm_optimizers() -> list[str]:
+    """The names timm's ``create_optimizer_v2`` takes on top of ours: all it lists but ours and the second-order
+    ones (AdaHessian needs a backward that builds the graph of the gradients; our loop's does not). Some need a
+    package of their own and CUDA (``bnb*``: bitsandbytes, ``fused*``: apex): asking for one without them is an
+    error line."""
+    from timm.optim import get_optimizer_info, list_optimizers
+    return [name for name in list_optimizers()
+            if name not in OPTIMIZERS and not get_optimizer_info(name).second_order]
+
+
+def _timm_optimizer(name: str, params: list[dict[str, Any]], config) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` over our parameter groups. TRAIN.OPTIMIZER.EPS and BETAS reach it only where they
+    differ from their defaults (AdamW's, for the official optimizers), as timm's train.py passes --opt-eps and
+    --opt-betas only when given: otherwise the optimizer's own defaults hold (Lion's betas (0.9, 0.99), Adan's
+    three). MOMENTUM reaches those that take one (LARS, SGDP, RMSprop, ...)."""
+    from timm.optim import create_optimizer_v2, get_optimizer_info
+    opt, default, info = config.TRAIN.OPTIMIZER, _DEFAULT_OPTIMIZER, get_optimizer_info(name)
+    kwargs: dict[str, Any] = {}
+    if opt.EPS != default.EPS:
+        kwargs['eps'] = opt.EPS  # timm drops it for an optimizer without one (and betas likewise)
+    if tuple(opt.BETAS) != tuple(default.BETAS):
+        if info.has_betas and len(opt.BETAS) != info.num_betas:
+            raise UserError(f"TRAIN.OPTIMIZER.BETAS {list(opt.BETAS)} has {len(opt.BETAS)} entries; "
+                            f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} takes {info.num_betas}")
+        kwargs['betas'] = tuple(opt.BETAS)
+    try:
+        return create_optimizer_v2(params, name, lr=config.TRAIN.BASE_LR, weight_decay=config.TRAIN.WEIGHT_DECAY,
+                                   momentum=opt.MOMENTUM, **kwargs)
+    except (ImportError, AssertionError) as e:  # timm asserts what bitsandbytes and apex need (CUDA, the package)
+        raise UserError(f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} cannot be built here: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a beta out of [0, 1)
+        raise UserError(f"TRAIN.OPTIMIZER.NAME {opt.NAME!r} with TRAIN.OPTIMIZER.EPS {opt.EPS} and BETAS "
+                        f"{list(opt.BETAS)}: {e}") from None
+
+
 def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """TRAIN.OPTIMIZER.NAME: 'adamw', 'fused_adam' (the official apex name: fused AdamW) or 'sgd' (Nesterov).
+    """TRAIN.OPTIMIZER.NAME: 'adamw', 'fused_adam' (the official apex name: fused AdamW), 'sgd' (Nesterov), or one of
+    :func:`timm_optimizers` ('lamb', 'lion', ...: :func:`_timm_optimizer`).
 
     ``config.TRAIN.BASE_LR`` is used as is: scale it for the batch size before calling.
     """
@@ -106,5 +148,8 @@ def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == 'sgd':
         return torch.optim.SGD(params, lr=config.TRAIN.BASE_LR, momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
                                nesterov=True, weight_decay=config.TRAIN.WEIGHT_DECAY)
-    raise UserError(f"TRAIN.OPTIMIZER.NAME {config.TRAIN.OPTIMIZER.NAME!r} is not supported; "
-                    f"choose one of {', '.join(OPTIMIZERS)}")
+    others = timm_optimizers()
+    if name in others:
+        return _timm_optimizer(name, params, config)
+    raise UserError(f"TRAIN.OPTIMIZER.NAME {config.TRAIN.OPTIMIZER.NAME!r} is not supported; choose one of "
+                    f"{', '.join(OPTIMIZERS)} (official) or of timm's: {', '.join(others)}")

@@ -110,6 +110,8 @@ def prepare_training(config, env: DistEnv, model: torch.nn.Module, steps_per_epo
         shard_model(model, config, env.device, amp_dtype)
         if model_ema is not None:
             shard_model(model_ema.module, config, env.device, amp_dtype)
+    if config.TRAIN.FROZEN_STAGES >= 0 or config.TRAIN.HEAD_ONLY:
+        logger.info(describe_frozen(model))
     optimizer = build_optimizer(config, model)
     if variant.experts_apart:
         experts = exclude_experts_from_ddp(model, env.world_size)
@@ -119,6 +121,17 @@ def prepare_training(config, env: DistEnv, model: torch.nn.Module, steps_per_epo
     scaler = GradScalerWithNorm(enabled=amp_dtype == torch.float16)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch // config.TRAIN.ACCUMULATION_STEPS)
     return Prepared(wrapped, model, optimizer, lr_scheduler, scaler, model_ema)
+
+
+def describe_frozen(model: torch.nn.Module) -> str:
+    """One log line: how many parameters TRAIN.FROZEN_STAGES / TRAIN.HEAD_ONLY froze, and what still trains."""
+    params = dict(model.named_parameters())
+    frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
+    # named by top-level module, stages by number: 'layers.2, layers.3, norm, head'
+    trained = dict.fromkeys('.'.join(name.split('.')[:2 if name.startswith('layers.') else 1])
+                            for name, p in params.items() if p.requires_grad)
+    return (f"frozen: {frozen} of {sum(p.numel() for p in params.values())} parameters (no gradient, no optimizer "
+            f"state); training {', '.join(trained) or 'nothing'}")
 
 
 def amp_dtype_of(config, env: DistEnv) -> Optional[torch.dtype]:

@@ -460,7 +460,8 @@ def time_alone(name: str, arch: str, device: torch.device, plan: Plan, dtype: to
     _free(device)
     result = None
     try:
-        runner = speed.Runner(name, arch, device, torch.get_num_threads(), 'wall', 'model', plan.overrides[arch])
+        setup = speed.Setup(arch, device, threads=torch.get_num_threads(), overrides=plan.overrides[arch])
+        runner = speed.Runner(name, setup)
         peak_mb = runner.prepare('train', dtype, batch, plan.warmup)
         rates = [batch * plan.iters / runner.time(plan.iters) for _ in range(plan.rounds)]
         result = {'img_s': statistics.median(rates), 'mem_gb': peak_mb / 1024 if device.type == 'cuda' else None}

@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import cpu, create_model  # noqa: E402
 
 __all__ = ['ARCHS', 'build_model', 'model_names', 'make_optimizer', 'make_step', 'saved_bytes', 'run', 'Runner',
-           'format_rows']
+           'Setup', 'Schedule', 'format_rows']
 
 # architecture -> (our registered name, timm's name, image size); drop path 0.2 for both, the paper's
 ARCHS = {'swin-t': ('swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', 224),
@@ -171,21 +172,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every model of one comparison shares: the architecture, where and how it runs, and its size."""
+    arch: str = 'swin-t'
+    device: torch.device = torch.device('cpu')
+    threads: int = 2                # CPU threads (a GPU run leaves torch's number alone)
+    clock: str = 'wall'             # 'wall' or 'cpu' (CPU seconds of the process)
+    comparison: str = 'model'       # 'model' or 'framework', see COMPARISONS
+    overrides: dict = field(default_factory=dict)  # constructor arguments for every model alike (e.g. img_size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What is timed: the modes (e.g. 'train-fp32'), the batch per kind ('infer', 'train'), and how often."""
+    modes: List[str]
+    batch: Dict[str, int]
+    rounds: int
+    iters: int                      # steps per round
+    warmup: int                     # untimed steps before each mode
+
+
 class Runner:
     """Times one model: ``prepare(mode)`` builds its step, warms up and measures memory; ``time(iters)`` times it."""
 
-    def __init__(self, name: str, arch: str, device: torch.device, threads: int, clock: str, comparison: str,
-                 overrides: Optional[dict] = None):
-        self.clock = time.process_time if clock == 'cpu' else time.perf_counter
+    def __init__(self, name: str, setup: Setup):
+        self.clock = time.process_time if setup.clock == 'cpu' else time.perf_counter
+        device = setup.device
         if device.type != 'cuda':
-            torch.set_num_threads(threads)
-        if comparison == 'framework':
+            torch.set_num_threads(setup.threads)
+        if setup.comparison == 'framework':
             _framework_setup(name, device)
         torch.manual_seed(0)
-        self.name, self.device, self.comparison = name, device, comparison
-        overrides = overrides or {}
-        self.img_size = overrides.get('img_size', ARCHS[arch][2])
-        self.model = build_model(name, arch, device, **overrides).to(device)
+        self.name, self.device, self.comparison = name, device, setup.comparison
+        self.img_size = setup.overrides.get('img_size', ARCHS[setup.arch][2])
+        self.model = build_model(name, setup.arch, device, **setup.overrides).to(device)
         self.step: Optional[Callable[[], None]] = None
 
     def prepare(self, kind: str, dtype: Optional[torch.dtype], batch: int, warmup: int) -> Optional[float]:
@@ -243,7 +264,7 @@ class _RemoteRunner:
         self.process.join(timeout=60)
 
 
-def model_names(arch: str, reference: bool, checkpoint: bool, peers: bool) -> List[str]:
+def model_names(arch: str, reference: bool = False, checkpoint: bool = False, peers: bool = True) -> List[str]:
     """The models to time: ours (the reference, with activation checkpointing, if asked), then installed peers."""
     names = ['ours'] + (['ours-ref'] if reference else []) + (['ours-ckpt'] if checkpoint else [])
     if peers:
@@ -255,27 +276,23 @@ def model_names(arch: str, reference: bool, checkpoint: bool, peers: bool) -> Li
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def run(comparison: str, modes: List[str], batch: Dict[str, int], rounds: int, iters: int, warmup: int,
-        device: torch.device, arch: str = 'swin-t', reference: bool = False, checkpoint: bool = False,
-        peers: bool = True, threads: int = 2, clock: str = 'wall', names: Optional[List[str]] = None,
-        overrides: Optional[dict] = None) -> List[dict]:
-    """Time every model in every mode for one comparison ('model' or 'framework'); one row per (mode, model).
-    ``names`` picks the models (default: :func:`model_names`); ``overrides`` resizes every model alike."""
-    make = Runner if comparison == 'model' else _RemoteRunner
-    names = names or model_names(arch, reference, checkpoint, peers)
-    runners = {k: make(k, arch, device, threads, clock, comparison, overrides) for k in names}
+def run(setup: Setup, schedule: Schedule, names: Optional[List[str]] = None) -> List[dict]:
+    """Time every model in every mode for one comparison (``setup.comparison``); one row per (mode, model).
+    ``names`` picks the models (default: :func:`model_names`); ``setup.overrides`` resizes every model alike."""
+    make = Runner if setup.comparison == 'model' else _RemoteRunner
+    runners = {k: make(k, setup) for k in names or model_names(setup.arch)}
     rows = []
     try:
-        for mode in modes:
+        for mode in schedule.modes:
             kind, prec = mode.split('-')
-            dtype, b = DTYPES[prec], batch[kind]
-            mem = {k: r.prepare(kind, dtype, b, warmup) for k, r in runners.items()}
+            dtype, b = DTYPES[prec], schedule.batch[kind]
+            mem = {k: r.prepare(kind, dtype, b, schedule.warmup) for k, r in runners.items()}
             times: Dict[str, List[float]] = {k: [] for k in runners}
-            for _ in range(rounds):
+            for _ in range(schedule.rounds):
                 for k, r in runners.items():  # alternate the models inside every round
-                    times[k].append(b * iters / r.time(iters))
-            rows += [dict(comparison=comparison, mode=mode, model=k, batch=b, img_s=statistics.median(times[k]),
-                          mem_mb=mem[k]) for k in runners]
+                    times[k].append(b * schedule.iters / r.time(schedule.iters))
+            rows += [dict(comparison=setup.comparison, mode=mode, model=k, batch=b,
+                          img_s=statistics.median(times[k]), mem_mb=mem[k]) for k in runners]
     finally:
         for r in runners.values():
             if isinstance(r, _RemoteRunner):
@@ -330,10 +347,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"{args.arch}, {name}, torch {torch.__version__}, median of {args.rounds} rounds x {iters} steps, "
           f"{args.clock} clock; memory: " + ('peak allocated' if gpu else 'training: bytes saved for backward'),
           flush=True)
+    schedule = Schedule(modes, batch, args.rounds, iters, warmup)
+    names = model_names(args.arch, args.reference, args.checkpoint, not args.no_peers)
     rows = []
     for comparison in (['model', 'framework'] if args.comparison == 'both' else [args.comparison]):
-        rows += run(comparison, modes, batch, args.rounds, iters, warmup, device, args.arch, args.reference,
-                    args.checkpoint, not args.no_peers, args.threads, args.clock)
+        setup = Setup(args.arch, device, args.threads, args.clock, comparison)
+        rows += run(setup, schedule, names)
         print(format_rows([r for r in rows if r['comparison'] == comparison]), flush=True)
 
 

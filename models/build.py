@@ -23,7 +23,21 @@ def _common_args(config, sub) -> dict:
                 num_classes=config.MODEL.NUM_CLASSES, embed_dim=sub.EMBED_DIM, depths=list(sub.DEPTHS),
                 num_heads=list(sub.NUM_HEADS), window_size=sub.WINDOW_SIZE, mlp_ratio=sub.MLP_RATIO,
                 drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=sub.APE,
-                patch_norm=sub.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+                patch_norm=sub.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+                frozen_stages=_frozen_stages(config, len(sub.DEPTHS)))
+
+
+def _frozen_stages(config, num_stages: int) -> int:
+    """The backbone's ``frozen_stages`` from TRAIN.FROZEN_STAGES; TRAIN.HEAD_ONLY freezes every stage (and
+    :func:`build_model` the final norm after them). Configs saved before these keys freeze nothing."""
+    train = config.TRAIN
+    if train.get('HEAD_ONLY', False):
+        return num_stages
+    frozen = train.get('FROZEN_STAGES', -1)
+    if not -1 <= frozen <= num_stages:
+        raise UserError(f"TRAIN.FROZEN_STAGES {frozen} must be in [-1, {num_stages}] for a model of {num_stages} "
+                        "stages (-1: nothing frozen; 0: the patch embedding; k: it and the first k stages)")
+    return frozen
 
 
 def _backbone_args(config) -> dict:
@@ -67,13 +81,21 @@ def build_model(config, is_pretrain: bool = False, device: Union[str, torch.devi
     keys; ``impl=cpu`` in the printed model) unless ``CPU_KERNELS`` is False or TRAIN.SHARDING is fsdp; any other
     device gets the reference model. The model is returned on the CPU, for the caller to move. A size or shape that
     the architecture cannot take is a UserError naming the keys involved.
+
+    TRAIN.FROZEN_STAGES and TRAIN.HEAD_ONLY come out as parameters that do not require gradients (so the optimizer
+    and DDP leave them out) and frozen stages that stay in eval mode (:class:`~models.swin_base.SwinBase`).
     """
+    head_only = config.TRAIN.get('HEAD_ONLY', False)
     if is_pretrain:
+        if head_only:
+            raise UserError("TRAIN.HEAD_ONLY trains the classifier head alone: SimMIM pre-training has no head")
         encoder = build_model(config, device=device)
         encoder.reset_classifier(0)
         target = config.MODEL.SIMMIM.NORM_TARGET
         return SimMIM(encoder, norm_target_patch_size=target.PATCH_SIZE if target.ENABLE else 0)
     model = _build_reference(config)
+    if head_only:  # a linear probe: the stages are frozen by the constructor, the final norm here
+        model.norm.requires_grad_(False)
     # FSDP (TRAIN.SHARDING fsdp) all-gathers fresh weight tensors for every forward: the CPU modules' caches of
     # converted weights would only miss, so sharded runs keep the reference modules.
     sharded = config.get('TRAIN', {}).get('SHARDING', 'ddp') == 'fsdp'

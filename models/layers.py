@@ -1,6 +1,6 @@
 """The modules every Swin family is built from: patch embedding and merging, the MLP, stochastic depth, a stage, the
-shared part of a window-attention block, and window attention itself (one ``F.scaled_dot_product_attention`` call,
-:func:`window_attention`).
+shared part of every block and of the window-attention blocks, and window attention itself (one
+``F.scaled_dot_product_attention`` call, :func:`window_attention`).
 
 Tokens travel between modules as ``(B, L, C)`` with ``L = H * W`` in row-major order, as in the official
 implementation; a block is told the size of the map that arrives (or uses the one it was built for) to fold them
@@ -25,7 +25,7 @@ from .windows import (clip_window, derived_on, held_window_rule, merge_windows, 
                       shifted_window_mask, shifted_windows)
 
 __all__ = [
-    'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer',
+    'DropPath', 'trunc_normal_', 'to_2tuple', 'Mlp', 'PatchEmbed', 'PatchMerging', 'BasicLayer', 'WindowBlock',
     'ShiftedWindowBlock', 'window_attention', 'window_attention_flops', 'drop_path_rates', 'init_weights',
     'log_spaced',
 ]
@@ -252,17 +252,17 @@ class BasicLayer(nn.Module):
         return flops
 
 
-class ShiftedWindowBlock(nn.Module):
-    """What the window-attention blocks (V1, V2, Swin-MoE) share: their sizes, the window and shift decided on the map
-    that arrives, the shift mask, and attention applied within the (shifted) windows. A subclass adds the modules
-    (``norm1``, ``attn``, ``norm2``, ``mlp``, ...) and the forward that orders them.
+class WindowBlock(nn.Module):
+    """What every Swin block shares (V1, V2, Swin-MoE, Swin-MLP): its sizes, the window decided on the map that
+    arrives, and the modules of its two residual branches (:meth:`add_branches`). A subclass builds its token mixer
+    (window attention, or Swin-MLP's spatial MLP) and writes the forward that orders the modules.
 
     Where the map is no larger than ``window_size`` the window shrinks to the map and the shift is dropped (official
     rule, :func:`~models.windows.clip_window`). ``window_rule`` is the configured ``(window, shift)`` the rule is
-    applied with to each map that arrives; with ``holds_window`` (a bias table sized by the window, V1's) it is
-    capped by the window the block was built with (:func:`~models.windows.held_window_rule`). ``window_size`` and
-    ``shift_size`` are what the rule gives at the built ``input_resolution``, ``attn_mask`` (where shifted) the mask
-    for that size: a derived buffer, not saved.
+    applied with to each map that arrives; with ``holds_window`` (a table sized by the window: V1's bias table,
+    Swin-MLP's spatial MLP) it is capped by the window the block was built with
+    (:func:`~models.windows.held_window_rule`). ``window_size`` and ``shift_size`` are what the rule gives at the
+    built ``input_resolution``.
     """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int,
@@ -279,15 +279,46 @@ class ShiftedWindowBlock(nn.Module):
         else:
             self.window_rule = (window_size, shift_size)
         self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
+
+    def add_branches(self, mixer_name: str, mixer: nn.Module, mlp: nn.Module, drop_path: float,
+                     norm_layer: type) -> None:
+        """Register the modules of the two residual branches in the official order, which the printed model and the
+        state dict follow: ``norm1``, the token mixer as ``mixer_name`` (``attn``, ``spatial_mlp``), ``drop_path``
+        (one module, shared by both branches), ``norm2``, ``mlp``."""
+        self.norm1 = norm_layer(self.dim)
+        self.add_module(mixer_name, mixer)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = norm_layer(self.dim)
+        self.mlp = mlp
+
+    def window_at(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """The window and shift for a ``size`` map: the official rule, decided on the map that arrives."""
+        return clip_window(size, *self.window_rule)
+
+    def mlp_flops(self) -> float:
+        """Multiply-adds of the MLP over the built map (official formula)."""
+        h, w = self.input_resolution
+        return 2 * h * w * self.dim * self.dim * self.mlp_ratio
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
+                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+
+
+class ShiftedWindowBlock(WindowBlock):
+    """What the window-attention blocks (V1, V2, Swin-MoE) add to :class:`WindowBlock`: the shift mask, and attention
+    applied within the (shifted) windows. ``attn_mask`` (where shifted) is the mask for the built size: a derived
+    buffer, not saved.
+    """
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int,
+                 shift_size: int, mlp_ratio: float, holds_window: bool):
+        super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window)
         mask = None
         if self.shift_size > 0:
             mask = shifted_window_mask(padded_size(self.input_resolution, self.window_size), self.window_size,
                                        self.shift_size)
         register_derived_buffer(self, 'attn_mask', mask)
-
-    def window_at(self, size: Tuple[int, int]) -> Tuple[int, int]:
-        """The window and shift for a ``size`` map: the official rule, decided on the map that arrives."""
-        return clip_window(size, *self.window_rule)
 
     def shift_mask(self, size: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
         """The ``(nW, N, N)`` additive mask for a ``size`` map (``attn_mask`` at the built size; another size's built
@@ -309,21 +340,12 @@ class ShiftedWindowBlock(nn.Module):
         windows = attn(shifted_windows(x, size, window, shift), self.shift_mask(size, x.device), window)
         return merge_windows(windows, size, window, shift)
 
-    def mlp_flops(self) -> float:
-        """Multiply-adds of the MLP over the built map (official formula)."""
-        h, w = self.input_resolution
-        return 2 * h * w * self.dim * self.dim * self.mlp_ratio
-
     def flops(self) -> int:
         """Multiply-adds at the built size by the official formula: two norms, attention in every window, the MLP."""
         h, w = self.input_resolution
         n = self.window_size * self.window_size
         attention = h * w // n * window_attention_flops(n, self.dim, self.num_heads)
         return int(2 * self.dim * h * w + attention + self.mlp_flops())
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
 
 
 class _ImageBias(torch.autograd.Function):

@@ -15,46 +15,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, Mlp, PatchMerging, trunc_normal_
+from .layers import Mlp, PatchMerging, WindowBlock, trunc_normal_
 from .registry import register_model
 from .swin_base import SwinBase
-from .windows import clip_window, held_window_rule, map_size, padded_size, window_partition, window_reverse
+from .windows import map_size, padded_size, window_partition, window_reverse
 
 __all__ = ['SwinMLPBlock', 'SwinMLP']
 
 
-class SwinMLPBlock(nn.Module):
+class SwinMLPBlock(WindowBlock):
     """Pre-norm block: (shifted-padded) window spatial MLP, then a channel MLP, both residual.
 
-    ``window_size`` and ``shift_size`` are those of the built ``input_resolution`` (official rule); ``window_rule``
-    is what the rule is applied with to each map that arrives (:func:`~models.windows.held_window_rule`). The window
-    stays the built one at every size (a smaller map is padded to it); the shift follows the arriving map.
+    The spatial MLP is sized by the window, so the block holds the window it was built with
+    (:class:`~models.layers.WindowBlock` with ``holds_window``): a smaller map is padded to it; the shift follows the
+    arriving map.
     """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  shift_size: int = 0, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
                  act_layer: type = nn.GELU, norm_layer: type = nn.LayerNorm):
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size {shift_size} must be in [0, window_size {window_size})")
+        super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=True)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.window_rule = held_window_rule(self.input_resolution, window_size, shift_size)
-        self.window_size, self.shift_size = clip_window(self.input_resolution, *self.window_rule)
-        self.norm1 = norm_layer(dim)
         n = num_heads * self.window_size ** 2
-        self.spatial_mlp = nn.Conv1d(n, n, kernel_size=1, groups=num_heads)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        spatial_mlp = nn.Conv1d(n, n, kernel_size=1, groups=num_heads)
+        self.add_branches('spatial_mlp', spatial_mlp, Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop),
+                          drop_path, norm_layer)
 
     def shift_at(self, size: Tuple[int, int]) -> int:
         """The shift for a ``size`` map: the official rule, decided on the map that arrives."""
-        return clip_window(size, *self.window_rule)[1]
+        return self.window_at(size)[1]
 
     def spatial_mix(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``: mix positions within each (padded, shifted) window. A map the window
@@ -93,11 +83,7 @@ class SwinMLPBlock(nn.Module):
         else:
             num_windows = h * w / ws / ws
         flops = 2 * self.dim * h * w + num_windows * self.dim * ws * ws * ws * ws
-        return int(flops + 2 * h * w * self.dim * self.dim * self.mlp_ratio)
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, '
-                f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}')
+        return int(flops + self.mlp_flops())
 
 
 class SwinMLP(SwinBase):

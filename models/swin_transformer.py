@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import DropPath, Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, trunc_normal_, window_attention
+from .layers import Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, trunc_normal_, window_attention
 from .registry import register_model
 from .swin_base import SwinBase
 from .windows import derived_on, map_size, register_derived_buffer, relative_position_index
@@ -100,12 +100,10 @@ class SwinTransformerBlock(ShiftedWindowBlock):
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
                  norm_layer: type = nn.LayerNorm):
         super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=True)
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
-                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=drop)
+        self.add_branches('attn', attn, Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop), drop_path,
+                          norm_layer)
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens ``(B, H*W, C)`` of a ``size`` map (default: the built ``input_resolution``) in and out."""

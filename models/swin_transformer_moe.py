@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath, Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, window_attention
+from .layers import Mlp, PatchMerging, ShiftedWindowBlock, to_2tuple, window_attention
 from .moe import ExpertParallel, MoELayer, init_moe_weights
 from .registry import register_model
 from .swin_base import SwinBase
@@ -106,15 +106,13 @@ class SwinTransformerBlockMoE(ShiftedWindowBlock):
         super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=False)
         self.is_moe = moe is not None
         self.capacity_factor, self.top_value = (moe['capacity_factor'], moe['k']) if moe else (1.0, 1)
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                    attn_drop=attn_drop, proj_drop=drop,
-                                    pretrained_window_size=to_2tuple(pretrained_window_size))
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = norm_layer(dim)
+        attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=drop,
+                               pretrained_window_size=to_2tuple(pretrained_window_size))
         hidden = int(dim * mlp_ratio)
-        self.mlp = (MoEMlp(dim, hidden, parallel, mlp_fc2_bias=mlp_fc2_bias, **moe) if moe
-                    else Mlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias))
+        mlp = (MoEMlp(dim, hidden, parallel, mlp_fc2_bias=mlp_fc2_bias, **moe) if moe
+               else Mlp(dim, hidden, drop=drop, fc2_bias=mlp_fc2_bias))
+        self.add_branches('attn', attn, mlp, drop_path, norm_layer)
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-major tokens of a ``size`` map (default: the built size) -> (tokens, auxiliary loss)."""
@@ -160,7 +158,8 @@ class SwinTransformerMoE(SwinBase):
     :class:`MoEStage`; fixed size, no backbone outputs). Arguments keep the official names; ``moe_blocks`` lists, per
     stage, the indices of the blocks with an MoE MLP (``[-1]``: none). The experts are placed over the ranks of the
     default process group (one process: all local) per ``num_local_experts`` (:class:`~models.moe.ExpertParallel`);
-    ``expert_world_size`` builds rank 0's share of a job of that size instead (to count or inspect it)."""
+    ``expert_world_size`` builds rank 0's share of a job of that size instead (to count or inspect it);
+    ``frozen_stages`` is the base's (frozen experts stay out of DDP's ignore list: they have no gradient)."""
 
     weight_decay_exempt = frozenset({'cpb_mlp', 'relative_position_bias_table', 'fc1_bias', 'fc2_bias', 'temperature',
                                      'cosine_projector', 'sim_matrix'})
@@ -176,7 +175,7 @@ class SwinTransformerMoE(SwinBase):
                  cosine_router: bool = False, normalize_gate: bool = False, use_bpr: bool = True,
                  is_gshard_loss: bool = False, gate_noise: float = 1.0, cosine_router_dim: int = 256,
                  cosine_router_init_t: float = 0.5, moe_drop: float = 0.0, aux_loss_weight: float = 0.01,
-                 expert_world_size: Optional[int] = None):
+                 expert_world_size: Optional[int] = None, frozen_stages: int = -1):
         if not any(pretrained_window_sizes):  # the all-zero default fits any number of stages
             pretrained_window_sizes = [0] * len(depths)
         if len(moe_blocks) != len(depths):
@@ -193,7 +192,7 @@ class SwinTransformerMoE(SwinBase):
             block, PatchMerging, img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
             drop_rate=drop_rate, drop_path_rate=drop_path_rate, ape=ape, patch_norm=patch_norm,
-            use_checkpoint=use_checkpoint, init_std=init_std, stage=MoEStage,
+            use_checkpoint=use_checkpoint, frozen_stages=frozen_stages, init_std=init_std, stage=MoEStage,
             stage_args={'pretrained_window_size': pretrained_window_sizes},
             block_args=lambda stage, index: {'moe': moe if index in moe_blocks[stage] else None})
         self.parallel = parallel

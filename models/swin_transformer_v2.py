@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .layers import DropPath, Mlp, ShiftedWindowBlock, log_spaced, to_2tuple, window_attention
+from .layers import Mlp, ShiftedWindowBlock, log_spaced, to_2tuple, window_attention
 from .registry import register_model
 from .swin_base import SwinBase
 from .windows import derived_buffer, derived_on, map_size, register_derived_buffer, relative_position_index
@@ -146,13 +146,11 @@ class SwinTransformerBlock(ShiftedWindowBlock):
                  attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: type = nn.GELU,
                  norm_layer: type = nn.LayerNorm, pretrained_window_size: int = 0):
         super().__init__(dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio, holds_window=False)
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop, proj_drop=drop,
-                                    pretrained_window_size=to_2tuple(pretrained_window_size))
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        attn = WindowAttention(dim, to_2tuple(self.window_size), num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                               proj_drop=drop, pretrained_window_size=to_2tuple(pretrained_window_size))
+        # the norms are post-norms here (applied to each branch's output), the same modules
+        self.add_branches('attn', attn, Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop), drop_path,
+                          norm_layer)
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Row-major tokens of a ``size`` map (default: the built size) in and out."""

@@ -1,13 +1,20 @@
-"""build_optimizer: no weight decay where the official recipe has none, layer-wise lr decay, optimizer names."""
+"""build_optimizer: no weight decay where the official recipe has none, layer-wise lr decay, optimizer names, timm's
+optimizers (LAMB, Lion, ...) on the same parameter groups, resuming exactly."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
+from timm.optim import Lamb, Lion
 from torch import nn
 
 from config import get_default_config
 from lr_scheduler import build_scheduler
+from models import build_model
 from optimizer import build_optimizer, swin_layer_id
+from utils.amp import GradScalerWithNorm
+from utils.checkpoint import TrainingState, build_checkpointer
 from utils.errors import UserError
 
 
@@ -126,5 +133,81 @@ def test_optimizer_names():
     assert isinstance(build_optimizer(_cfg(NAME='fused_adam'), model), torch.optim.AdamW)
     sgd = build_optimizer(_cfg(NAME='sgd'), model)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults['nesterov'] and sgd.defaults['momentum'] == 0.9
-    with pytest.raises(UserError, match='lamb'):
-        build_optimizer(_cfg(NAME='lamb'), model)
+    with pytest.raises(UserError, match=r"TRAIN.OPTIMIZER.NAME 'adamx' is not supported; choose one of adamw, "
+                                        r"fused_adam, sgd \(official\) or of timm's: .*\blamb\b.*\blion\b"):
+        build_optimizer(_cfg(NAME='adamx'), model)
+
+
+def _groups(model, opt) -> list:
+    return [(_names(model, g), g['weight_decay'], g['lr_scale']) for g in opt.param_groups]
+
+
+@pytest.mark.parametrize('name, kind', [('lamb', Lamb), ('lion', Lion)])
+def test_timm_optimizers_get_our_parameter_groups(name, kind):
+    """Our no-decay lists and layer decay reach timm's optimizer: the groups are AdamW's, group for group."""
+    model = TinySwinLike()
+    opt = build_optimizer(_cfg(NAME=name, LAYER_DECAY=0.5), model)
+    assert type(opt) is kind and opt.defaults['lr'] == 1e-3
+    assert _groups(model, opt) == _groups(model, build_optimizer(_cfg(LAYER_DECAY=0.5), model))
+
+
+def test_betas_and_eps_reach_a_timm_optimizer_only_when_set():
+    model = TinySwinLike()
+    assert build_optimizer(_cfg(NAME='lion'), model).defaults['betas'] == (0.9, 0.99)  # Lion's own, not AdamW's
+    assert build_optimizer(_cfg(NAME='lamb'), model).defaults['eps'] == 1e-6  # LAMB's own
+    cfg = _cfg(NAME='lion')
+    cfg.defrost()
+    cfg.TRAIN.OPTIMIZER.BETAS = (0.95, 0.98)
+    assert build_optimizer(cfg, model).defaults['betas'] == (0.95, 0.98)
+    cfg.TRAIN.OPTIMIZER.NAME = 'adan'  # three betas
+    with pytest.raises(UserError, match=r"TRAIN.OPTIMIZER.BETAS \[0.95, 0.98\] has 2 entries; .*'adan' takes 3"):
+        build_optimizer(cfg, model)
+
+
+def _tiny_run(tmp_path, name: str, seed: int = 0):
+    """A tiny Swin (the CPU path), its optimizer ``name`` with layer decay, and the cosine schedule (2 steps an
+    epoch)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = get_default_config()
+    cfg.OUTPUT = str(tmp_path)
+    cfg.DATA.IMG_SIZE, cfg.MODEL.NUM_CLASSES, cfg.MODEL.DROP_PATH_RATE = 32, 3, 0.0
+    cfg.MODEL.SWIN.EMBED_DIM, cfg.MODEL.SWIN.DEPTHS, cfg.MODEL.SWIN.NUM_HEADS = 16, [1, 1], [1, 2]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    cfg.TRAIN.OPTIMIZER.NAME, cfg.TRAIN.LAYER_DECAY = name, 0.9
+    cfg.TRAIN.BASE_LR, cfg.TRAIN.WARMUP_EPOCHS, cfg.TRAIN.EPOCHS = 1e-3, 0, 2
+    cfg.freeze()
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    state = TrainingState(model, opt, build_scheduler(cfg, opt, 2), GradScalerWithNorm(enabled=False))
+    return build_checkpointer(cfg, state, 0, logging.getLogger('test_optimizer')), state
+
+
+def _steps(state: TrainingState, steps: range) -> None:
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        images, targets = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        state.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(state.model(images), targets).backward()
+        state.optimizer.step()
+        state.lr_scheduler.step_update(step + 1)
+
+
+@pytest.mark.parametrize('name', ['lamb', 'lion'])
+def test_timm_optimizers_resume_bit_identically(tmp_path, name):
+    """4 steps straight, against 2 steps, a checkpoint, fresh objects resumed from it (other initial weights), and
+    2 more steps: the same weights and optimizer state to the bit."""
+    _, straight = _tiny_run(tmp_path / 'straight', name)
+    _steps(straight, range(4))
+    checkpointer, first = _tiny_run(tmp_path / 'stopped', name)
+    _steps(first, range(2))
+    path = checkpointer.save(0, 0.0)
+    checkpointer, resumed = _tiny_run(tmp_path / 'stopped', name, seed=1)
+    assert checkpointer.resume(path).epoch == 1
+    assert type(resumed.optimizer).__name__ == {'lamb': 'Lamb', 'lion': 'Lion'}[name]
+    _steps(resumed, range(2, 4))
+    for (key, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), key
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        a, b = straight.optimizer.state[p], resumed.optimizer.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
