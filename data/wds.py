@@ -100,12 +100,12 @@ def index_tar(storage: Storage, path: str, size: int) -> ShardIndex:
                         sample.label = _parse_label(tar.extractfile(member).read(), path, member.name)
                     elif ext.rsplit('.', 1)[-1] in IMAGE_EXTS and sample.image is None:
                         sample.image = (member.name, member.offset_data, member.size)
-                close(sample)
                 end = tar.offset
             # tarfile ends quietly at a header it cannot read: only the end-of-archive block tells the shard is whole
             f.seek(end)
             if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
                 raise tarfile.ReadError(f'no end-of-archive marker at byte {end}')
+            close(sample)
     except (tarfile.TarError, EOFError) as err:
         raise UserError(f'{path}: truncated or damaged tar shard ({err})') from None
     except OSError as err:
