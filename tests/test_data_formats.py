@@ -367,8 +367,22 @@ def test_missing_shards_labels_and_columns_are_one_error_naming_them(layouts, tm
         build_loader(data_config(parquet, **{'DATA.FORMAT': 'parquet', 'DATA.PARQUET_LABEL_COLUMN': 'cls'}))
     with pytest.raises(UserError, match=re.escape(f'Parquet file not found: {parquet / "val" / "nope.parquet"}')):
         build_loader(data_config(parquet, **{'DATA.FORMAT': 'parquet', 'DATA.VAL_SHARDS': 'val/nope.parquet'}))
+    cut = _copy(layouts, 'parquet', tmp_path / 'parquet') / 'val' / 'val-00001.parquet'
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(UserError, match=re.escape(f'{cut}: not a readable Parquet file')):
+        build_loader(data_config(cut.parent.parent, **{'DATA.FORMAT': 'parquet'}))
     unlabelled = tmp_path / 'unlabelled.tar'
     with tarfile.open(unlabelled, 'w') as tar:
         tar.add(next((wds.parent / 'folder' / 'val' / 'class_0').iterdir()), 'a/x.jpg')
     with pytest.raises(UserError, match=r"unlabelled.tar: sample 'a/x' has an image but no .cls label"):
         build_loader(data_config(wds, **{'DATA.FORMAT': 'wds', 'DATA.VAL_SHARDS': str(unlabelled)}))
+
+
+def test_simmim_pretraining_reads_the_training_shards(layouts):
+    from data.simmim import build_loader_simmim
+    for name in ('wds', 'parquet'):
+        dataset, loader = build_loader_simmim(_config(layouts, name, **{'DATA.MASK_PATCH_SIZE': 8}))
+        assert len(dataset) == 12 and type(dataset).__name__ != 'ImageFolderDataset'
+        loader.set_epoch(0)
+        images, masks = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 8, 8)
