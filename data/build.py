@@ -170,7 +170,8 @@ def check_num_classes(config, dataset_train: ImageListDataset, dataset_val: Imag
 
 
 def build_train_sampler(config, dataset: ImageListDataset, rank: int, world: int):
-    """Shard sampler for the ``part`` cache (zip, tar shards, Parquet), else repeated-augmentation or plain distributed shuffle."""
+    """Shard sampler for the ``part`` cache (zip, tar shards, Parquet), else repeated-augmentation or plain
+    distributed shuffle."""
     repeats = config.AUG.REPEATED_AUG
     if repeats < 0 or repeats == 1:
         raise UserError(f'AUG.REPEATED_AUG must be 0 (off) or at least 2, got {repeats}')

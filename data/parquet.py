@@ -6,17 +6,19 @@ an integer label column (``DATA.PARQUET_LABEL_COLUMN``, default ``label``). Samp
 order, so a set written from a folder in the folder's order gives the folder's samples at the same indices.
 Class names come from the files' Hugging Face metadata (``info.features.<label>.names``) where present.
 
-Listing reads each file's footer and its label column (the images are not read). A sample's image is read with
-its whole row group (Parquet's smallest unit of reading): each process keeps the last few row groups it decoded
-(:attr:`ParquetDataset.row_groups_kept`), which serves sequential reads (evaluation in order, filling a
-``DATA.CACHE_MODE`` cache) with one read per group. Random training order reads a group per image: keep row
-groups small (Hugging Face writes 100 images per group) or cache the bytes (``DATA.CACHE_MODE full|part``).
+Listing reads each file's footer and its label column (the images are not read). Parquet cannot read one row
+alone: a row group is decoded from its start, a few rows at a time, up to the row wanted (local files are
+memory-mapped, so only those pages are read). Each process keeps the rows decoded so far of its last few row
+groups (:attr:`ParquetDataset.row_groups_kept`), so sequential reads (evaluation in order, filling a
+``DATA.CACHE_MODE`` cache) decode every row once, and a random read decodes half a group on average: keep row
+groups small (Hugging Face writes 100 images a group) or cache the bytes (``DATA.CACHE_MODE full|part``).
 
 A missing file or column, or a label column that is not integers, is one ``UserError`` naming the file while
 the dataset is built; an image that does not decode (or is null) is an unreadable image, as in a folder.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections import OrderedDict
@@ -34,7 +36,6 @@ from .storage import is_url, storage_for
 def _import_pyarrow():
     try:
         import pyarrow
-        import pyarrow.compute
         import pyarrow.parquet
     except ImportError:
         raise UserError('DATA.FORMAT parquet needs the pyarrow package (pip install pyarrow)') from None
@@ -55,6 +56,32 @@ def hf_class_names(metadata: Optional[dict], label_column: str) -> Optional[list
     return [str(name) for name in names] if isinstance(names, list) else None
 
 
+class _GroupReader:
+    """The image column of one row group, decoded a few rows at a time and only as far as a read needs: a random
+    row costs on average half the group, and the rows decoded on the way are kept for later reads."""
+
+    def __init__(self, parquet, group: int, column: str, rows_per_batch: int):
+        self._batches = parquet.iter_batches(batch_size=rows_per_batch, row_groups=[group], columns=[column],
+                                             use_threads=False)
+        self.starts: list[int] = []
+        self.arrays: list = []
+        self.done = 0
+
+    def value(self, row: int):
+        while row >= self.done:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise IndexError(f'row {row} is past the end of its row group')
+            array = batch.column(0)
+            if array.type.num_fields:  # Hugging Face's struct of bytes and path
+                array = array.flatten()[array.type.get_field_index('bytes')]
+            self.starts.append(self.done)
+            self.arrays.append(array)
+            self.done += len(array)
+        k = bisect.bisect_right(self.starts, row) - 1
+        return self.arrays[k][row - self.starts[k]]
+
+
 class ParquetDataset(ArchiveDataset):
     """The rows of Parquet files, in file order; see the module docstring.
 
@@ -65,7 +92,8 @@ class ParquetDataset(ArchiveDataset):
         cache_mode, rank, world_size: see :class:`~data.datasets.ArchiveDataset`.
     """
 
-    row_groups_kept = 4
+    row_groups_kept = 4  # row groups whose decoded batches each process keeps
+    rows_per_batch = 8  # rows decoded at a time within a row group
 
     def __init__(self, files: Sequence[str], columns: tuple[str, str] = ('image', 'label'),
                  classes: Optional[Sequence[str]] = None, cache_mode: str = 'no', rank: int = 0,
@@ -97,24 +125,25 @@ class ParquetDataset(ArchiveDataset):
         files = self._process_state()['files']
         if i not in files:
             path = self.files[i]
-            files[i] = self.pa.parquet.ParquetFile(self.storage.open(path) if is_url(path) else path)
+            # memory-mapped: decoding copies straight from the page cache, not through a read buffer first
+            source = self.storage.open(path) if is_url(path) else self.pa.memory_map(path)
+            files[i] = self.pa.parquet.ParquetFile(source)
             while len(files) > 16:
                 files.popitem(last=False)
         files.move_to_end(i)
         return files[i]
 
-    def _row_group(self, i: int, group: int):
+    def _value(self, i: int, group: int, row: int):
+        """Row ``row`` of row group ``group`` of file ``i``, as an Arrow scalar of the image bytes."""
         groups = self._process_state()['groups']
         key = (i, group)
-        if key not in groups:
-            column = self._file(i).read_row_group(group, columns=[self.image_column]).column(0).combine_chunks()
-            if self.pa.types.is_struct(column.type):
-                column = self.pa.compute.struct_field(column, 'bytes')
-            groups[key] = column
+        reader = groups.get(key)
+        if reader is None:
+            reader = groups[key] = _GroupReader(self._file(i), group, self.image_column, self.rows_per_batch)
             while len(groups) > self.row_groups_kept:
                 groups.popitem(last=False)
         groups.move_to_end(key)
-        return groups[key]
+        return reader.value(row)
 
     # -- listing ---------------------------------------------------------------------------------
     def _check_schema(self, path: str, schema) -> None:
@@ -201,7 +230,7 @@ class ParquetDataset(ArchiveDataset):
 
     def _read_stored(self, index: int) -> Any:
         file, group, row = self._locate(index)
-        value = self._row_group(file, group)[row]
+        value = self._value(file, group, row)
         if not value.is_valid:
             raise ValueError('the image is null')
         return value.as_py()

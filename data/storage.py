@@ -293,7 +293,7 @@ def storage_for(path: str) -> Storage:
         return LocalStorage()
     scheme = _SCHEME.match(path).group(1).lower()
     try:
-        import fsspec  # noqa: F401
+        import fsspec  # noqa: F401  (only whether it is installed)
     except ImportError:
         if scheme in ('http', 'https'):
             return HttpStorage()

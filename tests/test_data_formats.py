@@ -386,3 +386,12 @@ def test_simmim_pretraining_reads_the_training_shards(layouts):
         loader.set_epoch(0)
         images, masks = next(iter(loader))
         assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 8, 8)
+
+
+def test_parquet_rows_decoded_a_few_at_a_time_in_any_order_are_the_folders(layouts, monkeypatch):
+    from data.parquet import ParquetDataset
+    monkeypatch.setattr(ParquetDataset, 'rows_per_batch', 1)  # several batches per row group
+    monkeypatch.setattr(ParquetDataset, 'row_groups_kept', 1)  # random order: groups decoded again and again
+    expected = _first_batches(_config(layouts, 'folder'), count=3)
+    for name in ('parquet', 'hub'):
+        assert _same(_first_batches(_config(layouts, name), count=3), expected), name
