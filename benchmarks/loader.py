@@ -14,8 +14,9 @@ size and worker count, alternating the loaders to spread out machine noise. Prin
     .venv/bin/python benchmarks/loader.py --data-format wds  # ours on tar shards (or parquet) against the folder
 
 ``--data-format wds|parquet`` writes the same images as tar shards (256 a shard) or Parquet files (256 a file,
-row groups of 100 as the Hugging Face hub writes them) beside the folder and times our fast loader on both
-(no byte cache: every image read from its shard or row group), instead of timm against ours.
+row groups of 100 as the Hugging Face hub writes them) beside the folder and times our fast loader on the folder
+and on the layout, read from the files for every image and cached in memory (``DATA.CACHE_MODE full``),
+instead of timm against ours.
 
 Two numbers per loader: images per second from the first batch of an epoch to its last (worker
 start-up excluded for every loader alike), and CPU milliseconds per image over the whole epoch
@@ -110,11 +111,12 @@ def shard_layout(root: Path, data_format: str) -> Path:
 
 
 def our_loader(root: Path, batch_size: int, workers: int, fast: bool, train: bool = True, reduce: bool = True,
-               data_format: str = 'folder'):
+               data_format: str = 'folder', cache: bool = False):
     """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant); ``data_format``
-    wds or parquet reads ``root`` as that layout, without caching its bytes."""
+    wds or parquet reads ``root`` as that layout, its bytes cached in memory (``DATA.CACHE_MODE full``) if
+    ``cache``, else read from the files for every image."""
     cfg = get_default_config()
-    cfg.DATA.FORMAT, cfg.DATA.CACHE_MODE = data_format, 'no'
+    cfg.DATA.FORMAT, cfg.DATA.CACHE_MODE = data_format, 'full' if cache else 'no'
     cfg.DATA.DATA_PATH, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = str(root), batch_size, workers
     cfg.DATA.IMG_SIZE, cfg.DATA.INTERPOLATION, cfg.DATA.PIN_MEMORY = 224, RECIPE['interpolation'], False
     cfg.DATA.FAST_LOADER = fast
@@ -229,9 +231,11 @@ def main() -> None:
         return
     if args.data_format:
         shards = shard_layout(root, args.data_format)
-        loaders = {'ours fast, folder': our_loader(root, args.batch_size, args.workers, True, train),
-                   f'ours fast, {args.data_format}': our_loader(shards, args.batch_size, args.workers, True, train,
-                                                               data_format=args.data_format)}
+        loaders = {'ours fast, folder': our_loader(root, args.batch_size, args.workers, True, train)}
+        for cache in (False, True):
+            name = f'ours fast, {args.data_format}{", cached" if cache else ""}'
+            loaders[name] = our_loader(shards, args.batch_size, args.workers, True, train,
+                                       data_format=args.data_format, cache=cache)
     else:
         loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
                    'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}

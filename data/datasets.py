@@ -271,9 +271,11 @@ def _available_memory() -> Optional[int]:
 
 
 def check_cache_fits(nbytes: int, what: str, cache_mode: str) -> None:
-    """A ``UserError`` when the processes of this machine (``LOCAL_WORLD_SIZE``) caching ``nbytes`` each would
-    need more than the memory available: one clear line instead of the kernel killing a rank mid-fill."""
-    available, local = _available_memory(), int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1)
+    """A ``UserError`` when the processes of this machine (torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's tasks per
+    node) caching ``nbytes`` each would need more than the memory available: one clear line instead of the kernel
+    killing a rank mid-fill."""
+    local = os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1')
+    available, local = _available_memory(), int(local) if local.isdigit() else 1
     if available is not None and nbytes * local > available:
         raise UserError(f'DATA.CACHE_MODE {cache_mode}: caching {what} takes about {nbytes / 2**30:.1f} GiB per '
                         f'process ({local} on this machine), more than the {available / 2**30:.1f} GiB available: '

@@ -395,3 +395,15 @@ def test_parquet_rows_decoded_a_few_at_a_time_in_any_order_are_the_folders(layou
     expected = _first_batches(_config(layouts, 'folder'), count=3)
     for name in ('parquet', 'hub'):
         assert _same(_first_batches(_config(layouts, name), count=3), expected), name
+
+
+def test_a_cache_larger_than_the_available_memory_is_one_error_before_filling(layouts, monkeypatch):
+    import data.datasets
+    share = build_dataset(True, _config(layouts, 'wds'))[0]._stored_size(range(0, 12, 4))  # rank 0 of 4
+    monkeypatch.setattr(data.datasets, '_available_memory', lambda: 2 * share)
+    cfg = _config(layouts, 'wds', **{'DATA.CACHE_MODE': 'part'})
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # 4 ranks on this machine: 4 shares
+    with pytest.raises(UserError, match=r'DATA.CACHE_MODE part: caching 3 tar shards .* use --cache-mode no'):
+        build_dataset(True, cfg, rank=0, world=4)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    assert build_dataset(True, cfg, rank=0, world=4)[0]._cache.cached_indices() == [0, 4, 8]
