@@ -72,7 +72,8 @@ def write_parquet(root: Path, out: Path, per_file: int = 8, row_group: int = 4, 
                                  type=pa.struct([('bytes', pa.binary()), ('path', pa.string())]))
                 meta = {'info': {'features': {'image': {'_type': 'Image'},
                                               'label': {'names': classes, '_type': 'ClassLabel'}}}}
-                path = out / 'data' / f'{"train" if split == "train" else "validation"}-{n:05d}-of-{len(chunks):05d}.parquet'
+                hub_split = 'train' if split == 'train' else 'validation'
+                path = out / 'data' / f'{hub_split}-{n:05d}-of-{len(chunks):05d}.parquet'
             else:
                 image, meta = pa.array(images, type=pa.binary()), None
                 path = out / split / f'{split}-{n:05d}.parquet'

@@ -155,7 +155,7 @@ class LocalStorage(Storage):
 
 
 def _version(info: dict) -> str:
-    for key in ('mtime', 'LastModified', 'last_modified', 'updated', 'ETag', 'etag', 'created'):
+    for key in ('mtime', 'LastModified', 'Last-Modified', 'last_modified', 'updated', 'ETag', 'etag', 'created'):
         if info.get(key) is not None:
             return str(info[key])
     return ''
