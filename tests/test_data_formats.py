@@ -259,7 +259,7 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 def http_root(layouts):
     server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_RangeHandler, directory=str(
         layouts['wds'][0].parent)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{server.server_address[1]}'
     server.shutdown()
