@@ -41,6 +41,14 @@ _C.DATA.FAST_LOADER = True  # (ours) uint8 workers + batch-level normalisation
 # (ours) per-channel normalisation, as many values as the model's IN_CHANS (default: ImageNet's RGB statistics)
 _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
+# (ours) layout of DATA_PATH: '' (folder, or zip with ZIP_MODE) | folder | zip | wds (tar shards) | parquet
+_C.DATA.FORMAT = ''
+# (ours) wds/parquet: the split's shard files, relative to DATA_PATH or URLs: a brace pattern
+# ('train/train-{000000..000146}.tar'), a glob or a comma-separated list; '' finds them in DATA_PATH
+_C.DATA.TRAIN_SHARDS = ''
+_C.DATA.VAL_SHARDS = ''
+_C.DATA.PARQUET_IMAGE_COLUMN = 'image'  # (ours) bytes, or a struct with a 'bytes' field (HF Image)
+_C.DATA.PARQUET_LABEL_COLUMN = 'label'  # (ours) integer class index
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -392,6 +400,7 @@ def merge_opts(cfg: CN, opts: list[str]) -> None:
 # Command-line flags (argparse dest) -> the config key they set, applied when not None/False.
 _FLAG_KEYS = {
     'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'cache_mode': 'DATA.CACHE_MODE',
+    'data_format': 'DATA.FORMAT',
     'pretrained': 'MODEL.PRETRAINED', 'resume': 'MODEL.RESUME',
     'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT', 'tag': 'TAG',
     'optim': 'TRAIN.OPTIMIZER.NAME', 'amp_dtype': 'AMP_DTYPE', 'sharding': 'TRAIN.SHARDING',
@@ -447,6 +456,7 @@ def update_config(cfg: CN, args: Any) -> None:
 # Keys with a closed set of values.
 _CHOICES = {
     'DATA.CACHE_MODE': ('no', 'full', 'part'), 'DATA.DATASET': ('imagenet', 'imagenet22K'),
+    'DATA.FORMAT': ('', 'folder', 'zip', 'wds', 'parquet'),
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe', 'swin_mlp'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'), 'TRAIN.SHARDING': ('ddp', 'fsdp'),
     'TRAIN.FSDP.REDUCE_DTYPE': ('float32', 'bfloat16', 'float16'),
@@ -477,6 +487,9 @@ def _check_values(cfg: CN) -> None:
         value = _get_key(cfg, key)
         if value < minimum:
             raise UserError(f"bad value for config key {key}: {value!r} (must be >= {minimum})")
+    if cfg.DATA.ZIP_MODE and cfg.DATA.FORMAT not in ('', 'zip'):
+        raise UserError(f"--zip (DATA.ZIP_MODE True) conflicts with DATA.FORMAT {cfg.DATA.FORMAT} "
+                        "(--data-format): give one of them")
     if not 0.0 <= cfg.DATA.MAX_BAD_FRACTION <= 1.0:
         raise UserError(f"bad value for config key DATA.MAX_BAD_FRACTION: {cfg.DATA.MAX_BAD_FRACTION!r} "
                         "(must be between 0 and 1)")
@@ -570,6 +583,9 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
     parser.add_argument('--teacher-weights', type=str, metavar='PATH',
                         help="(ours) distillation: the teacher's weights, any layout --pretrained reads "
                              "(DISTILL.TEACHER_WEIGHTS)")
+    parser.add_argument('--data-format', choices=['folder', 'zip', 'wds', 'parquet'],
+                        help='(ours) DATA.FORMAT: image folder (default), official zip (as --zip), '
+                             'WebDataset tar shards or Parquet files')
     return parser
 
 

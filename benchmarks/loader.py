@@ -11,6 +11,12 @@ size and worker count, alternating the loaders to spread out machine noise. Prin
     .venv/bin/python benchmarks/loader.py --large            # + ours without reduced JPEG decoding
     .venv/bin/python benchmarks/loader.py --eval [--large]   # validation loaders instead
     .venv/bin/python benchmarks/loader.py --stages           # where our fast path's time goes, per stage
+    .venv/bin/python benchmarks/loader.py --data-format wds  # ours on tar shards (or parquet) against the folder
+
+``--data-format wds|parquet`` writes the same images as tar shards (256 a shard) or Parquet files (256 a file,
+row groups of 100 as the Hugging Face hub writes them) beside the folder and times our fast loader on the folder
+and on the layout, read from the files for every image and cached in memory (``DATA.CACHE_MODE full``),
+instead of timm against ours.
 
 Two numbers per loader: images per second from the first batch of an epoch to its last (worker
 start-up excluded for every loader alike), and CPU milliseconds per image over the whole epoch
@@ -38,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import get_default_config  # noqa: E402
 from data import build_loader, use_safe_posterize  # noqa: E402
 from data.decode import pillow_build  # noqa: E402
+from benchmarks.shard_sets import write_parquet, write_wds  # noqa: E402
 
 RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
               color_jitter=0.4, interpolation='bicubic')
@@ -90,9 +97,26 @@ def timm_loader(root: Path, batch_size: int, workers: int, train: bool = True):
     return loader
 
 
-def our_loader(root: Path, batch_size: int, workers: int, fast: bool, train: bool = True, reduce: bool = True):
-    """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant)."""
+def shard_layout(root: Path, data_format: str) -> Path:
+    """The images of the folder ``root`` as tar shards or Parquet files, in ``<root>_<format>`` (written once)."""
+    out = root.parent / f'{root.name}_{data_format}'
+    marker = out / '.done'
+    if not marker.exists():
+        if data_format == 'wds':
+            write_wds(root, out, per_shard=256)
+        else:
+            write_parquet(root, out, per_file=256, row_group=100)
+        marker.touch()
+    return out
+
+
+def our_loader(root: Path, batch_size: int, workers: int, fast: bool, train: bool = True, reduce: bool = True,
+               data_format: str = 'folder', cache: bool = False):
+    """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant); ``data_format``
+    wds or parquet reads ``root`` as that layout, its bytes cached in memory (``DATA.CACHE_MODE full``) if
+    ``cache``, else read from the files for every image."""
     cfg = get_default_config()
+    cfg.DATA.FORMAT, cfg.DATA.CACHE_MODE = data_format, 'full' if cache else 'no'
     cfg.DATA.DATA_PATH, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = str(root), batch_size, workers
     cfg.DATA.IMG_SIZE, cfg.DATA.INTERPOLATION, cfg.DATA.PIN_MEMORY = 224, RECIPE['interpolation'], False
     cfg.DATA.FAST_LOADER = fast
@@ -193,6 +217,8 @@ def main() -> None:
     parser.add_argument('--large', action='store_true', help='photos with shorter side 1000-1500 px')
     parser.add_argument('--eval', action='store_true', help='time the validation loaders')
     parser.add_argument('--stages', action='store_true', help="only our training pipeline's stages, in one worker")
+    parser.add_argument('--data-format', choices=['wds', 'parquet'],
+                        help='ours on this layout of the same images against ours on the folder')
     args = parser.parse_args()
     root = Path(args.root or f'/tmp/swin_loader_bench{"_large" if args.large else ""}')
     root = write_jpegs(root, args.images, large=args.large, val_count=args.images if args.eval else 0)
@@ -203,11 +229,20 @@ def main() -> None:
         print('ours fast, CPU ms per image in one worker: '
               + ', '.join(f'{name} {ms:.2f}' for name, ms in times.items()) + f'; sum {sum(times.values()):.2f}')
         return
-    loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
-               'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}
-    if args.large and train:
-        loaders['ours fast, full decode'] = our_loader(root, args.batch_size, args.workers, True, train, reduce=False)
-    loaders['ours plain'] = our_loader(root, args.batch_size, args.workers, fast=False, train=train)
+    if args.data_format:
+        shards = shard_layout(root, args.data_format)
+        loaders = {'ours fast, folder': our_loader(root, args.batch_size, args.workers, True, train)}
+        for cache in (False, True):
+            name = f'ours fast, {args.data_format}{", cached" if cache else ""}'
+            loaders[name] = our_loader(shards, args.batch_size, args.workers, True, train,
+                                       data_format=args.data_format, cache=cache)
+    else:
+        loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
+                   'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}
+        if args.large and train:
+            loaders['ours fast, full decode'] = our_loader(root, args.batch_size, args.workers, True, train,
+                                                           reduce=False)
+        loaders['ours plain'] = our_loader(root, args.batch_size, args.workers, fast=False, train=train)
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     costs: dict[str, list[float]] = {name: [] for name in loaders}
     for epoch in range(args.rounds):
@@ -219,12 +254,13 @@ def main() -> None:
     photos = 'JPEGs, shorter side 1000-1500 px' if args.large else 'JPEGs 300-500 px'
     print(f'\n{pillow_build()}; {"validation" if args.eval else "training"} loaders; {args.images} {photos}, '
           f'batch {args.batch_size}, {args.workers} workers, {os.cpu_count()} CPUs; median of {args.rounds} rounds:')
-    base_rate = statistics.median(rates['timm create_loader'])
-    base_cost = statistics.median(costs['timm create_loader'])
+    base = next(iter(loaders))
+    base_rate, base_cost = statistics.median(rates[base]), statistics.median(costs[base])
+    short = 'folder' if args.data_format else 'timm'
     for name in loaders:
         rate, cost = statistics.median(rates[name]), statistics.median(costs[name])
-        print(f'  {name:24s} {rate:7.1f} img/s ({rate / base_rate:.2f}x timm)   '
-              f'{cost:5.2f} CPU ms/img ({base_cost / cost:.2f}x timm\'s images per CPU second)')
+        print(f'  {name:24s} {rate:7.1f} img/s ({rate / base_rate:.2f}x {short})   '
+              f'{cost:5.2f} CPU ms/img ({base_cost / cost:.2f}x {short}\'s images per CPU second)')
 
 
 if __name__ == '__main__':

@@ -11,7 +11,8 @@ official ``build_loader`` returns, with these differences users may notice:
 * validation is sharded without padding (rank r takes images r, r + world, ...): every image is
   evaluated once whatever the world size; TEST.SHUFFLE shuffles within a shard, TEST.SEQUENTIAL is
   not needed (and ignored) since shards are always exact;
-* the config is never modified.
+* the config is never modified;
+* DATA.FORMAT (ours) adds WebDataset tar shards and Parquet files to the folder and zip layouts.
 """
 from __future__ import annotations
 
@@ -27,17 +28,22 @@ from timm.data import Mixup
 from config import MODEL_SECTIONS
 from utils.errors import UserError
 
-from .datasets import (ARRAY_EXTENSIONS, IMG_EXTENSIONS, ImageFolderDataset, ImageListDataset, ImageNet22KDataset,
-                       ZipMapDataset)
+from .datasets import (ARRAY_EXTENSIONS, IMG_EXTENSIONS, ArchiveDataset, ImageFolderDataset, ImageListDataset,
+                       ImageNet22KDataset, ZipMapDataset)
 from .loader import EpochLoader
+from .parquet import ParquetDataset
 from .samplers import (DistributedShuffleSampler, RepeatedAugSampler, SeededBatchSampler, ShardShuffleSampler,
                        ValShardSampler)
+from .shards import IndexStore, find_shards, read_class_names
+from .storage import is_url, storage_for
 from .transforms import InputSpec, TrainAugment, build_eval_transform, build_train_transform
+from .wds import TarShardDataset
 
 _logger = logging.getLogger(__name__)
 
 IN22K_PREFIX = 'ILSVRC2011fall_whole'
 CACHE_MODES = ('no', 'full', 'part')
+SHARD_EXTENSIONS = {'wds': '.tar', 'parquet': '.parquet'}
 
 
 def dist_info() -> tuple[int, int]:
@@ -143,9 +149,17 @@ def train_augment(config, spec: InputSpec) -> TrainAugment:
     return settings
 
 
+def data_format(config) -> str:
+    """The layout of DATA_PATH: DATA.FORMAT, else ``zip`` under DATA.ZIP_MODE (the official ``--zip``), else
+    ``folder``. (The two keys contradicting each other is refused when the config is read.)"""
+    return config.DATA.FORMAT or ('zip' if config.DATA.ZIP_MODE else 'folder')
+
+
 def _check_data_path(path: str) -> None:
     if not path:
         raise UserError('DATA.DATA_PATH is not set (use --data-path)')
+    if is_url(path):
+        return  # checked when its shards are looked for
     if not os.path.isdir(path):
         raise UserError(f'DATA.DATA_PATH not found: {path}')
     if not os.listdir(path):
@@ -164,9 +178,12 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
     common = dict(transform=transform, decoder=decoder, on_bad='replace' if is_train else 'blank',
                   blank_size=config.DATA.IMG_SIZE, lazy=is_train and config.EVAL_MODE)
     split = 'train' if is_train else 'val'
-    if config.DATA.DATASET == 'imagenet22K':
+    layout = data_format(config)
+    if layout in SHARD_EXTENSIONS:
+        dataset = build_shard_dataset(config, split, rank, world, **common)
+    elif config.DATA.DATASET == 'imagenet22K':
         dataset = ImageNet22KDataset(path, f'{IN22K_PREFIX}_map_{split}.txt', **common)
-    elif config.DATA.ZIP_MODE:
+    elif layout == 'zip':
         dataset = ZipMapDataset(path, split, cache_mode=_cache_mode(config, is_train), rank=rank,
                                 world_size=world, **common)
     else:
@@ -177,6 +194,22 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
     if not common['lazy']:
         _logger.info(f'{split} set: {len(dataset)} images, {dataset.num_classes} classes ({type(dataset).__name__})')
     return dataset, finish
+
+
+def build_shard_dataset(config, split: str, rank: int, world: int, **common) -> ArchiveDataset:
+    """The tar shards (DATA.FORMAT wds) or Parquet files (parquet) of ``split`` ('train' or 'val'), found as
+    ``data.shards`` describes (DATA.TRAIN_SHARDS / DATA.VAL_SHARDS name them), labels from the data whatever
+    DATA.DATASET; new shard indexes are cached beside the shards, else in the run's output folder."""
+    layout, root = data_format(config), config.DATA.DATA_PATH
+    storage = storage_for(root)
+    pattern = config.DATA.TRAIN_SHARDS if split == 'train' else config.DATA.VAL_SHARDS
+    files = find_shards(storage, root, split, SHARD_EXTENSIONS[layout], pattern)
+    classes = read_class_names(storage, root)
+    cache = dict(cache_mode=_cache_mode(config, split == 'train'), rank=rank, world_size=world)
+    if layout == 'wds':
+        return TarShardDataset(files, classes, IndexStore(config.OUTPUT or None), **cache, **common)
+    columns = (config.DATA.PARQUET_IMAGE_COLUMN, config.DATA.PARQUET_LABEL_COLUMN)
+    return ParquetDataset(files, columns, classes, **cache, **common)
 
 
 def _cache_mode(config, is_train: bool) -> str:
@@ -202,11 +235,12 @@ def check_num_classes(config, dataset_train: ImageListDataset, dataset_val: Imag
 
 
 def build_train_sampler(config, dataset: ImageListDataset, rank: int, world: int):
-    """Shard sampler for the zip ``part`` cache, else repeated-augmentation or plain distributed shuffle."""
+    """Shard sampler for the ``part`` cache (zip, tar shards, Parquet), else repeated-augmentation or plain
+    distributed shuffle."""
     repeats = config.AUG.REPEATED_AUG
     if repeats < 0 or repeats == 1:
         raise UserError(f'AUG.REPEATED_AUG must be 0 (off) or at least 2, got {repeats}')
-    if isinstance(dataset, ZipMapDataset) and dataset.cache_mode == 'part':
+    if isinstance(dataset, ArchiveDataset) and dataset.cache_mode == 'part':
         if repeats:
             raise UserError('AUG.REPEATED_AUG needs DATA.CACHE_MODE full or no: with part, '
                             'each rank only holds its own images')

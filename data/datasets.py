@@ -6,12 +6,14 @@
   indices ``i % world == rank``).
 * :class:`ImageNet22KDataset`: a JSON list of ``[relative_path, label]`` (``ILSVRC2011fall_whole_map_*``).
 
-All three share :class:`ImageListDataset`: a list of (location, target), bytes read by the layout,
-decoded by a decoder from ``data.decode``, then transformed. Indexing with an ``int`` behaves like
-any torchvision dataset and raises on an unreadable file. Our loaders index with a
-:class:`~data.samplers.SampleKey` instead, and get a :class:`LoadedSample`: the sample's randomness
-is seeded from the key, and an unreadable file is replaced by another sample (training) or by a
-black image with its own label (validation), and ``bad`` lists the ``(location, reason)`` pairs.
+All three (and the tar shards of ``data.wds`` and the Parquet files of ``data.parquet``) share
+:class:`ImageListDataset`: a list of (location, target), bytes read by the layout, decoded by a decoder
+from ``data.decode``, then transformed. Indexing with an ``int`` behaves like any torchvision dataset
+and raises on an unreadable file. Our loaders index with a :class:`~data.samplers.SampleKey` instead,
+and get a :class:`LoadedSample`: the sample's randomness is seeded from the key, and an unreadable file
+is replaced by another sample (training) or by a black image with its own label (validation), and
+``bad`` lists the ``(location, reason)`` pairs.
+Layouts read from archives (zip, tar, Parquet) derive from :class:`ArchiveDataset`, which caches their bytes.
 """
 from __future__ import annotations
 
@@ -218,23 +220,34 @@ def _names_by_label(samples: Sequence[tuple[str, int]]) -> Optional[list[str]]:
 
 
 class _ByteCache:
-    """Compressed image bytes held in one NumPy buffer (not a list of ``bytes`` objects).
+    """Compressed image bytes held in a few large NumPy buffers (not a list of ``bytes`` objects).
 
-    One buffer has no per-item Python objects, so forked workers never touch its pages through
-    reference counting and the memory stays shared copy-on-write instead of being duplicated.
+    Large buffers have no per-item Python objects, so forked workers never touch their pages through
+    reference counting and the memory stays shared copy-on-write instead of being duplicated. Sizes need
+    not be known in advance: bytes go into chunks of ``CHUNK`` bytes (pages of a chunk's unused tail are
+    never touched, so never committed).
     """
 
-    def __init__(self, zip_path: str, members: Sequence[str], indices: Sequence[int]):
-        sizes = ZipReader.member_sizes(zip_path)
-        cached = [i for i in indices if members[i] in sizes]  # a missing member stays unreadable
-        self.slot = np.full(len(members), -1, dtype=np.int64)  # index -> position in offsets, or -1
-        self.slot[cached] = np.arange(len(cached))
-        self.offsets = np.zeros(len(cached) + 1, dtype=np.int64)
-        self.offsets[1:] = np.cumsum([sizes[members[i]] for i in cached])
-        self.buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8)
-        for k, index in enumerate(cached):
-            data = ZipReader.read_member(zip_path, members[index])
-            self.buffer[self.offsets[k]:self.offsets[k + 1]] = np.frombuffer(data, dtype=np.uint8)
+    CHUNK = 256 << 20
+
+    def __init__(self, size: int, indices: Sequence[int], read: Callable[[int], bytes]):
+        self.slot = np.full(size, -1, dtype=np.int64)  # index -> its entry, or -1
+        self.chunks: list[np.ndarray] = []
+        entries, used = [], 0
+        for index in indices:
+            try:
+                data = read(index)
+            except Exception:  # stays uncached: read (and named as unreadable) when a sample needs it
+                continue
+            if not self.chunks or used + len(data) > len(self.chunks[-1]):
+                self.chunks.append(np.empty(max(self.CHUNK, len(data)), dtype=np.uint8))
+                used = 0
+            self.chunks[-1][used:used + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            self.slot[index] = len(entries)
+            entries.append((len(self.chunks) - 1, used, used + len(data)))
+            used += len(data)
+        self.entries = np.array(entries, dtype=np.int64).reshape(-1, 3)
+        self.nbytes = int((self.entries[:, 2] - self.entries[:, 1]).sum())
 
     def cached_indices(self) -> list[int]:
         return np.flatnonzero(self.slot >= 0).tolist()
@@ -243,17 +256,83 @@ class _ByteCache:
         k = self.slot[index]
         if k < 0:
             return None
-        return memoryview(self.buffer[self.offsets[k]:self.offsets[k + 1]])
+        chunk, begin, end = self.entries[k]
+        return memoryview(self.chunks[chunk][begin:end])
 
 
-class ZipMapDataset(ImageListDataset):
-    """``<root>/<split>.zip`` + ``<root>/<split>_map.txt``, official zip layout.
+def _available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
-    Args:
-        cache_mode: ``'no'`` (read the archive each time), ``'full'`` (every rank caches all bytes) or
-            ``'part'`` (rank r caches indices ``i % world_size == r``; replacements for unreadable
-            images are then drawn from that shard too).
+
+def check_cache_fits(nbytes: int, what: str, cache_mode: str) -> None:
+    """A ``UserError`` when the processes of this machine (torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's tasks per
+    node) caching ``nbytes`` each would need more than the memory available: one clear line instead of the kernel
+    killing a rank mid-fill."""
+    local = os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1')
+    available, local = _available_memory(), int(local) if local.isdigit() else 1
+    if available is not None and nbytes * local > available:
+        raise UserError(f'DATA.CACHE_MODE {cache_mode}: caching {what} takes about {nbytes / 2**30:.1f} GiB per '
+                        f'process ({local} on this machine), more than the {available / 2**30:.1f} GiB available: '
+                        f'use --cache-mode no (or part, on more processes)')
+
+
+class ArchiveDataset(ImageListDataset):
+    """A layout read from archives (zip, tar shards, Parquet), whose compressed bytes can be cached in memory.
+
+    ``cache_mode``: ``'no'`` (read the archive each time), ``'full'`` (every rank caches all bytes) or
+    ``'part'`` (rank r caches indices ``i % world_size == r``; replacements for unreadable images are then
+    drawn from that shard too, and the training sampler draws only from it). Subclasses implement
+    ``_read_stored(index)`` and ``_stored_size(indices)`` (an estimate, for the memory check).
     """
+
+    def __init__(self, cache_mode: str = 'no', rank: int = 0, world_size: int = 1, **kwargs):
+        self.cache_mode, self.rank, self.world_size = cache_mode, rank, world_size
+        self._cache: Optional[_ByteCache] = None
+        super().__init__(**kwargs)
+        if cache_mode != 'no':
+            self._build_cache()
+
+    def _read_stored(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def _stored_size(self, indices: Sequence[int]) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What the cache log line calls the data."""
+        return type(self).__name__
+
+    def _build_cache(self) -> None:
+        start = time.time()
+        if self.cache_mode == 'part':
+            indices = range(self.rank, len(self), self.world_size)
+            self.replacement_pool = list(indices)
+        else:
+            indices = range(len(self))
+        check_cache_fits(self._stored_size(indices), self.describe(), self.cache_mode)
+        self._cache = _ByteCache(len(self), indices, self._read_stored)
+        _logger.info(f'cached {len(self._cache.entries)} images ({self._cache.nbytes / 2**20:.1f} MiB) '
+                     f'of {self.describe()} ({self.cache_mode}) in {time.time() - start:.1f}s')
+
+    def _read(self, index: int) -> bytes:
+        if self._cache is not None:
+            data = self._cache.get(index)
+            if data is not None:
+                return data
+        return self._read_stored(index)
+
+
+class ZipMapDataset(ArchiveDataset):
+    """``<root>/<split>.zip`` + ``<root>/<split>_map.txt``, official zip layout, optionally cached
+    (``cache_mode``, ``rank``, ``world_size``: see :class:`ArchiveDataset`)."""
 
     def __init__(self, root: str, split: str, cache_mode: str = 'no', rank: int = 0, world_size: int = 1,
                  **kwargs):
@@ -263,11 +342,7 @@ class ZipMapDataset(ImageListDataset):
         for path in (self.zip_path, self.map_path):
             if not os.path.isfile(path):
                 raise UserError(f'zip layout file not found: {path}')
-        self.cache_mode, self.rank, self.world_size = cache_mode, rank, world_size
-        self._cache: Optional[_ByteCache] = None
-        super().__init__(**kwargs)
-        if cache_mode != 'no':
-            self._build_cache()
+        super().__init__(cache_mode, rank, world_size, **kwargs)
 
     def _list(self):
         samples = []
@@ -284,26 +359,17 @@ class ZipMapDataset(ImageListDataset):
             raise UserError(f'no entries in {self.map_path}')
         return samples, _names_by_label(samples)
 
-    def _build_cache(self) -> None:
-        start = time.time()
-        if self.cache_mode == 'part':
-            indices = range(self.rank, len(self), self.world_size)
-            self.replacement_pool = list(indices)
-        else:
-            indices = range(len(self))
-        members = [path for path, _ in self.samples]
-        self._cache = _ByteCache(self.zip_path, members, indices)
-        _logger.info(f'cached {len(self._cache.offsets) - 1} images ({self._cache.buffer.nbytes / 2**20:.1f} MiB) '
-                     f'of {self.zip_path} ({self.cache_mode}) in {time.time() - start:.1f}s')
+    def describe(self) -> str:
+        return self.zip_path
+
+    def _stored_size(self, indices: Sequence[int]) -> int:
+        sizes = ZipReader.member_sizes(self.zip_path)
+        return sum(sizes.get(self.samples[i][0], 0) for i in indices)
 
     def location(self, index: int) -> str:
         return f'{self.zip_path}@/{self.samples[index][0]}'
 
-    def _read(self, index: int) -> bytes:
-        if self._cache is not None:
-            data = self._cache.get(index)
-            if data is not None:
-                return data
+    def _read_stored(self, index: int) -> bytes:
         return ZipReader.read_member(self.zip_path, self.samples[index][0])
 
 

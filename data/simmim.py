@@ -4,8 +4,8 @@
 normalised images ``(B, C, H, W)`` (C: the model's IN_CHANS; DATA.MEAN / DATA.STD) and masks
 ``(B, H / p, W / p)`` (1 = hidden) at the model's patch size ``p``. Masks hide DATA.MASK_RATIO of the
 DATA.MASK_PATCH_SIZE squares (rounded up), as the official MaskGenerator does. Images come from the folder
-DATA_PATH/train (or DATA_PATH itself when it has no train folder, as the official script reads it); labels
-are ignored.
+DATA_PATH/train (or DATA_PATH itself when it has no train folder, as the official script reads it), the zip
+layout's train split, or the training shards of DATA.FORMAT wds / parquet; labels are ignored.
 
 The images go through the usual loader (per-sample seeded crops, unreadable-file tolerance); each
 batch's masks are drawn from a generator seeded by ``(seed, epoch, rank, step)``, so a resumed epoch
@@ -23,7 +23,7 @@ import torch
 from config import img_size_hw
 from utils.errors import UserError
 
-from .build import dist_info, input_spec
+from .build import SHARD_EXTENSIONS, build_shard_dataset, data_format, dist_info, input_spec
 from .datasets import ARRAY_EXTENSIONS, IMG_EXTENSIONS, ImageFolderDataset, ZipMapDataset
 from .decode import ChannelDecoder, decode_tensor
 from .loader import EpochLoader
@@ -114,11 +114,13 @@ def _model_patch_size(config) -> int:
 
 
 def _dataset(config, transform, decoder, rank: int, world: int, extensions: Sequence[str] = IMG_EXTENSIONS):
+    common = dict(transform=transform, decoder=decoder, on_bad='replace', blank_size=config.DATA.IMG_SIZE)
+    if data_format(config) in SHARD_EXTENSIONS:
+        return build_shard_dataset(config, 'train', rank, world, **common)
     path = config.DATA.DATA_PATH
     if not path or not os.path.isdir(path):
         raise UserError(f"DATA.DATA_PATH not found: {path!r} (use --data-path)")
-    common = dict(transform=transform, decoder=decoder, on_bad='replace', blank_size=config.DATA.IMG_SIZE)
-    if config.DATA.ZIP_MODE:
+    if data_format(config) == 'zip':
         mode = config.DATA.CACHE_MODE
         return ZipMapDataset(path, 'train', cache_mode=mode, rank=rank, world_size=world, **common)
     folder = os.path.join(path, 'train')

@@ -1,8 +1,9 @@
 """Runs as a cluster delivers failures, on 2 processes under torchrun with 2 loader workers each: SIGTERM to
 every process of the job (launcher, ranks, loader workers) mid-epoch ends it with exit 0, and the same command
-ends with the weights of an uninterrupted run; a job stopped so and requeued on 1 process resumes and finishes;
-a worker killed with SIGKILL under ``--max-restarts 1`` is restarted with its peer, both resume from the newest
-step checkpoint, and the run ends with the uninterrupted run's weights."""
+ends with the weights of an uninterrupted run (the job reads the images as WebDataset tar shards, the
+uninterrupted run as a folder: shards train and resume exactly as the folder); a job stopped so and requeued on
+1 process resumes and finishes; a worker killed with SIGKILL under ``--max-restarts 1`` is restarted with its
+peer, both resume from the newest step checkpoint, and the run ends with the uninterrupted run's weights."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,8 @@ import torch
 
 from cli import run_main, signal_whole_job, start_torchrun, torchrun, torchrun_workers, write_tiny_config
 from conftest import write_image_folder
+
+from benchmarks.shard_sets import write_wds
 
 CONFIG = """\
 MODEL:
@@ -53,6 +56,7 @@ def job(tmp_path_factory):
     checkpoint of its uninterrupted run."""
     root = tmp_path_factory.mktemp('cluster')
     data = write_image_folder(root / 'data', num_classes=3, train_per_class=16, val_per_class=2)
+    write_wds(data, root / 'shards', per_shard=10)
     cfg = write_tiny_config(root, CONFIG)
     ref = torchrun(LAUNCH, _args(cfg, data, root / 'uninterrupted'), root)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
@@ -64,6 +68,11 @@ LAUNCH = ['--standalone', '--nproc_per_node=2']
 
 def _args(cfg: Path, data: Path, out: Path) -> list[str]:
     return ['--cfg', str(cfg), '--data-path', str(data), '--output', str(out)]
+
+
+def _shard_args(cfg: Path, root: Path, out: Path) -> list[str]:
+    """The same images as tar shards (no byte cache: the folder's sampler)."""
+    return _args(cfg, root / 'shards', out) + ['--data-format', 'wds', '--cache-mode', 'no']
 
 
 def _final(run_dir: Path) -> dict:
@@ -85,12 +94,12 @@ def _wait_for(predicate, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def _stop_mid_epoch(cfg: Path, data: Path, out: Path, root: Path) -> Path:
+def _stop_mid_epoch(args: list[str], out: Path, root: Path) -> Path:
     """Start the 2-process job, SIGTERM every process of it in epoch 1: every rank ends by writing (rank 0) a step
     checkpoint and saying so. (torchrun itself, signalled, exits 1 with its SignalException whatever its workers
     did, so only the ranks' own logs tell.)"""
     run_dir = out / 'cluster_test' / 'default'
-    proc = start_torchrun(LAUNCH, _args(cfg, data, out), root, new_group=True)
+    proc = start_torchrun(LAUNCH, args, root, new_group=True)
     try:
         _wait_for(lambda: list(run_dir.glob('ckpt_epoch_1_step_*.pth')))
         signal_whole_job(proc.pid, signal.SIGTERM)
@@ -107,11 +116,11 @@ def _stop_mid_epoch(cfg: Path, data: Path, out: Path, root: Path) -> Path:
     return run_dir
 
 
-def test_sigterm_to_every_process_of_a_2_process_job_exits_0_and_the_same_command_ends_identical(job):
-    root, cfg, data, expected = job
+def test_sigterm_to_every_process_of_a_2_process_job_on_shards_exits_0_and_the_same_command_ends_identical(job):
+    root, cfg, _, expected = job
     out = root / 'stopped'
-    run_dir = _stop_mid_epoch(cfg, data, out, root)
-    again = torchrun(LAUNCH, _args(cfg, data, out), root)
+    run_dir = _stop_mid_epoch(_shard_args(cfg, root, out), out, root)
+    again = torchrun(LAUNCH, _shard_args(cfg, root, out), root)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     _assert_same_weights(expected, _final(run_dir))
 
@@ -119,7 +128,7 @@ def test_sigterm_to_every_process_of_a_2_process_job_exits_0_and_the_same_comman
 def test_a_job_stopped_on_2_processes_and_requeued_on_1_resumes_and_finishes(job):
     root, cfg, data, _ = job
     out = root / 'requeue'
-    run_dir = _stop_mid_epoch(cfg, data, out, root)
+    run_dir = _stop_mid_epoch(_args(cfg, data, out), out, root)
     requeued = run_main(_args(cfg, data, out), cwd=root)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     log = (run_dir / 'log_rank0.txt').read_text()
