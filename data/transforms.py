@@ -31,7 +31,6 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
