@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import get_default_config  # noqa: E402
 from data import build_loader, use_safe_posterize  # noqa: E402
 from data.decode import pillow_build  # noqa: E402
-from benchmarks.shard_sets import write_parquet, write_wds  # noqa: E402
+from tools.make_dataset import main as make_dataset  # noqa: E402
 
 RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
               color_jitter=0.4, interpolation='bicubic')
@@ -102,21 +104,27 @@ def shard_layout(root: Path, data_format: str) -> Path:
     out = root.parent / f'{root.name}_{data_format}'
     marker = out / '.done'
     if not marker.exists():
-        if data_format == 'wds':
-            write_wds(root, out, per_shard=256)
-        else:
-            write_parquet(root, out, per_file=256, row_group=100)
+        shutil.rmtree(out, ignore_errors=True)
+        size = ['--shard-samples', '256'] + (['--row-group-size', '100'] if data_format == 'parquet' else [])
+        if make_dataset(['--format', data_format, *size, str(root), str(out)]) != 0:
+            raise SystemExit(f'converting {root} to {data_format} failed')
         marker.touch()
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the benchmark's images are stored: ``format`` folder, wds or parquet (``root`` is then that layout),
+    and whether their bytes are cached in memory (``DATA.CACHE_MODE full``) or read from the files every time."""
+    format: str = 'folder'
+    cache: bool = False
+
+
 def our_loader(root: Path, batch_size: int, workers: int, fast: bool, train: bool = True, reduce: bool = True,
-               data_format: str = 'folder', cache: bool = False):
-    """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant); ``data_format``
-    wds or parquet reads ``root`` as that layout, its bytes cached in memory (``DATA.CACHE_MODE full``) if
-    ``cache``, else read from the files for every image."""
+               layout: Layout = Layout()):
+    """Ours; ``reduce=False`` turns reduced JPEG decoding off (the fast path's full-decode variant)."""
     cfg = get_default_config()
-    cfg.DATA.FORMAT, cfg.DATA.CACHE_MODE = data_format, 'full' if cache else 'no'
+    cfg.DATA.FORMAT, cfg.DATA.CACHE_MODE = layout.format, 'full' if layout.cache else 'no'
     cfg.DATA.DATA_PATH, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = str(root), batch_size, workers
     cfg.DATA.IMG_SIZE, cfg.DATA.INTERPOLATION, cfg.DATA.PIN_MEMORY = 224, RECIPE['interpolation'], False
     cfg.DATA.FAST_LOADER = fast
@@ -235,7 +243,7 @@ def main() -> None:
         for cache in (False, True):
             name = f'ours fast, {args.data_format}{", cached" if cache else ""}'
             loaders[name] = our_loader(shards, args.batch_size, args.workers, True, train,
-                                       data_format=args.data_format, cache=cache)
+                                       layout=Layout(args.data_format, cache))
     else:
         loaders = {'timm create_loader': timm_loader(root, args.batch_size, args.workers, train),
                    'ours fast': our_loader(root, args.batch_size, args.workers, fast=True, train=train)}

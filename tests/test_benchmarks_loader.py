@@ -27,12 +27,12 @@ def test_stage_times_gives_the_dataset_its_decoder_and_transform_back(tmp_path):
 
 
 def test_the_shard_layouts_of_the_benchmark_images_give_the_folders_first_batch(tmp_path):
-    from benchmarks.loader import shard_layout
+    from benchmarks.loader import Layout, shard_layout
     root = write_jpegs(tmp_path / 'photos', count=8, classes=2)
     batches = {}
     for data_format in ('folder', 'wds', 'parquet'):
         path = root if data_format == 'folder' else shard_layout(root, data_format)
-        loader = our_loader(path, batch_size=4, workers=0, fast=True, data_format=data_format)
+        loader = our_loader(path, batch_size=4, workers=0, fast=True, layout=Layout(data_format))
         loader.set_epoch(0)
         batches[data_format] = next(iter(loader))
     for data_format in ('wds', 'parquet'):

@@ -18,7 +18,7 @@ import torch
 from cli import run_main, signal_whole_job, start_torchrun, torchrun, torchrun_workers, write_tiny_config
 from conftest import write_image_folder
 
-from benchmarks.shard_sets import write_wds
+from tools.make_dataset import main as make_dataset
 
 CONFIG = """\
 MODEL:
@@ -56,7 +56,7 @@ def job(tmp_path_factory):
     checkpoint of its uninterrupted run."""
     root = tmp_path_factory.mktemp('cluster')
     data = write_image_folder(root / 'data', num_classes=3, train_per_class=16, val_per_class=2)
-    write_wds(data, root / 'shards', per_shard=10)
+    assert make_dataset(['--format', 'wds', '--shard-samples', '10', '--workers', '0', str(data), str(root / 'shards')]) == 0
     cfg = write_tiny_config(root, CONFIG)
     ref = torchrun(LAUNCH, _args(cfg, data, root / 'uninterrupted'), root)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]

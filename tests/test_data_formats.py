@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cli import free_port
+from shard_sets import write_parquet, write_wds
 from test_data_common import data_config, jpeg_folder, zip_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.shard_sets import write_parquet, write_wds  # noqa: E402
 from config import parse_command_line  # noqa: E402
 from data import build_dataset, build_loader  # noqa: E402
 from data.build import build_train_sampler  # noqa: E402

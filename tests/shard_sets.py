@@ -1,8 +1,11 @@
-"""Minimal writers of the shard layouts from an image folder, for the tests and ``benchmarks/loader.py``.
+"""Minimal writers of the shard layouts from an image folder, for the readers' tests.
 
-Not the conversion tool (that is ``tools.make_dataset``): just enough to lay the same images out as
-WebDataset tar shards or Parquet files in the folder's order (sorted classes, sorted files), so that sample i of
-every layout is image i of the folder.
+Deliberately not the conversion tool (``tools.make_dataset``, which the cluster test and ``benchmarks/loader.py``
+use): a second, independent writer the readers must also agree with. It writes the bytes it is given (a corrupt
+image stays corrupt, which the tool would refuse), the image member before the label (the tool writes the label
+first, as webdataset does), and a plain binary image column; just enough to lay the same images out as WebDataset
+tar shards or Parquet files in the folder's order (sorted classes, sorted files), so that sample i of every
+layout is image i of the folder.
 
 * :func:`write_wds`: ``out/{train,val}/{split}-000000.tar, ...`` (members ``<key>.<ext>`` and ``<key>.cls``)
   and ``out/classes.txt``;
