@@ -71,7 +71,7 @@ def test_classes_come_from_the_classes_file_else_the_header_else_the_sorted_labe
     ('path,cat dog\ntrain/a.jpg,cow\n', r"l.csv:2: label 'cow' is not one of the 2 classes"),
     ('path,labels\na.jpg,cat\n', r"l.csv:2: the path 'a.jpg' must start with the split"),
     ('path,labels\ntrain/a.jpg,cat\n', r"l.csv: no rows of the val split"),
-])
+], ids=['unknown label', 'no split in the path', 'no validation rows'])
 def test_a_bad_label_file_is_one_clear_error(tmp_path, text, message):
     (tmp_path / 'train').mkdir()
     (tmp_path / 'l.csv').write_text(text)
