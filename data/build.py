@@ -109,7 +109,7 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
     split = 'train' if is_train else 'val'
     if config.DATA.LABEL_FILE:
         labels = labels or load_label_table(config.DATA.LABEL_FILE, config.DATA.CLASSES_FILE, path)
-        listed = (labels.rows(split), labels.classes)
+        listed = (labels.rows(split, required=not common['lazy']), labels.classes)  # --eval: no training rows
         if config.DATA.ZIP_MODE:
             dataset = ZipMapDataset(path, split, cache_mode=_cache_mode(config, is_train), rank=rank,
                                     world_size=world, listed=listed, **common)

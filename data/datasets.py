@@ -354,7 +354,7 @@ class FileListDataset(ImageListDataset):
     """Given ``(path relative to root, label)`` rows and class names: the images a label file lists."""
 
     def __init__(self, root: str, samples: Sequence[tuple[str, Any]], classes: Sequence[str], **kwargs):
-        if not os.path.isdir(root):
+        if samples and not os.path.isdir(root):
             raise UserError(f'image folder not found: {root}')
         self.root, self._given = root, (list(samples), list(classes))
         super().__init__(**kwargs)

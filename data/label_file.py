@@ -42,10 +42,10 @@ class LabelTable:
     classes: list[str]
     splits: dict[str, list[tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
 
-    def rows(self, split: str) -> list[tuple[str, tuple[int, ...]]]:
-        """The rows of ``split``; a UserError when it has none."""
+    def rows(self, split: str, required: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+        """The rows of ``split``; a UserError when it has none and they are ``required``."""
         rows = self.splits.get(split, [])
-        if not rows:
+        if not rows and required:
             raise UserError(f"{self.path}: no rows of the {split} split (paths starting with '{split}/')")
         return rows
 

@@ -79,6 +79,17 @@ def test_a_bad_label_file_is_one_clear_error(tmp_path, text, message):
         build_loader(data_config(tmp_path, **{'DATA.LABEL_FILE': 'l.csv'}))
 
 
+def test_an_evaluation_needs_no_training_rows_or_images(tmp_path):
+    import shutil
+    root, _ = write_multilabel_folder(tmp_path, train=2, val=3)
+    shutil.rmtree(root / 'train')
+    lines = (root / 'labels.csv').read_text().splitlines()
+    (root / 'labels.csv').write_text('\n'.join(line for line in lines if not line.startswith('train/')))
+    _, dataset_val, _, loader_val, _ = build_loader(data_config(root, **{'DATA.LABEL_FILE': 'labels.csv',
+                                                                         'EVAL_MODE': True}))
+    assert len(dataset_val) == 3 and next(iter(loader_val))[1].shape == (3, 3)
+
+
 def test_multilabel_data_refuse_the_single_label_loss():
     from config import _check_values
     cfg = get_default_config()
