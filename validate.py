@@ -23,7 +23,7 @@ zoo reports and the difference (CSV columns zoo_acc1, zoo_acc5, diff_acc1, diff_
 Multi-label data (DATA.LABEL_FILE) are ranked by mAP, with the macro and micro F1 at TEST.THRESHOLD (columns
 map, f1_macro, f1_micro). ``--per-class`` writes each checkpoint's per-class accuracy / AP and confusion matrix
 to the output folder (utils/per_class.py): ``per_class.csv`` and ``confusion_matrix.csv`` for one checkpoint,
-``per_class-<name>.csv`` and ``confusion_matrix-<name>.csv`` (the checkpoint's file or folder name) for several.
+``per_class-<name>.csv`` and ``confusion_matrix-<name>.csv`` for several (:func:`per_class_names`).
 """
 from __future__ import annotations
 
@@ -103,9 +103,9 @@ class Evaluator:
     """Builds the model (one at a time) and the validation loaders (one per image size) the checkpoints need, and
     evaluates each checkpoint with them."""
 
-    def __init__(self, config, env: DistEnv, loader_val, logger, per_class_suffix: bool = False):
+    def __init__(self, config, env: DistEnv, loader_val, logger, per_class_names: Optional[dict] = None):
         self.env, self.logger = env, logger
-        self.per_class_suffix = per_class_suffix  # per-class files named after the checkpoint (several of them)
+        self.per_class_names = per_class_names or {}  # checkpoint -> suffix of its per-class files
         _, self.amp_dtype = resolve_amp(config, env.device)  # the precision is the run's, whatever the model
         self.loaders = {self._loader_key(config): loader_val}
         self.model, self.model_key = None, None
@@ -151,8 +151,8 @@ class Evaluator:
             return {'checkpoint': path, 'error': str(e)}
         result = evaluate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger, per_class=cfg.TEST.PER_CLASS)
         if cfg.TEST.PER_CLASS and self.env.is_main:
-            suffix = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if self.per_class_suffix else ''
-            paths = write_per_class(cfg.OUTPUT, result.per_class, loader_val.dataset.classes, suffix)
+            paths = write_per_class(cfg.OUTPUT, result.per_class, loader_val.dataset.classes,
+                                    self.per_class_names.get(path, ''))
             logger.info(f"per-class results written to {', '.join(paths)}")
         row = {'checkpoint': path, 'epoch': weights['epoch'], **result.metrics}
         if entry is not None and 'acc1' in row:
@@ -161,6 +161,18 @@ class Evaluator:
             row.update(zoo_acc1=entry.acc1, zoo_acc5=entry.acc5, diff_acc1=round(acc1 - entry.acc1, 3),
                        diff_acc5=round(acc5 - entry.acc5, 3))
         return row
+
+
+def per_class_names(paths: list[str]) -> dict[str, str]:
+    """The name suffix of each checkpoint's per-class files: none for one checkpoint, else its file (or folder) name
+    without extension, or where names repeat (``runs/*/model_best.pth``) its path from the common folder."""
+    if len(paths) == 1:
+        return {paths[0]: ''}
+    stems = {p: os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths}
+    if len(set(stems.values())) == len(paths):
+        return stems
+    common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return {p: os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0].replace(os.sep, '_') for p in paths}
 
 
 def sort_results(rows: list[dict]) -> list[dict]:
@@ -227,7 +239,7 @@ def validate_main(config, env: DistEnv, spec: str, results_file: Optional[str], 
     _, _, _, loader_val, _ = build_loader(config)
     if env.device.type == 'cuda':
         loader_val.finish_on = env.device
-    evaluator = Evaluator(config, env, loader_val, logger, per_class_suffix=len(paths) > 1)
+    evaluator = Evaluator(config, env, loader_val, logger, per_class_names(paths))
     rows = sort_results([evaluator.evaluate(config, p, use_ema) for p in paths])
     best = 'mAP' if any('map' in r for r in rows) else 'Acc@1'
     logger.info(f"{len(rows)} checkpoints evaluated, best {best} first:\n{format_table(rows)}")

@@ -97,6 +97,14 @@ def test_validate_py_per_class_writes_each_checkpoints_files(tmp_path, one_torch
     assert (out / 'per_class.csv').read_text() == (out / 'per_class-w0.csv').read_text()
 
 
+def test_per_class_file_names_tell_checkpoints_of_the_same_name_apart():
+    from validate import per_class_names
+    assert per_class_names(['out/a.pth']) == {'out/a.pth': ''}
+    assert per_class_names(['out/a.pth', 'out/b.pth']) == {'out/a.pth': 'a', 'out/b.pth': 'b'}
+    assert per_class_names(['runs/x/model_best.pth', 'runs/y/model_best.pth']) == {
+        'runs/x/model_best.pth': 'x_model_best', 'runs/y/model_best.pth': 'y_model_best'}
+
+
 def test_plot_run_draws_the_curves_and_the_confusion_matrices_as_pngs(tmp_path, capsys):
     from tools.plot_run import CONFUSION_SIZE, CURVES_SIZE, DPI, main
     for epoch in range(3):
