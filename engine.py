@@ -270,13 +270,13 @@ def log_train_step(config, ctx: TrainContext, read: dict, meters: dict, epoch: i
 @torch.no_grad()
 def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '',
-             classes: Optional[ClassCounter] = None) -> tuple[float, float, float]:
+             class_counter: Optional[ClassCounter] = None) -> tuple[float, float, float]:
     """Top-1, top-5 (percent) and mean loss over the whole validation set.
 
     Each rank counts its own shard; the sums are added across ranks, so every image counts once
     and the result does not depend on the number of processes. ``label`` (e.g. 'EMA ') goes before
-    'Acc@1' in the summary line, so parsers of the official line see only the main model's. ``classes``, when
-    given, also counts each class's top-1 predictions (per-class accuracy, confusion matrix).
+    'Acc@1' in the summary line, so parsers of the official line see only the main model's. ``class_counter``,
+    when given, also counts each class's top-1 predictions (per-class accuracy, confusion matrix).
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
@@ -297,8 +297,8 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(targets[:, None])
         sums += torch.stack([hits[:, :1].sum(), hits.sum(), criterion(output, targets)]).to(torch.float64)
-        if classes is not None:
-            classes.update(top5[:, 0], targets)
+        if class_counter is not None:
+            class_counter.update(top5[:, 0], targets)
         count += len(targets)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
             correct1, correct5, loss_sum = sums.tolist()  # one transfer

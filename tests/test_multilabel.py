@@ -234,7 +234,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                         torch.device('cpu'), None, logging.getLogger(f'rank{rank}'))
     counter, single = ClassCounter(4, torch.device('cpu')), _single_label(logits, targets)
     validate(_multilabel_config(), [(single[0][mine], single[1][mine])], torch.nn.Identity(), torch.device('cpu'),
-             None, logging.getLogger(f'rank{rank}'), classes=counter)
+             None, logging.getLogger(f'rank{rank}'), class_counter=counter)
     counts = counter.result()
     with open(f'{out_dir}/{rank}.json', 'w') as f:
         json.dump({**_figures(metrics), 'loss': loss, 'matrix': counts.matrix.tolist(),
