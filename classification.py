@@ -11,20 +11,26 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import launch
 from data import build_loader
-from engine import TrainContext, throughput, validate
+from engine import TrainContext, evaluate, throughput
+from losses import BinaryCrossEntropy
 from models import build_model
 from tracking import build_recorder
 from trainer import Trainer, amp_dtype_of, pick_resume_file, prepare_training, variant_for, with_distillation
 from utils.checkpoint import Resumed, TrainingState, build_checkpointer
 from utils.distributed import DistEnv
 from utils.errors import UserError
+from utils.per_class import write_per_class
 from utils.preemption import PreemptionHandler
 from utils.pretrained import load_pretrained
 
 
 def build_criterion(config, mixup_fn):
     """The training loss: soft-target cross-entropy after mixup/cutmix (which already smooth the labels),
-    else label smoothing (MODEL.LABEL_SMOOTHING), else plain cross-entropy."""
+    else label smoothing (MODEL.LABEL_SMOOTHING), else plain cross-entropy. TRAIN.LOSS bce (auto with multi-label
+    data): binary cross-entropy, smoothing the targets itself without mixup, as timm's train.py sets it."""
+    if uses_bce(config):
+        smoothing = 0.0 if mixup_fn is not None else config.MODEL.LABEL_SMOOTHING
+        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=config.TRAIN.BCE_TARGET_THRESHOLD)
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()
     if config.MODEL.LABEL_SMOOTHING > 0.:
@@ -32,11 +38,20 @@ def build_criterion(config, mixup_fn):
     return torch.nn.CrossEntropyLoss()
 
 
+def uses_bce(config) -> bool:
+    """TRAIN.LOSS bce, or auto on multi-label data."""
+    return config.TRAIN.LOSS == 'bce' or (config.TRAIN.LOSS == 'auto' and bool(config.DATA.LABEL_FILE))
+
+
 def evaluate_and_log(config, loader_val, model, env: DistEnv, logger) -> float:
-    """One validation with the official summary line; returns Acc@1."""
-    acc1, _, _ = validate(config, loader_val, model, env.device, amp_dtype_of(config, env), logger)
-    logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
-    return acc1
+    """One validation with the official summary line; returns Acc@1 (mAP for multi-label data). An --eval run
+    with TEST.PER_CLASS writes the per-class CSV files (rank 0)."""
+    per_class = config.EVAL_MODE and config.TEST.PER_CLASS
+    result = evaluate(config, loader_val, model, env.device, amp_dtype_of(config, env), logger, per_class=per_class)
+    if per_class and env.is_main:
+        paths = write_per_class(config.OUTPUT, result.per_class, loader_val.dataset.classes)
+        logger.info(f"per-class results written to {', '.join(paths)}")
+    return result.score
 
 
 def train_or_evaluate(config, env: DistEnv) -> None:

@@ -49,6 +49,10 @@ _C.DATA.TRAIN_SHARDS = ''
 _C.DATA.VAL_SHARDS = ''
 _C.DATA.PARQUET_IMAGE_COLUMN = 'image'  # (ours) bytes, or a struct with a 'bytes' field (HF Image)
 _C.DATA.PARQUET_LABEL_COLUMN = 'label'  # (ours) integer class index
+# (ours) multi-label data: a CSV of 'path,labels' rows (paths relative to DATA_PATH, starting with the split:
+# train/..., val/...; labels separated by spaces or ';'), for the folder and zip layouts (data/label_file.py)
+_C.DATA.LABEL_FILE = ''
+_C.DATA.CLASSES_FILE = ''  # (ours) the class names of DATA.LABEL_FILE, one a line (else its header or its labels)
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -156,6 +160,10 @@ _C.TRAIN.BEST_METRIC = 'acc1'  # (ours) the score that picks model_best.pth: acc
 _C.TRAIN.SAVE_STEPS = 0
 _C.TRAIN.COMPILE = False  # (ours) torch.compile the model
 _C.TRAIN.MAX_NONFINITE_STEPS = 20  # (ours) consecutive steps with inf/NaN loss or gradients that stop a run
+# (ours) auto: binary cross-entropy for multi-label data (DATA.LABEL_FILE), else the official cross-entropy;
+# ce: the official; bce: timm's BinaryCrossEntropy (single-label data too), smoothing from MODEL.LABEL_SMOOTHING
+_C.TRAIN.LOSS = 'auto'
+_C.TRAIN.BCE_TARGET_THRESHOLD = None  # (ours) bce: soft targets above this become 1, the others 0 (timm's)
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
@@ -218,6 +226,10 @@ _C.TEST.CROP = True
 _C.TEST.CROP_PCT = 224 / 256  # (ours) with CROP: resize the short side to IMG_SIZE / CROP_PCT, then centre-crop
 _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
+_C.TEST.THRESHOLD = 0.5  # (ours) multi-label: a class is predicted when its sigmoid score is >= this (F1)
+# (ours) write per-class accuracy / AP and the confusion matrix as CSV to the output folder: after --eval, and
+# after the last epoch of training (utils/per_class.py); the flag --per-class sets it
+_C.TEST.PER_CLASS = False
 
 # ----------------------------------------------------------------------------- distillation (ours)
 # A teacher's logits join the loss: loss = (1 - ALPHA) * base + ALPHA * distillation (distillation.py). Off while
@@ -266,7 +278,7 @@ MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_moe': 'SWIN_MOE', 's
 _SIZE_KEYS = frozenset({'DATA.IMG_SIZE'})
 # Keys whose default is None accept any value; these are the types a value may have.
 _NONE_DEFAULT_TYPES = {'MODEL.SWIN.QK_SCALE': (int, float), 'MODEL.SWIN_MOE.QK_SCALE': (int, float),
-                       'AUG.CUTMIX_MINMAX': (list, tuple)}
+                       'AUG.CUTMIX_MINMAX': (list, tuple), 'TRAIN.BCE_TARGET_THRESHOLD': (int, float)}
 
 
 def get_default_config() -> CN:
@@ -412,7 +424,7 @@ _SWITCH_KEYS = {
     'disable_amp': ('AMP_ENABLE', False), 'enable_amp': ('ENABLE_AMP', True),
     'eval': ('EVAL_MODE', True), 'throughput': ('THROUGHPUT_MODE', True),
     'fused_window_process': ('FUSED_WINDOW_PROCESS', True), 'fused_layernorm': ('FUSED_LAYERNORM', True),
-    'compile': ('TRAIN.COMPILE', True),
+    'compile': ('TRAIN.COMPILE', True), 'per_class': ('TEST.PER_CLASS', True),
 }
 
 
@@ -462,6 +474,7 @@ _CHOICES = {
     'TRAIN.FSDP.REDUCE_DTYPE': ('float32', 'bfloat16', 'float16'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'), 'TRAIN.BEST_METRIC': ('acc1', 'ema_acc1'),
     'DISTILL.TYPE': ('soft', 'hard'),
+    'TRAIN.LOSS': ('auto', 'ce', 'bce'),
 }
 LOG_BACKENDS = ('wandb', 'mlflow')
 # Keys that must be at least this number.
@@ -498,6 +511,7 @@ def _check_values(cfg: CN) -> None:
     if cfg.TRAIN.BEST_METRIC == 'ema_acc1' and not cfg.TRAIN.EMA.ENABLE:
         raise UserError("TRAIN.BEST_METRIC ema_acc1 needs TRAIN.EMA.ENABLE True")
     _check_distill_and_log(cfg)
+    _check_label_keys(cfg)
 
 
 def _check_distill_and_log(cfg: CN) -> None:
@@ -512,6 +526,23 @@ def _check_distill_and_log(cfg: CN) -> None:
     if cfg.DISTILL.TEACHER_CFG and not cfg.DISTILL.TEACHER_WEIGHTS:
         raise UserError("DISTILL.TEACHER_CFG (--teacher-cfg) needs the teacher's weights: --teacher-weights PATH "
                         "(DISTILL.TEACHER_WEIGHTS); a teacher with random weights teaches nothing")
+
+
+def _check_label_keys(cfg: CN) -> None:
+    """Multi-label data, the binary loss and the evaluation threshold."""
+    if not 0.0 < cfg.TEST.THRESHOLD < 1.0:
+        raise UserError(f"bad value for config key TEST.THRESHOLD: {cfg.TEST.THRESHOLD!r} (must be between 0 and 1)")
+    threshold = cfg.TRAIN.BCE_TARGET_THRESHOLD
+    if threshold is not None and not 0.0 <= threshold < 1.0:
+        raise UserError(f"bad value for config key TRAIN.BCE_TARGET_THRESHOLD: {threshold!r} (must be in [0, 1))")
+    if cfg.DATA.CLASSES_FILE and not cfg.DATA.LABEL_FILE:
+        raise UserError("DATA.CLASSES_FILE names the classes of DATA.LABEL_FILE: set DATA.LABEL_FILE too")
+    if not cfg.DATA.LABEL_FILE:
+        return
+    if cfg.TRAIN.LOSS == 'ce':
+        raise UserError("multi-label data (DATA.LABEL_FILE) trains with TRAIN.LOSS bce (or auto), not ce")
+    if cfg.DATA.DATASET == 'imagenet22K':
+        raise UserError("DATA.LABEL_FILE is for the folder and zip layouts, not DATA.DATASET imagenet22K")
 
 
 def get_config(args: Any) -> CN:
@@ -586,6 +617,8 @@ def build_arg_parser(description: str = 'Swin Transformer training and evaluatio
     parser.add_argument('--data-format', choices=['folder', 'zip', 'wds', 'parquet'],
                         help='(ours) DATA.FORMAT: image folder (default), official zip (as --zip), '
                              'WebDataset tar shards or Parquet files')
+    parser.add_argument('--per-class', action='store_true',
+                        help='(ours) TEST.PER_CLASS: write per-class accuracy / AP and the confusion matrix as CSV')
     return parser
 
 

@@ -1,7 +1,8 @@
 """One epoch of training, exact evaluation and throughput timing, as plain functions.
 
 The log lines are the official framework's (``Train: [e/E][i/N] ...``, `` * Acc@1 x Acc@5 y``,
-``batch_size B throughput X``) so that existing log parsers keep working.
+``batch_size B throughput X``) so that existing log parsers keep working. Multi-label data (DATA.LABEL_FILE) are
+evaluated by :func:`validate_multilabel`, whose line is ours: `` * mAP x F1-macro y F1-micro z (threshold t)``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from timm.utils import AverageMeter
 from config import img_size_hw
 from utils.distributed import all_reduce_max, all_reduce_sum, unwrap_model
 from utils.errors import UserError
+from utils.metrics import ClassCounter, ClassCounts, MultiLabelMetrics, all_gather_rows, multilabel_metrics
 from utils.sharding import is_sharded, set_gradient_sync
 
 
@@ -292,12 +294,14 @@ def log_train_step(ctx: TrainContext, progress: EpochProgress, idx: int, read: d
 
 @torch.no_grad()
 def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '') -> tuple[float, float, float]:
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '',
+             class_counter: Optional[ClassCounter] = None) -> tuple[float, float, float]:
     """Top-1, top-5 (percent) and mean loss over the whole validation set.
 
     Each rank counts its own shard; the sums are added across ranks, so every image counts once
     and the result does not depend on the number of processes. ``label`` (e.g. 'EMA ') goes before
-    'Acc@1' in the summary line, so parsers of the official line see only the main model's.
+    'Acc@1' in the summary line, so parsers of the official line see only the main model's. ``class_counter``,
+    when given, also counts each class's top-1 predictions (per-class accuracy, confusion matrix).
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
@@ -318,6 +322,8 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(targets[:, None])
         sums += torch.stack([hits[:, :1].sum(), hits.sum(), criterion(output, targets)]).to(torch.float64)
+        if class_counter is not None:
+            class_counter.update(top5[:, 0], targets)
         count += len(targets)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
             correct1, correct5, loss_sum = sums.tolist()  # one transfer
@@ -333,6 +339,87 @@ def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torc
     logger.info(f' * {label}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
     logger.info(f'{label}validation over {int(total)} images: mean loss {loss:.6f}')
     return acc1, acc5, loss
+
+
+@torch.no_grad()
+def validate_multilabel(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+                        amp_dtype: Optional[torch.dtype], logger: logging.Logger,
+                        label: str = '') -> tuple[MultiLabelMetrics, float]:
+    """mAP, F1 (at TEST.THRESHOLD) and per-class AP of multi-hot targets over the whole validation set, and the
+    mean binary cross-entropy (over images and classes).
+
+    Average precision ranks all the images, so each rank keeps its shard's logits and targets on the device and
+    they are gathered from every rank at the end: the figures are those of the whole set, whatever the number of
+    processes (every rank computes them, so decisions taken on them agree).
+    """
+    model.eval()
+    rows, sums, count = [], torch.zeros(1, dtype=torch.float64, device=device), 0
+    num_steps = len(data_loader)
+    missing = forwards_to_join(model, device, num_steps)
+    end = time.time()
+    for idx, (images, targets) in enumerate(data_loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True).float()
+        with autocast(device, amp_dtype):
+            output = model(images)
+        if isinstance(output, tuple):  # Swin-MoE: (logits, auxiliary loss)
+            output = output[0]
+        output = output.float()
+        sums += torch.nn.functional.binary_cross_entropy_with_logits(output, targets, reduction='sum').double()
+        rows.append(torch.cat([output, targets], dim=1))
+        count += len(targets)
+        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            logger.info(f'Test: [{idx}/{num_steps}]\tTime {time.time() - end:.3f}\t'
+                        f'Loss {sums.item() / max(count * output.shape[1], 1):.4f}\tMem {memory_mb(device):.0f}MB')
+    join_collective_forwards(config, model, device, amp_dtype, missing)
+    width = config.MODEL.NUM_CLASSES
+    local = torch.cat(rows) if rows else torch.zeros(0, 2 * width, device=device)
+    every = all_gather_rows(local)
+    loss_sum = all_reduce_sum(sums).item()
+    metrics = multilabel_metrics(every[:, :width], every[:, width:], config.TEST.THRESHOLD)
+    loss = loss_sum / max(len(every) * width, 1)
+    logger.info(f' * {label}mAP {metrics.map:.3f} F1-macro {metrics.f1_macro:.3f} F1-micro {metrics.f1_micro:.3f} '
+                f'(threshold {config.TEST.THRESHOLD:g})')
+    logger.info(f'{label}validation over {len(every)} images: mean loss {loss:.6f}')
+    return metrics, loss
+
+
+@dataclass
+class Evaluation:
+    """One validation's figures: ``metrics`` acc1, acc5, loss (single-label data) or map, f1_macro, f1_micro,
+    loss (multi-label); ``per_class`` the per-class figures when asked for (multi-label: always there)."""
+    metrics: dict[str, float]
+    per_class: Optional[ClassCounts | MultiLabelMetrics] = None
+
+    @property
+    def score(self) -> float:
+        """The main figure: Acc@1, or mAP for multi-label data."""
+        return self.metrics['map'] if 'map' in self.metrics else self.metrics['acc1']
+
+
+def is_multilabel(config) -> bool:
+    """Whether the run's data are multi-label (a DATA.LABEL_FILE)."""
+    return bool(config.DATA.LABEL_FILE)
+
+
+def evaluate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '',
+             per_class: bool = False) -> Evaluation:
+    """:func:`validate`, or :func:`validate_multilabel` for multi-label data; with ``per_class`` the
+    single-label per-class counts too. Logs the official ``Accuracy of the network`` line (mAP for multi-label
+    data) for the main model (no ``label``)."""
+    if is_multilabel(config):
+        metrics, loss = validate_multilabel(config, data_loader, model, device, amp_dtype, logger, label)
+        result = Evaluation({**metrics.scores(), 'loss': loss}, metrics)
+    else:
+        counter = ClassCounter(config.MODEL.NUM_CLASSES, device) if per_class else None
+        acc1, acc5, loss = validate(config, data_loader, model, device, amp_dtype, logger, label, counter)
+        result = Evaluation({'acc1': acc1, 'acc5': acc5, 'loss': loss}, counter.result() if counter else None)
+    dataset = getattr(data_loader, 'dataset', None)
+    if not label and dataset is not None:
+        what = 'mAP' if is_multilabel(config) else 'Accuracy'
+        logger.info(f"{what} of the network on the {len(dataset)} test images: {result.score:.1f}%")
+    return result
 
 
 def forward_is_collective(model: torch.nn.Module) -> bool:

@@ -20,8 +20,8 @@ import torch
 
 from data.samplers import mix_seed
 from distillation import build_distillation_loss
-from engine import (MidEpoch, TrainContext, classification_loss, masked_reconstruction_loss, moe_classification_loss,
-                    train_one_epoch, validate)
+from engine import (MidEpoch, TrainContext, classification_loss, evaluate, is_multilabel,
+                    masked_reconstruction_loss, moe_classification_loss, train_one_epoch)
 from lr_scheduler import build_scheduler
 from models.complexity import count_flops, count_params
 from models.moe import exclude_experts_from_ddp, moe_param_counts
@@ -31,6 +31,7 @@ from utils.checkpoint import Checkpointer, Resumed
 from utils.distributed import DistEnv, all_reduce_max, barrier
 from utils.ema import ModelEma
 from utils.errors import UserError
+from utils.per_class import write_per_class
 from utils.rng import capture_rng_state, restore_rng_state, seed_process
 from utils.sharding import describe_held_bytes, held_bytes, is_sharded, shard_model
 from utils.summary import write_summary_row
@@ -213,12 +214,14 @@ class Trainer:
             if epoch == resumed.epoch:  # the optimizer state exists after the first step
                 logger.info(describe_held_bytes(held_bytes(self.checkpointer.state.model, self.ctx.optimizer),
                                                 self.env.rank))
-            metrics = self.evaluate(loader_val) if loader_val is not None else {}
-            if 'acc1' in metrics:
-                max_accuracy = max(max_accuracy, metrics['acc1'])
-                logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-                if best.is_new_best(metrics[config.TRAIN.BEST_METRIC]):
-                    self.checkpointer.save_best(epoch, metrics[config.TRAIN.BEST_METRIC])
+            per_class = config.TEST.PER_CLASS and epoch == config.TRAIN.EPOCHS - 1
+            metrics = self.evaluate(loader_val, per_class) if loader_val is not None else {}
+            score = 'map' if is_multilabel(config) else 'acc1'
+            if score in metrics:  # multi-label: max_accuracy (checkpoints, log) is the best mAP
+                max_accuracy = max(max_accuracy, metrics[score])
+                logger.info(f'Max {"mAP" if score == "map" else "accuracy"}: {max_accuracy:.2f}%')
+                if best.is_new_best(metrics[best_metric_of(config)]):
+                    self.checkpointer.save_best(epoch, metrics[best_metric_of(config)])
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
                 self.checkpointer.save(epoch, max_accuracy, extra=self._extra(best))
             self.record_epoch(epoch, stats, metrics, time.time() - epoch_start)
@@ -240,15 +243,19 @@ class Trainer:
             return resumed.step
         return resume_position(resumed, rng_states, self.env, num_steps, self.logger)
 
-    def evaluate(self, loader_val) -> dict:
-        """Validation after an epoch: acc1, acc5, loss of the model, and ema_acc1 / ema_acc5 with EMA on."""
+    def evaluate(self, loader_val, per_class: bool = False) -> dict:
+        """Validation after an epoch: acc1, acc5, loss of the model (multi-label data: map, f1_macro, f1_micro,
+        loss), and the same prefixed ema_ (but the loss) with EMA on. ``per_class``: rank 0 also writes the
+        per-class CSV files to the output folder."""
         ctx, config, logger = self.ctx, self.config, self.logger
-        acc1, acc5, loss = validate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger)
-        logger.info(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {acc1:.1f}%")
-        metrics = {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+        result = evaluate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger, per_class=per_class)
+        metrics = dict(result.metrics)
+        if per_class and self.env.is_main:
+            paths = write_per_class(config.OUTPUT, result.per_class, loader_val.dataset.classes)
+            logger.info(f"per-class results written to {', '.join(paths)}")
         if ctx.model_ema is not None:
-            metrics['ema_acc1'], metrics['ema_acc5'], _ = validate(
-                config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
+            ema = evaluate(config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
+            metrics.update({f'ema_{name}': value for name, value in ema.metrics.items() if name != 'loss'})
         return metrics
 
     def save_step(self, epoch: int, step: int, max_accuracy: float, extra: dict) -> None:
@@ -268,13 +275,22 @@ class Trainer:
         lr = max(group['lr'] for group in ctx.optimizer.param_groups)
         row = {'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'], 'val_loss': metrics.get('loss'),
                'val_acc1': metrics.get('acc1'), 'val_acc5': metrics.get('acc5'), 'ema_acc1': metrics.get('ema_acc1'),
-               'images_per_second': stats['images_per_second'], 'epoch_seconds': seconds}
+               'images_per_second': stats['images_per_second'], 'epoch_seconds': seconds,
+               'val_map': metrics.get('map'), 'val_f1_macro': metrics.get('f1_macro'),
+               'val_f1_micro': metrics.get('f1_micro'), 'ema_map': metrics.get('ema_map')}
         if self.env.is_main:
             write_summary_row(self.config.OUTPUT, row)
         if ctx.recorder is not None:
             scalars = {'train/throughput': stats['images_per_second'], 'train/epoch_loss': stats['loss']}
             scalars.update({f'val/{name}': value for name, value in metrics.items()})
             ctx.recorder.log_epoch(epoch, (epoch + 1) * stats['steps'], scalars, row)
+
+
+def best_metric_of(config) -> str:
+    """The metric model_best.pth is picked by: TRAIN.BEST_METRIC, whose acc1 / ema_acc1 mean mAP / EMA mAP on
+    multi-label data."""
+    metric = config.TRAIN.BEST_METRIC
+    return metric.replace('acc1', 'map') if is_multilabel(config) else metric
 
 
 def initial_best(resumed: Resumed, metric: str) -> Optional[float]:

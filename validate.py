@@ -19,6 +19,11 @@ an official released file (recognised by its file name and keys, see utils.weigh
 config is under configs/ here. Their model and image size replace ``--cfg``'s, which still sets the rest
 (data, evaluation, precision). Next to a released file's Acc@1/Acc@5 the table shows what the official model
 zoo reports and the difference (CSV columns zoo_acc1, zoo_acc5, diff_acc1, diff_acc5).
+
+Multi-label data (DATA.LABEL_FILE) are ranked by mAP, with the macro and micro F1 at TEST.THRESHOLD (columns
+map, f1_macro, f1_micro). ``--per-class`` writes each checkpoint's per-class accuracy / AP and confusion matrix
+to the output folder (utils/per_class.py): ``per_class.csv`` and ``confusion_matrix.csv`` for one checkpoint,
+``per_class-<name>.csv`` and ``confusion_matrix-<name>.csv`` for several (:func:`per_class_names`).
 """
 from __future__ import annotations
 
@@ -32,18 +37,19 @@ import torch
 
 from config import build_arg_parser, get_config, get_default_config, merge_yaml
 from data import build_loader
-from engine import validate
+from engine import evaluate
 from launch import open_run_log, run
 from models import build_model
 from utils.amp import resolve_amp
 from utils.checkpoint import load_converted, read_weights
 from utils.distributed import DistEnv, unwrap_model
 from utils.errors import UserError
+from utils.per_class import write_per_class
 from utils.pretrained import snapshot_config, with_model_of
 from utils.weight_layouts import ZooEntry, is_snapshot_folder, zoo_entry, zoo_line
 
 RESULT_COLUMNS = ('checkpoint', 'epoch', 'acc1', 'acc5', 'loss', 'zoo_acc1', 'zoo_acc5', 'diff_acc1', 'diff_acc5',
-                  'error')
+                  'map', 'f1_macro', 'f1_micro', 'error')
 REPO = os.path.dirname(os.path.abspath(__file__))
 _WEIGHT_EXTENSIONS = ('.pth', '.bin', '.safetensors')
 
@@ -97,8 +103,9 @@ class Evaluator:
     """Builds the model (one at a time) and the validation loaders (one per image size) the checkpoints need, and
     evaluates each checkpoint with them."""
 
-    def __init__(self, config, env: DistEnv, loader_val, logger):
+    def __init__(self, config, env: DistEnv, loader_val, logger, per_class_names: Optional[dict] = None):
         self.env, self.logger = env, logger
+        self.per_class_names = per_class_names or {}  # checkpoint -> suffix of its per-class files
         _, self.amp_dtype = resolve_amp(config, env.device)  # the precision is the run's, whatever the model
         self.loaders = {self._loader_key(config): loader_val}
         self.model, self.model_key = None, None
@@ -142,18 +149,38 @@ class Evaluator:
         except UserError as e:
             logger.error(str(e))
             return {'checkpoint': path, 'error': str(e)}
-        acc1, acc5, loss = validate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger)
-        row = {'checkpoint': path, 'epoch': weights['epoch'], 'acc1': acc1, 'acc5': acc5, 'loss': loss}
-        if entry is not None:
+        result = evaluate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger, per_class=cfg.TEST.PER_CLASS)
+        if cfg.TEST.PER_CLASS and self.env.is_main:
+            paths = write_per_class(cfg.OUTPUT, result.per_class, loader_val.dataset.classes,
+                                    self.per_class_names.get(path, ''))
+            logger.info(f"per-class results written to {', '.join(paths)}")
+        row = {'checkpoint': path, 'epoch': weights['epoch'], **result.metrics}
+        if entry is not None and 'acc1' in row:
+            acc1, acc5 = row['acc1'], row['acc5']
             logger.info(zoo_line(entry, acc1, acc5))
             row.update(zoo_acc1=entry.acc1, zoo_acc5=entry.acc5, diff_acc1=round(acc1 - entry.acc1, 3),
                        diff_acc5=round(acc5 - entry.acc5, 3))
         return row
 
 
+def per_class_names(paths: list[str]) -> dict[str, str]:
+    """The name suffix of each checkpoint's per-class files: none for one checkpoint, else its file (or folder) name
+    without extension, or where names repeat (``runs/*/model_best.pth``) its path from the common folder."""
+    if len(paths) == 1:
+        return {paths[0]: ''}
+    stems = {p: os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths}
+    if len(set(stems.values())) == len(paths):
+        return stems
+    common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return {p: os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0].replace(os.sep, '_') for p in paths}
+
+
 def sort_results(rows: list[dict]) -> list[dict]:
-    """Best Acc@1 first (ties: better Acc@5), failed checkpoints last in name order."""
-    done = sorted((r for r in rows if 'error' not in r), key=lambda r: (-r['acc1'], -r['acc5'], r['checkpoint']))
+    """Best Acc@1 first (ties: better Acc@5; multi-label: best mAP, then macro F1), failed checkpoints last in name
+    order."""
+    def key(r: dict) -> tuple:
+        return (-r['map'], -r['f1_macro'], r['checkpoint']) if 'map' in r else (-r['acc1'], -r['acc5'], r['checkpoint'])
+    done = sorted((r for r in rows if 'error' not in r), key=key)
     return done + sorted((r for r in rows if 'error' in r), key=lambda r: r['checkpoint'])
 
 
@@ -161,6 +188,8 @@ def format_table(rows: list[dict]) -> str:
     """The results as a fixed-width text table; where a row is an official released file, the official model
     zoo's Acc@1 / Acc@5 and measured minus reported."""
     width = max(len('checkpoint'), *(len(r['checkpoint']) for r in rows))
+    if any('map' in r for r in rows):
+        return format_multilabel_table(rows, width)
     zoo = any(r.get('zoo_acc1') is not None for r in rows)
     head = f"{'checkpoint':<{width}}  {'epoch':>5}  {'Acc@1':>7}  {'Acc@5':>7}  {'loss':>7}"
     lines = [head + (f"  {'zoo@1':>5}  {'zoo@5':>5}  {'diff@1':>6}  {'diff@5':>6}" if zoo else '')]
@@ -174,6 +203,19 @@ def format_table(rows: list[dict]) -> str:
             line += (f"  {r['zoo_acc1']:5.1f}  {r['zoo_acc5']:5.1f}  {r['diff_acc1']:+6.2f}  "
                      f"{r['diff_acc5']:+6.2f}")
         lines.append(line)
+    return '\n'.join(lines)
+
+
+def format_multilabel_table(rows: list[dict], width: int) -> str:
+    """The results of multi-label data: mAP, macro and micro F1, loss."""
+    lines = [f"{'checkpoint':<{width}}  {'epoch':>5}  {'mAP':>7}  {'F1-mac':>7}  {'F1-mic':>7}  {'loss':>7}"]
+    for r in rows:
+        if 'error' in r:
+            lines.append(f"{r['checkpoint']:<{width}}  failed: {r['error']}")
+            continue
+        epoch = '' if r['epoch'] is None else r['epoch']
+        lines.append(f"{r['checkpoint']:<{width}}  {epoch:>5}  {r['map']:7.3f}  {r['f1_macro']:7.3f}  "
+                     f"{r['f1_micro']:7.3f}  {r['loss']:7.4f}")
     return '\n'.join(lines)
 
 
@@ -197,9 +239,10 @@ def validate_main(config, env: DistEnv, spec: str, results_file: Optional[str], 
     _, _, _, loader_val, _ = build_loader(config)
     if env.device.type == 'cuda':
         loader_val.finish_on = env.device
-    evaluator = Evaluator(config, env, loader_val, logger)
+    evaluator = Evaluator(config, env, loader_val, logger, per_class_names(paths))
     rows = sort_results([evaluator.evaluate(config, p, use_ema) for p in paths])
-    logger.info(f"{len(rows)} checkpoints evaluated, best Acc@1 first:\n{format_table(rows)}")
+    best = 'mAP' if any('map' in r for r in rows) else 'Acc@1'
+    logger.info(f"{len(rows)} checkpoints evaluated, best {best} first:\n{format_table(rows)}")
     if env.is_main:
         if results_file:
             write_results(results_file, rows)

@@ -13,6 +13,8 @@ official ``build_loader`` returns, with these differences users may notice:
   not needed (and ignored) since shards are always exact;
 * the config is never modified;
 * DATA.FORMAT (ours) adds WebDataset tar shards and Parquet files to the folder and zip layouts.
+* multi-label data (DATA.LABEL_FILE, data/label_file.py) give multi-hot float targets, mixed by
+  :class:`~data.mixup.MultiLabelMixup`.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from timm.data import Mixup
 from config import MODEL_SECTIONS
 from utils.errors import UserError
 
-from .datasets import (ARRAY_EXTENSIONS, IMG_EXTENSIONS, ArchiveDataset, ImageFolderDataset, ImageListDataset,
-                       ImageNet22KDataset, ZipMapDataset)
+from .datasets import (ARRAY_EXTENSIONS, IMG_EXTENSIONS, ArchiveDataset, FileListDataset, ImageFolderDataset,
+                       ImageListDataset, ImageNet22KDataset, ZipMapDataset)
+from .label_file import LabelTable, load_label_table
 from .loader import EpochLoader
+from .mixup import MultiLabelMixup
 from .parquet import ParquetDataset
 from .samplers import (DistributedShuffleSampler, RepeatedAugSampler, SeededBatchSampler, ShardShuffleSampler,
                        ValShardSampler)
@@ -58,9 +62,11 @@ def build_loader(config) -> tuple[ImageListDataset, ImageListDataset, EpochLoade
     rank, world = dist_info()
     mixup_fn = build_mixup(config)  # first: its config errors should not wait for a cache to fill
     input_spec(config)  # likewise
-    dataset_train, finish_train = build_dataset(True, config, rank, world)
+    _check_data_path(config.DATA.DATA_PATH)
+    labels = load_label_table(config.DATA.LABEL_FILE, config.DATA.CLASSES_FILE, config.DATA.DATA_PATH)
+    dataset_train, finish_train = build_dataset(True, config, rank, world, labels=labels)
     dataset_val, finish_val = build_dataset(False, config, rank, world, classes=dataset_train.classes
-                                            if isinstance(dataset_train, ImageFolderDataset) else None)
+                                            if isinstance(dataset_train, ImageFolderDataset) else None, labels=labels)
     check_num_classes(config, dataset_train, dataset_val)
     sampler_train = build_train_sampler(config, dataset_train, rank, world)
     loader_train = _epoch_loader(config, dataset_train, sampler_train, finish_train, rank, train=True)
@@ -166,10 +172,12 @@ def _check_data_path(path: str) -> None:
         raise UserError(f'DATA.DATA_PATH is empty: {path}')
 
 
-def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes: Optional[list] = None):
+def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes: Optional[list] = None,
+                  labels: Optional[LabelTable] = None):
     """``(dataset, batch_finish)`` for one split in the layout the config names.
 
-    In EVAL_MODE the training set is built lazily (files listed on first use) and uncached.
+    In EVAL_MODE the training set is built lazily (files listed on first use) and uncached. With DATA.LABEL_FILE
+    the split's images and labels are the label file's (``labels``, read here when not given).
     """
     path = config.DATA.DATA_PATH
     _check_data_path(path)
@@ -180,7 +188,18 @@ def build_dataset(is_train: bool, config, rank: int = 0, world: int = 1, classes
     split = 'train' if is_train else 'val'
     layout = data_format(config)
     if layout in SHARD_EXTENSIONS:
+        if config.DATA.LABEL_FILE:
+            raise UserError(f'DATA.LABEL_FILE is for the folder and zip layouts; {layout} data carry their labels')
         dataset = build_shard_dataset(config, split, rank, world, **common)
+    elif config.DATA.LABEL_FILE:
+        labels = labels or load_label_table(config.DATA.LABEL_FILE, config.DATA.CLASSES_FILE, path)
+        listed = (labels.rows(split, required=not common['lazy']), labels.classes)  # --eval: no training rows
+        if layout == 'zip':
+            dataset = ZipMapDataset(path, split, cache_mode=_cache_mode(config, is_train), rank=rank,
+                                    world_size=world, listed=listed, **common)
+        else:
+            dataset = FileListDataset(os.path.join(path, split), *listed, **common)
+        dataset.target_width = config.MODEL.NUM_CLASSES  # multi-hot targets as wide as the model's outputs
     elif config.DATA.DATASET == 'imagenet22K':
         dataset = ImageNet22KDataset(path, f'{IN22K_PREFIX}_map_{split}.txt', **common)
     elif layout == 'zip':
@@ -262,6 +281,7 @@ def build_mixup(config) -> Optional[Mixup]:
     if config.DATA.BATCH_SIZE % 2:
         raise UserError(f'DATA.BATCH_SIZE must be even with mixup/cutmix on (it pairs samples), '
                         f'got {config.DATA.BATCH_SIZE}')
-    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+    mixup_class = MultiLabelMixup if config.DATA.LABEL_FILE else Mixup
+    return mixup_class(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
                  prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)

@@ -5,6 +5,10 @@
   per line), optionally with the compressed bytes cached in memory (``full``, or ``part``: only the
   indices ``i % world == rank``).
 * :class:`ImageNet22KDataset`: a JSON list of ``[relative_path, label]`` (``ILSVRC2011fall_whole_map_*``).
+* :class:`FileListDataset`: given ``(path under root, label)`` rows (a multi-label file, data/label_file.py).
+
+A label is a class index, or for multi-label data a tuple of them; with ``target_width`` set, targets are
+multi-hot float vectors of that width.
 
 All three (and the tar shards of ``data.wds`` and the Parquet files of ``data.parquet``) share
 :class:`ImageListDataset`: a list of (location, target), bytes read by the layout, decoded by a decoder
@@ -25,6 +29,7 @@ import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
@@ -42,7 +47,7 @@ ARRAY_EXTENSIONS = ('.npy',)  # NumPy arrays: listed for input other than RGB (d
 class LoadedSample(NamedTuple):
     """What indexing with a :class:`SampleKey` returns."""
     image: Any
-    target: int
+    target: Any  # a class index, or a multi-hot float vector (multi-label data)
     bad: list  # (location, reason) of each unreadable file met while producing this sample
     seed: int
 
@@ -71,6 +76,7 @@ class ImageListDataset(Dataset):
         self.replacement_pool: Optional[Sequence[int]] = None  # indices replacements are drawn from
         self._samples: Optional[list[tuple[str, int]]] = None
         self._classes: Optional[list[str]] = None
+        self.target_width: Optional[int] = None  # multi-label: the length of the multi-hot target vectors
         if not lazy:
             self._ensure_listed()
 
@@ -85,6 +91,15 @@ class ImageListDataset(Dataset):
     def location(self, index: int) -> str:
         """Where sample ``index`` lives, as shown in logs."""
         return self.samples[index][0]
+
+    def target(self, index: int) -> Any:
+        """Sample ``index``'s target: its label, or with ``target_width`` its labels as a multi-hot vector."""
+        label = self.samples[index][1]
+        if self.target_width is None:
+            return label
+        vector = torch.zeros(self.target_width)
+        vector[list(label)] = 1.0
+        return vector
 
     # -- listing ---------------------------------------------------------------------------------
     def _ensure_listed(self) -> None:
@@ -130,7 +145,7 @@ class ImageListDataset(Dataset):
         image = self.decoder(self._read(key))
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.samples[key][1]
+        return image, self.target(key)
 
     def load(self, key: SampleKey) -> 'LoadedSample':
         """The sample for a loader key, with its unreadable files; see the module docstring."""
@@ -149,9 +164,9 @@ class ImageListDataset(Dataset):
             except Exception as err:  # any failure to read or decode makes the file unreadable
                 bad.append((self.location(candidate), f'{type(err).__name__}: {err}'))
             else:
-                return image, self.samples[candidate][1], bad
+                return image, self.target(candidate), bad
             if self.on_bad == 'blank':
-                return blank_image(self.decoder, self.blank_size), self.samples[index][1], bad
+                return blank_image(self.decoder, self.blank_size), self.target(index), bad
             candidate = self._replacement()
         raise UnreadableDataError(f'{len(bad)} unreadable images in a row, e.g. {bad[0][0]} ({bad[0][1]})')
 
@@ -335,16 +350,19 @@ class ZipMapDataset(ArchiveDataset):
     (``cache_mode``, ``rank``, ``world_size``: see :class:`ArchiveDataset`)."""
 
     def __init__(self, root: str, split: str, cache_mode: str = 'no', rank: int = 0, world_size: int = 1,
-                 **kwargs):
+                 listed: Optional[tuple[list, list]] = None, **kwargs):
         self.root, self.split = root, split
         self.zip_path = os.path.join(root, f'{split}.zip')
         self.map_path = os.path.join(root, f'{split}_map.txt')
-        for path in (self.zip_path, self.map_path):
+        self._listed = listed  # (samples, classes) given instead of the map file (a multi-label file)
+        for path in (self.zip_path,) + (() if listed else (self.map_path,)):
             if not os.path.isfile(path):
                 raise UserError(f'zip layout file not found: {path}')
         super().__init__(cache_mode, rank, world_size, **kwargs)
 
     def _list(self):
+        if self._listed is not None:
+            return self._listed
         samples = []
         with open(self.map_path, encoding='utf-8') as f:
             for lineno, line in enumerate(f, 1):
@@ -395,6 +413,25 @@ class ImageNet22KDataset(ImageListDataset):
 
     def location(self, index: int) -> str:
         return os.path.join(self.root, self.samples[index][0].lstrip('/'))
+
+    def _read(self, index: int) -> bytes:
+        return _read_file(self.location(index))
+
+
+class FileListDataset(ImageListDataset):
+    """Given ``(path relative to root, label)`` rows and class names: the images a label file lists."""
+
+    def __init__(self, root: str, samples: Sequence[tuple[str, Any]], classes: Sequence[str], **kwargs):
+        if samples and not os.path.isdir(root):
+            raise UserError(f'image folder not found: {root}')
+        self.root, self._given = root, (list(samples), list(classes))
+        super().__init__(**kwargs)
+
+    def _list(self):
+        return self._given
+
+    def location(self, index: int) -> str:
+        return os.path.join(self.root, self.samples[index][0])
 
     def _read(self, index: int) -> bytes:
         return _read_file(self.location(index))

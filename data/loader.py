@@ -47,7 +47,10 @@ class KeyedCollate:
 
     def __call__(self, items: Sequence[LoadedSample]):
         images = [item.image for item in items]
-        targets = torch.tensor([item.target for item in items], dtype=torch.int64)
+        if isinstance(items[0].target, torch.Tensor):  # multi-hot vectors (multi-label data)
+            targets = torch.stack([item.target for item in items])
+        else:
+            targets = torch.tensor([item.target for item in items], dtype=torch.int64)
         bad = [entry for item in items for entry in item.bad]
         seed = mix_seed(items[0].seed, 0xE2A5E)
         dtype = torch.float32 if self.finish else images[0].dtype

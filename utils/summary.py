@@ -10,8 +10,9 @@ import os
 from typing import Mapping, Optional
 
 SUMMARY_NAME = 'summary.csv'
+# multi-label runs (DATA.LABEL_FILE) fill val_map, val_f1_macro, val_f1_micro and ema_map instead of the accuracies
 COLUMNS = ('epoch', 'lr', 'train_loss', 'val_loss', 'val_acc1', 'val_acc5', 'ema_acc1', 'images_per_second',
-           'epoch_seconds')
+           'epoch_seconds', 'val_map', 'val_f1_macro', 'val_f1_micro', 'ema_map')
 
 
 def read_summary(path: str) -> list[dict]:
