@@ -178,3 +178,17 @@ def train_tiny(tmp_path: Path, data: Path, *opts: str) -> tuple[list[str], Path,
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / 'out' / 'tiny_test' / 'default'
     return common, out, (out / 'log_rank0.txt').read_text()
+
+
+def fork_ranks(worker, args: tuple, nprocs: int = 2) -> None:
+    """``mp.spawn(worker, args, nprocs)`` (``worker(rank, *args)`` in each process, a failure raised here) with
+    forked processes: they reuse this process's imports, where spawned ones import torch again (seconds each).
+    Each runs one thread: a forked child must not use its parent's OpenMP pool."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_one_thread, args=(worker, *args), nprocs=nprocs, join=True, start_method='fork')
+
+
+def _one_thread(rank: int, worker, *args) -> None:
+    import torch
+    torch.set_num_threads(1)
+    worker(rank, *args)

@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from utils import distributed as D
-from cli import free_port
+from cli import fork_ranks, free_port
 
 LAUNCH_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_LOCALID',
                'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'SLURM_NODELIST', 'SLURM_JOB_NODELIST', 'SLURM_STEP_NODELIST')
@@ -81,7 +80,7 @@ def _slurm_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_launched_like_srun_reduce_together(tmp_path):
-    mp.spawn(_slurm_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_slurm_worker, (free_port(), str(tmp_path)))
     results = [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
     for rank, res in enumerate(results):
         assert res == {'rank': rank, 'world': 2, 'sum': 3.0, 'mean': 1.5, 'master': '127.0.0.1'}

@@ -9,14 +9,13 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from config import get_default_config
 from engine import MidEpoch, TrainContext, train_one_epoch
 from utils.amp import GradScalerWithNorm
 from utils.distributed import cleanup
 from utils.errors import UserError
-from cli import free_port
+from cli import fork_ranks, free_port
 
 
 class _Scheduler:
@@ -81,7 +80,7 @@ def _worker(rank: int, port: int, out_dir: str, case: dict) -> None:
 
 def _run(tmp_path, **case) -> list[dict]:
     case = {'steps': 8, 'print_freq': 3, 'max_nonfinite': 5, 'poison': {}, 'stop_at': {}, **case}
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), case), nprocs=2, join=True)
+    fork_ranks(_worker, (free_port(), str(tmp_path), case))
     return [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
 
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from utils.distributed import cleanup
-from cli import free_port
+from cli import fork_ranks, free_port
 from models.moe import ExpertParallel, Experts, MoELayer, exclude_experts_from_ddp
 from utils.amp import job_grad_norm
 from utils.moe_checkpoint import EXPERT_PARAMS, ExpertLayout, regroup_expert, writer_layout
@@ -71,7 +70,7 @@ def _worker(rank: int, port: int, num_local_experts: int, reference: dict, resul
 def test_two_processes_equal_one_process_holding_every_expert(tmp_path, num_local_experts, num_experts):
     layer, outs, grads = _single_process(num_experts)
     reference = {'state': {k: v.detach().clone() for k, v in layer.state_dict().items()}}
-    mp.spawn(_worker, args=(free_port(), num_local_experts, reference, str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_worker, (free_port(), num_local_experts, reference, str(tmp_path)))
     for rank in range(2):
         got = torch.load(tmp_path / f'{rank}.pt', weights_only=True)
         torch.testing.assert_close(got['y'], outs[rank], rtol=1e-5, atol=1e-6)
@@ -105,7 +104,7 @@ def _uneven_worker(rank: int, port: int, state: dict, results: str) -> None:
 def test_ranks_with_unequal_token_counts_agree_on_one_capacity(tmp_path):
     layer, _, _ = _single_process(2)
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-    mp.spawn(_uneven_worker, args=(free_port(), state, str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_uneven_worker, (free_port(), state, str(tmp_path)))
     layer.capacity_factor = 0.0
     for rank in range(2):
         got = torch.load(tmp_path / f'{rank}.pt', weights_only=True)

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
-from cli import free_port, run_main, write_tiny_config
+from cli import fork_ranks, free_port, run_main, write_tiny_config
 from config import get_default_config
 from data import build_loader
 from data.label_file import read_label_file
@@ -243,7 +242,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_with_an_uneven_split_give_scikit_learns_figures_and_exact_counts(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_worker, (free_port(), str(tmp_path)))
     logits, targets = _scores()
     expected = _sklearn(logits, targets)
     single, truth = _single_label(logits, targets)
