@@ -34,6 +34,11 @@ DEFAULT_CFG = 'configs/swin/swin_base_patch4_window7_224.yaml'
 KINDS = ('parameters', 'gradients', 'optimizer')
 
 
+# How the ranks start: what they count (tensor bytes) does not depend on it; the tests fork them to reuse their
+# imports (a spawned rank imports torch again).
+START_METHOD = 'spawn'
+
+
 def _config(cfg_path: str, sharding: str, opts: Sequence[str]):
     from config import merge_opts
     cfg = get_default_config()
@@ -44,9 +49,9 @@ def _config(cfg_path: str, sharding: str, opts: Sequence[str]):
 
 
 def _rank_main(rank: int, world: int, port: int, cfg_path: str, sharding: str, opts: Sequence[str], queue) -> None:
+    torch.set_num_threads(1)  # first: a forked rank must not use its parent's OpenMP pool
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
     try:
         cfg = _config(cfg_path, sharding, opts)
         model = build_model(cfg, device='cpu')
@@ -73,10 +78,10 @@ def free_port() -> int:
 
 def measure(cfg_path: str, sharding: str, world: int, opts: Sequence[str] = ()) -> list[dict]:
     """Per-rank held bytes of one training step under ``sharding`` with ``world`` processes."""
-    ctx = mp.get_context('spawn')
+    ctx = mp.get_context(START_METHOD)
     queue = ctx.Queue()
     mp.start_processes(_rank_main, args=(world, free_port(), cfg_path, sharding, tuple(opts), queue),
-                       nprocs=world, join=True, start_method='spawn')
+                       nprocs=world, join=True, start_method=START_METHOD)
     rows = [queue.get() for _ in range(world)]
     return [held for *_, held in sorted(rows, key=lambda r: r[2])]
 

@@ -8,7 +8,8 @@ from conftest import needs_cpu_fsdp
 pytestmark = needs_cpu_fsdp
 
 
-def test_fsdp_ranks_hold_about_half_of_ddps_bytes_at_two_processes(tmp_path, capsys):
+def test_fsdp_ranks_hold_about_half_of_ddps_bytes_at_two_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr('benchmarks.sharding_memory.START_METHOD', 'fork')
     rows = report(str(write_tiny_config(tmp_path)), worlds=[2])
     ddp, fsdp = rows
     assert ddp['sharding'] == 'ddp' and ddp['optimizer'] >= 2 * ddp['parameters'] > 0  # both AdamW moments
