@@ -238,11 +238,16 @@ def _serve(conn, args: tuple) -> None:
         conn.send(getattr(runner, method)(*call_args))
 
 
+# How a framework's own process starts: spawned, a fresh interpreter set up as that framework's script sets itself
+# up. The tests fork it (with one thread) to reuse their imports; what they check does not depend on it.
+START_METHOD = 'spawn'
+
+
 class _RemoteRunner:
     """A Runner in its own process, with the same two methods."""
 
     def __init__(self, *args):
-        ctx = multiprocessing.get_context('spawn')
+        ctx = multiprocessing.get_context(START_METHOD)
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, args), daemon=True)
         self.process.start()

@@ -9,11 +9,12 @@ from benchmarks import speed
 TINY = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
 
 
-def test_speed_prints_both_comparisons_with_a_ratio_per_model():
+def test_speed_prints_both_comparisons_with_a_ratio_per_model(monkeypatch):
+    monkeypatch.setattr(speed, 'START_METHOD', 'fork')
     schedule = speed.Schedule(['infer-fp32', 'train-fp32'], {'infer': 2, 'train': 2}, rounds=1, iters=1, warmup=0)
     rows = []
     for comparison in ('model', 'framework'):
-        setup = speed.Setup(device=torch.device('cpu'), comparison=comparison, overrides=TINY)
+        setup = speed.Setup(device=torch.device('cpu'), threads=1, comparison=comparison, overrides=TINY)
         rows += speed.run(setup, schedule, names=['ours', 'ours-ref', 'timm'])
     assert {(r['comparison'], r['mode'], r['model']) for r in rows} == {
         (c, m, n) for c in ('model', 'framework') for m in ('infer-fp32', 'train-fp32')
