@@ -72,7 +72,7 @@ def _env() -> dict:
 
 
 class _WarmServer:
-    """This test process's warm-launch server, started once (at import: it imports while tests run)."""
+    """This test process's warm-launch server: it imports torch once, then forks a child per launch."""
 
     def __init__(self):
         self.socket = os.path.join(tempfile.mkdtemp(prefix='swin-warm-'), 'sock')
@@ -91,12 +91,22 @@ class _WarmServer:
         return self.socket
 
 
-_WARM_SERVER = None if os.environ.get('SWIN_TEST_COLD') else _WarmServer()
+WARM_LAUNCHES = not os.environ.get('SWIN_TEST_COLD')
+_WARM_SERVER: Optional[_WarmServer] = None
+
+
+def warm_server() -> Optional[_WarmServer]:
+    """This process's server, started on first use (a test worker that launches nothing imports nothing twice)."""
+    global _WARM_SERVER
+    if WARM_LAUNCHES and _WARM_SERVER is None:
+        _WARM_SERVER = _WarmServer()
+    return _WARM_SERVER
 
 
 def python_command(*args: str) -> list[str]:
     """``python ARGS`` as a command line: through the warm server when there is one."""
-    sock = _WARM_SERVER.ready() if _WARM_SERVER is not None else None
+    server = warm_server()
+    sock = server.ready() if server is not None else None
     if sock is None:
         return [sys.executable, *args]
     return [sys.executable, str(WARM), 'run', sock, *args]
@@ -192,3 +202,7 @@ def _one_thread(rank: int, worker, *args) -> None:
     import torch
     torch.set_num_threads(1)
     worker(rank, *args)
+
+
+if WARM_LAUNCHES:
+    warm_server()  # now: it imports while the first tests run

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import REPO, _env
+from cli import REPO, _env
 from utils.sharding import fsdp_runs_on_cpu
 
 # A sitecustomize for the check and every process it starts: yacs and termcolor come from a sys.path entry outside

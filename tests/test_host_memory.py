@@ -8,7 +8,7 @@ import pytest
 
 from config import get_default_config
 from utils.host_memory import mmapped_bytes
-from tests.conftest import REPO
+from conftest import REPO
 
 pytestmark = pytest.mark.skipif(mmapped_bytes() < 0, reason='needs glibc with mallinfo2')
 

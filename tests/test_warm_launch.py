@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from cli import _WARM_SERVER, python_command
+from cli import WARM_LAUNCHES, python_command
 
-pytestmark = pytest.mark.skipif(_WARM_SERVER is None, reason='SWIN_TEST_COLD: every launch is fresh')
+pytestmark = pytest.mark.skipif(not WARM_LAUNCHES, reason='SWIN_TEST_COLD: every launch is fresh')
 
 SCRIPT = """\
 import os, signal, sys, time

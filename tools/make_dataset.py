@@ -173,6 +173,7 @@ def _png_bytes(image) -> bytes:
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends its workers so, whatever handler we were forked with
 
 
 def prepared(items: Sequence[Item], reencode: bool, workers: int) -> Iterator[tuple[Item, Optional[Sample], str]]:
