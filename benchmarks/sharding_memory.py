@@ -34,8 +34,8 @@ DEFAULT_CFG = 'configs/swin/swin_base_patch4_window7_224.yaml'
 KINDS = ('parameters', 'gradients', 'optimizer')
 
 
-# How the ranks start: what they count (tensor bytes) does not depend on it; the tests fork them to reuse their
-# imports (a spawned rank imports torch again).
+# How the ranks start: what they count (tensor bytes) does not depend on it; the tests fork them from a forkserver
+# to reuse its imports (a spawned rank imports torch again).
 START_METHOD = 'spawn'
 
 

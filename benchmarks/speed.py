@@ -239,7 +239,7 @@ def _serve(conn, args: tuple) -> None:
 
 
 # How a framework's own process starts: spawned, a fresh interpreter set up as that framework's script sets itself
-# up. The tests fork it (with one thread) to reuse their imports; what they check does not depend on it.
+# up. The tests fork it from a forkserver to reuse their imports; what they check does not depend on it.
 START_METHOD = 'spawn'
 
 

@@ -191,11 +191,10 @@ def train_tiny(tmp_path: Path, data: Path, *opts: str) -> tuple[list[str], Path,
 
 
 def fork_ranks(worker, args: tuple, nprocs: int = 2) -> None:
-    """``mp.spawn(worker, args, nprocs)`` (``worker(rank, *args)`` in each process, a failure raised here) with
-    forked processes: they reuse this process's imports, where spawned ones import torch again (seconds each).
-    Each runs one thread: a forked child must not use its parent's OpenMP pool."""
+    """``mp.spawn(worker, args, nprocs)`` (``worker(rank, *args)`` in each process, a failure raised here), the
+    processes forked from the forkserver (its preload: tests/conftest.py) instead of spawned; one thread each."""
     import torch.multiprocessing as mp
-    mp.start_processes(_one_thread, args=(worker, *args), nprocs=nprocs, join=True, start_method='fork')
+    mp.start_processes(_one_thread, args=(worker, *args), nprocs=nprocs, join=True, start_method='forkserver')
 
 
 def _one_thread(rank: int, worker, *args) -> None:
@@ -204,5 +203,5 @@ def _one_thread(rank: int, worker, *args) -> None:
     worker(rank, *args)
 
 
-if WARM_LAUNCHES:
-    warm_server()  # now: it imports while the first tests run
+if WARM_LAUNCHES and __import__('multiprocessing').parent_process() is None:
+    warm_server()  # now: it imports while the first tests run (not in the processes the tests start)

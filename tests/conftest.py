@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny image folders written on the fly (no downloads)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Processes the tests start with multiprocessing (cli.fork_ranks, the benchmarks' workers) fork from a server that
+# imported these once: a spawned process imports torch again (seconds each), and forking the test process itself is
+# unsafe once it has run autograd or OpenMP.
+multiprocessing.set_forkserver_preload(['torch', 'torch.distributed', 'timm'])
 
 
 def _fsdp_runs_on_cpu() -> bool:

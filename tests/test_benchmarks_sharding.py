@@ -9,7 +9,7 @@ pytestmark = needs_cpu_fsdp
 
 
 def test_fsdp_ranks_hold_about_half_of_ddps_bytes_at_two_processes(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr('benchmarks.sharding_memory.START_METHOD', 'fork')
+    monkeypatch.setattr('benchmarks.sharding_memory.START_METHOD', 'forkserver')
     rows = report(str(write_tiny_config(tmp_path)), worlds=[2])
     ddp, fsdp = rows
     assert ddp['sharding'] == 'ddp' and ddp['optimizer'] >= 2 * ddp['parameters'] > 0  # both AdamW moments

@@ -10,7 +10,7 @@ TINY = dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(
 
 
 def test_speed_prints_both_comparisons_with_a_ratio_per_model(monkeypatch):
-    monkeypatch.setattr(speed, 'START_METHOD', 'fork')
+    monkeypatch.setattr(speed, 'START_METHOD', 'forkserver')
     schedule = speed.Schedule(['infer-fp32', 'train-fp32'], {'infer': 2, 'train': 2}, rounds=1, iters=1, warmup=0)
     rows = []
     for comparison in ('model', 'framework'):
