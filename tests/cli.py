@@ -202,6 +202,3 @@ def _one_thread(rank: int, worker, *args) -> None:
     torch.set_num_threads(1)
     worker(rank, *args)
 
-
-if WARM_LAUNCHES and __import__('multiprocessing').parent_process() is None:
-    warm_server()  # now: it imports while the first tests run (not in the processes the tests start)

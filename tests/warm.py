@@ -105,6 +105,7 @@ def client(socket_path: str, argv: list[str]) -> None:
 # -- the server --------------------------------------------------------------------------------------------------
 def serve(socket_path: str) -> None:
     """Import once, then fork one child per request until the parent (the test worker) goes away."""
+    parent = os.getppid()
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not tests/
     for name in PRELOAD:
         __import__(name)
@@ -112,7 +113,6 @@ def serve(socket_path: str) -> None:
     listener.bind(socket_path + '.tmp')
     listener.listen(64)
     os.rename(socket_path + '.tmp', socket_path)  # the path appears when the server accepts
-    parent = os.getppid()
     while os.getppid() == parent:
         if not select.select([listener], [], [], 1.0)[0]:
             continue
@@ -204,6 +204,7 @@ def _run(argv: list[str]) -> int:
     try:
         threading._shutdown()  # what the interpreter does before atexit: wait for non-daemon threads
         atexit._run_exitfuncs()
+        _end_children()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -211,6 +212,22 @@ def _run(argv: list[str]) -> int:
             except (OSError, ValueError):
                 pass
     return code
+
+
+def _end_children() -> None:
+    """Processes the run started and left behind (loader workers it did not join): at an interpreter's exit its
+    finalizers end them; this child leaves through os._exit, which runs none, so they are ended here."""
+    for task in os.listdir('/proc/self/task'):
+        try:
+            children = open(f'/proc/self/task/{task}/children').read().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                os.waitpid(int(pid), 0)
+            except (OSError, ChildProcessError):
+                pass
 
 
 def _exit_code(code) -> int:
