@@ -169,7 +169,9 @@ def _wandb_flushed(run_dir: Path, step: int) -> bool:
                                                           for row in rows)
 
 
-STEPS = 6  # batches per epoch: 24 images in batches of 4
+# batches per epoch: 48 images in batches of 4. The kill lands after step STEPS + 2 reached W&B's file: the 10 steps
+# left in epoch 1 keep it inside that epoch on a busy machine (W&B loses what it had not written when killed).
+STEPS = 12
 
 
 @pytest.fixture(scope='module')
@@ -179,7 +181,7 @@ def tracked(tmp_path_factory):
     pytest.importorskip('wandb')
     pytest.importorskip('mlflow')
     root = tmp_path_factory.mktemp('tracked')
-    data = write_image_folder(root / 'data', num_classes=3, train_per_class=8, val_per_class=2)
+    data = write_image_folder(root / 'data', num_classes=3, train_per_class=16, val_per_class=2)
     cfg = write_tiny_config(root, TINY_CONFIG.replace('EPOCHS: 2', 'EPOCHS: 3').replace('PRINT_FREQ: 2',
                                                                                         'PRINT_FREQ: 1'))
     args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(root / 'out'), '--log', 'wandb,mlflow']
@@ -199,7 +201,7 @@ def tracked(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = _wandb_history(run_dir)
-        assert not (run_dir / 'ckpt_epoch_2.pth').exists()
+        assert not (run_dir / 'ckpt_epoch_1.pth').exists()  # killed inside epoch 1
         env.chdir(root)
         env.setenv('WANDB_CONSOLE', 'off')  # in this process: W&B leaves pytest's output alone
         threads = torch.get_num_threads()
