@@ -81,6 +81,9 @@ class _WarmServer:
                                         stderr=subprocess.DEVNULL)
         atexit.register(self.process.kill)
 
+    def child_file(self, client_pid: int) -> str:
+        return os.path.join(os.path.dirname(self.socket), f'{client_pid}.child')
+
     def ready(self, wait: float = 120.0) -> Optional[str]:
         """The socket path once the server accepts; None if it died (launches then go cold)."""
         deadline = time.monotonic() + wait
@@ -120,10 +123,9 @@ def run_main(args: list[str], cwd: Path, timeout: int = 240, script: str = 'main
 
 def start_main(args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
     """``python main.py ARGS`` started in the background (stderr kept), for tests that signal it; with
-    ``new_group`` in a process group of its own, which a test can signal as a scheduler signals a job (a fresh
-    interpreter then; warm otherwise: a signal sent to it reaches the run, SIGKILL included)."""
-    cmd = [sys.executable, str(REPO / 'main.py')] if new_group else python_command(str(REPO / 'main.py'))
-    return subprocess.Popen([*cmd, *args], cwd=cwd, env=_env(),
+    ``new_group`` in a process group of its own, which a test can signal as a scheduler signals a job (the warm
+    stand-in then forwards a signal to the run's whole group, otherwise to the run alone)."""
+    return subprocess.Popen([*python_command(str(REPO / 'main.py')), *args], cwd=cwd, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
@@ -148,21 +150,27 @@ def torchrun(launch: list[str], args: list[str], cwd: Path, timeout: int = 300,
 
 
 def start_torchrun(launch: list[str], args: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
-    """``torchrun LAUNCH main.py ARGS`` in the background, output piped; in a process group of its own (fresh
-    interpreters then, which tests signal and find in /proc) with ``new_group``, else warm."""
-    if new_group:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', *launch, str(REPO / 'main.py'), *args]
-    else:
-        cmd = [*python_command('-m', 'torch.distributed.run'), *launch, '--no-python',
-               *python_command(str(REPO / 'main.py')), *args]
+    """``torchrun LAUNCH main.py ARGS`` in the background, output piped; with ``new_group`` in a process group of
+    its own, which tests signal as a scheduler does (``signal_whole_job``) and whose workers they find
+    (``torchrun_workers``)."""
+    cmd = [*python_command('-m', 'torch.distributed.run'), *launch, '--no-python',
+           *python_command(str(REPO / 'main.py')), *args]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=new_group)
 
 
+def _behind(pid: int) -> int:
+    """The process a warm stand-in stands for (``pid`` itself for a fresh interpreter)."""
+    if _WARM_SERVER is not None:
+        with contextlib.suppress(OSError, ValueError):
+            return int(Path(_WARM_SERVER.child_file(pid)).read_text())
+    return pid
+
+
 def torchrun_workers(launcher_pid: int) -> dict[int, int]:
-    """torchrun's worker processes, as {rank: pid}."""
-    workers = {}
-    for pid in Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split():
+    """torchrun's worker processes (their warm stand-ins: a signal to one reaches the worker), as {rank: pid}."""
+    workers, agent = {}, _behind(launcher_pid)
+    for pid in Path(f'/proc/{agent}/task/{agent}/children').read_text().split():
         with contextlib.suppress(OSError):
             env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
             rank = next(int(v[5:]) for v in env if v.startswith(b'RANK='))

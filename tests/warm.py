@@ -70,24 +70,35 @@ def _receive(sock: socket.socket, with_fds: bool = False):
 
 
 # -- the client --------------------------------------------------------------------------------------------------
+def child_file(socket_path: str, client_pid: int) -> str:
+    """Where a stand-in notes the pid of the run it stands for."""
+    return os.path.join(os.path.dirname(socket_path), f'{client_pid}.child')
+
+
 def client(socket_path: str, argv: list[str]) -> None:
     """Stand in for ``python ARGV``: ask the server for a child, forward signals, exit as the child did."""
     child, early = None, []  # signals that arrive before the child's pid is known wait in `early`
+    # Started as a job of its own (a session leader, as a scheduler starts a job step): a signal to this stand-in
+    # stands for one to the whole job, so it goes to the child's process group (the run and its loader workers).
+    job = os.getsid(0) == os.getpid()
+    send = os.killpg if job else os.kill
 
     def forward(sig, _frame):
-        os.kill(child, sig) if child is not None else early.append(sig)
+        send(child, sig) if child is not None else early.append(sig)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(socket_path)
-    _send(sock, dict(argv=argv, env=dict(os.environ), cwd=os.getcwd(), client=os.getpid()), fds=(0, 1, 2))
+    _send(sock, dict(argv=argv, env=dict(os.environ), cwd=os.getcwd(), client=os.getpid(), job=job), fds=(0, 1, 2))
     reply = _receive(sock)
     if reply is None:
         sys.exit('warm launch: the server went away')
     child = reply['pid']
+    with open(child_file(socket_path, os.getpid()), 'w') as f:  # who stands behind this stand-in (tests/cli.py)
+        f.write(str(child))
     for sig in early:
-        os.kill(child, sig)
+        send(child, sig)
     status = None
     while status is None:
         try:
@@ -169,18 +180,17 @@ def _become(request: dict, fds: list, conn: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or os.cpu_count() or 1))
-    threading.Thread(target=_die_with, args=(request['client'],), daemon=True).start()
+    threading.Thread(target=_die_with, args=(request['client'], request.get('job', False)), daemon=True).start()
 
 
-def _die_with(client_pid: int) -> None:
-    """A killed client (kill -9 of a 'worker') takes its child with it, as killing the process itself would."""
+def _die_with(client_pid: int, job: bool) -> None:
+    """A killed client (kill -9 of a 'worker') takes its child with it, as killing the process itself would; a
+    killed job (the client led its own session) takes the child's whole group."""
     try:
-        fd = os.pidfd_open(client_pid)
+        select.select([os.pidfd_open(client_pid)], [], [])
     except OSError:
-        os.kill(os.getpid(), signal.SIGKILL)
-        return
-    select.select([fd], [], [])
-    os.kill(os.getpid(), signal.SIGKILL)
+        pass
+    os.killpg(0, signal.SIGKILL) if job else os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run(argv: list[str]) -> int:
