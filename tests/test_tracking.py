@@ -174,6 +174,11 @@ def _wandb_flushed(run_dir: Path, step: int) -> bool:
 STEPS = 12
 
 
+def _wandb_epochs(run_dir: Path) -> set:
+    """The epochs whose summary row W&B's offline files hold."""
+    return {row['epoch'] for _, history in _wandb_history(run_dir) for row in history if 'epoch' in row}
+
+
 @pytest.fixture(scope='module')
 def tracked(tmp_path_factory):
     """A 3-epoch run logging to W&B (offline) and MLflow (file store), killed (SIGKILL, the whole process group)
@@ -210,6 +215,9 @@ def tracked(tmp_path_factory):
             assert main.run(args) == 0  # the restart, in process (it saves a Python start and the imports)
         finally:
             torch.set_num_threads(threads)
+        deadline = time.time() + 60  # W&B's service writes its file after the run has finished, in its own time
+        while not _wandb_epochs(run_dir) >= {0, 1, 2} and time.time() < deadline:
+            time.sleep(0.1)
         yield run_dir, killed
 
 
