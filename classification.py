@@ -11,7 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import launch
 from data import build_loader
-from engine import TrainContext, evaluate, throughput
+from engine import EvalOptions, TrainContext, evaluate, throughput
 from losses import BinaryCrossEntropy
 from models import build_model
 from tracking import build_recorder
@@ -47,7 +47,8 @@ def evaluate_and_log(config, loader_val, model, env: DistEnv, logger) -> float:
     """One validation with the official summary line; returns Acc@1 (mAP for multi-label data). An --eval run
     with TEST.PER_CLASS writes the per-class CSV files (rank 0)."""
     per_class = config.EVAL_MODE and config.TEST.PER_CLASS
-    result = evaluate(config, loader_val, model, env.device, amp_dtype_of(config, env), logger, per_class=per_class)
+    options = EvalOptions.per_class(config.MODEL.NUM_CLASSES, env.device) if per_class else None
+    result = evaluate(config, loader_val, model, env.device, amp_dtype_of(config, env), logger, options)
     if per_class and env.is_main:
         paths = write_per_class(config.OUTPUT, result.per_class, loader_val.dataset.classes)
         logger.info(f"per-class results written to {', '.join(paths)}")

@@ -292,17 +292,30 @@ def log_train_step(ctx: TrainContext, progress: EpochProgress, idx: int, read: d
                               {'train/loss': read['loss'], 'train/lr': lr, 'train/grad_norm': read['grad_norm']})
 
 
+@dataclass
+class EvalOptions:
+    """What an evaluation reports besides its figures: ``label`` (e.g. 'EMA ') goes before 'Acc@1' in its summary
+    lines, so parsers of the official line see only the main model's; ``class_counter``, when given, also counts
+    each class's top-1 predictions (per-class accuracy, confusion matrix; see :meth:`per_class`)."""
+    label: str = ''
+    class_counter: Optional[ClassCounter] = None
+
+    @classmethod
+    def per_class(cls, num_classes: int, device: torch.device) -> 'EvalOptions':
+        return cls(class_counter=ClassCounter(num_classes, device))
+
+
 @torch.no_grad()
 def validate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '',
-             class_counter: Optional[ClassCounter] = None) -> tuple[float, float, float]:
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger,
+             options: Optional[EvalOptions] = None) -> tuple[float, float, float]:
     """Top-1, top-5 (percent) and mean loss over the whole validation set.
 
     Each rank counts its own shard; the sums are added across ranks, so every image counts once
-    and the result does not depend on the number of processes. ``label`` (e.g. 'EMA ') goes before
-    'Acc@1' in the summary line, so parsers of the official line see only the main model's. ``class_counter``,
-    when given, also counts each class's top-1 predictions (per-class accuracy, confusion matrix).
+    and the result does not depend on the number of processes. See :class:`EvalOptions` for ``options``.
     """
+    options = options or EvalOptions()
+    label, class_counter = options.label, options.class_counter
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     # correct@1, correct@5, summed loss on the device (read at the log steps only); the image count on the host
@@ -403,20 +416,21 @@ def is_multilabel(config) -> bool:
 
 
 def evaluate(config, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype], logger: logging.Logger, label: str = '',
-             per_class: bool = False) -> Evaluation:
-    """:func:`validate`, or :func:`validate_multilabel` for multi-label data; with ``per_class`` the
-    single-label per-class counts too. Logs the official ``Accuracy of the network`` line (mAP for multi-label
-    data) for the main model (no ``label``)."""
+             amp_dtype: Optional[torch.dtype], logger: logging.Logger,
+             options: Optional[EvalOptions] = None) -> Evaluation:
+    """:func:`validate`, or :func:`validate_multilabel` for multi-label data (whose per-class figures are always
+    there); with a class counter in ``options`` the single-label per-class counts too. Logs the official
+    ``Accuracy of the network`` line (mAP for multi-label data) for the main model (no label)."""
+    options = options or EvalOptions()
     if is_multilabel(config):
-        metrics, loss = validate_multilabel(config, data_loader, model, device, amp_dtype, logger, label)
+        metrics, loss = validate_multilabel(config, data_loader, model, device, amp_dtype, logger, options.label)
         result = Evaluation({**metrics.scores(), 'loss': loss}, metrics)
     else:
-        counter = ClassCounter(config.MODEL.NUM_CLASSES, device) if per_class else None
-        acc1, acc5, loss = validate(config, data_loader, model, device, amp_dtype, logger, label, counter)
+        acc1, acc5, loss = validate(config, data_loader, model, device, amp_dtype, logger, options)
+        counter = options.class_counter
         result = Evaluation({'acc1': acc1, 'acc5': acc5, 'loss': loss}, counter.result() if counter else None)
     dataset = getattr(data_loader, 'dataset', None)
-    if not label and dataset is not None:
+    if not options.label and dataset is not None:
         what = 'mAP' if is_multilabel(config) else 'Accuracy'
         logger.info(f"{what} of the network on the {len(dataset)} test images: {result.score:.1f}%")
     return result

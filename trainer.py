@@ -20,7 +20,7 @@ import torch
 
 from data.samplers import mix_seed
 from distillation import build_distillation_loss
-from engine import (MidEpoch, TrainContext, classification_loss, evaluate, is_multilabel,
+from engine import (EvalOptions, MidEpoch, TrainContext, classification_loss, evaluate, is_multilabel,
                     masked_reconstruction_loss, moe_classification_loss, train_one_epoch)
 from lr_scheduler import build_scheduler
 from models.complexity import count_flops, count_params
@@ -248,13 +248,15 @@ class Trainer:
         loss), and the same prefixed ema_ (but the loss) with EMA on. ``per_class``: rank 0 also writes the
         per-class CSV files to the output folder."""
         ctx, config, logger = self.ctx, self.config, self.logger
-        result = evaluate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger, per_class=per_class)
+        options = EvalOptions.per_class(config.MODEL.NUM_CLASSES, ctx.device) if per_class else None
+        result = evaluate(config, loader_val, ctx.model, ctx.device, ctx.amp_dtype, logger, options)
         metrics = dict(result.metrics)
         if per_class and self.env.is_main:
             paths = write_per_class(config.OUTPUT, result.per_class, loader_val.dataset.classes)
             logger.info(f"per-class results written to {', '.join(paths)}")
         if ctx.model_ema is not None:
-            ema = evaluate(config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger, label='EMA ')
+            ema = evaluate(config, loader_val, ctx.model_ema.module, ctx.device, ctx.amp_dtype, logger,
+                           EvalOptions(label='EMA '))
             metrics.update({f'ema_{name}': value for name, value in ema.metrics.items() if name != 'loss'})
         return metrics
 

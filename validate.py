@@ -37,7 +37,7 @@ import torch
 
 from config import build_arg_parser, get_config, get_default_config, merge_yaml
 from data import build_loader
-from engine import evaluate
+from engine import EvalOptions, evaluate
 from launch import open_run_log, run
 from models import build_model
 from utils.amp import resolve_amp
@@ -149,7 +149,8 @@ class Evaluator:
         except UserError as e:
             logger.error(str(e))
             return {'checkpoint': path, 'error': str(e)}
-        result = evaluate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger, per_class=cfg.TEST.PER_CLASS)
+        options = EvalOptions.per_class(cfg.MODEL.NUM_CLASSES, self.env.device) if cfg.TEST.PER_CLASS else None
+        result = evaluate(cfg, loader_val, model, self.env.device, self.amp_dtype, logger, options)
         if cfg.TEST.PER_CLASS and self.env.is_main:
             paths = write_per_class(cfg.OUTPUT, result.per_class, loader_val.dataset.classes,
                                     self.per_class_names.get(path, ''))

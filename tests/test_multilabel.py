@@ -19,7 +19,7 @@ from config import get_default_config
 from data import build_loader
 from data.label_file import read_label_file
 from data.mixup import MultiLabelMixup, mix_multilabel_targets
-from engine import validate, validate_multilabel
+from engine import EvalOptions, validate, validate_multilabel
 from losses import BinaryCrossEntropy
 from test_data_common import data_config
 from utils.distributed import cleanup
@@ -233,7 +233,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                         torch.device('cpu'), None, logging.getLogger(f'rank{rank}'))
     counter, single = ClassCounter(4, torch.device('cpu')), _single_label(logits, targets)
     validate(_multilabel_config(), [(single[0][mine], single[1][mine])], torch.nn.Identity(), torch.device('cpu'),
-             None, logging.getLogger(f'rank{rank}'), class_counter=counter)
+             None, logging.getLogger(f"rank{rank}"), EvalOptions(class_counter=counter))
     counts = counter.result()
     with open(f'{out_dir}/{rank}.json', 'w') as f:
         json.dump({**_figures(metrics), 'loss': loss, 'matrix': counts.matrix.tolist(),

@@ -12,7 +12,7 @@ from PIL import Image
 from cli import write_tiny_config
 from conftest import write_image_folder
 from config import build_arg_parser, get_config, get_default_config
-from engine import evaluate
+from engine import EvalOptions, evaluate
 from utils.errors import UserError
 from utils.metrics import MAX_CONFUSION_CLASSES, ClassCounter, ClassCounts
 from utils.per_class import read_confusion, write_per_class
@@ -33,7 +33,7 @@ def test_single_label_per_class_accuracy_and_confusion_matrix_by_hand(tmp_path):
     logits = torch.tensor([[3., 1., 0.], [1., 3., 0.], [0., 3., 1.], [0., 1., 3.], [3., 0., 1.]])
     targets = torch.tensor([0, 0, 1, 2, 2])  # predicted 0, 1, 1, 2, 0
     result = evaluate(_config(), [(logits, targets)], torch.nn.Identity(), torch.device('cpu'), None,
-                      logging.getLogger('t'), per_class=True)
+                      logging.getLogger('t'), EvalOptions.per_class(3, torch.device('cpu')))
     assert result.metrics['acc1'] == pytest.approx(60.0)
     paths = write_per_class(str(tmp_path), result.per_class, ['cat', 'dog'])  # the third output has no name
     assert paths == [str(tmp_path / 'per_class.csv'), str(tmp_path / 'confusion_matrix.csv')]
