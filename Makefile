@@ -26,7 +26,7 @@ demo: setup
 
 # The suite, its files spread over the cores (pytest-xdist; a file's tests stay in one worker: they share fixtures)
 test: setup
-	$(PYTHON) -m pytest -q -n auto --dist loadfile tests
+	$(PYTHON) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 # The whole suite on another torch release, in its own virtualenv .venv-torch-X (built once, ~5 GB):
 #   make test-torch TORCH=2.11.0 [TIMM=1.0.14]

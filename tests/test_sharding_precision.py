@@ -63,3 +63,19 @@ def test_fsdp_on_a_cpu_whose_torch_cannot_run_it_is_one_clear_error(one_rank_gro
     monkeypatch.setattr(sharding, 'fsdp_runs_on_cpu', lambda: False)
     with pytest.raises(UserError, match='fsdp on the CPU needs torch 2.7 or newer'):
         shard_model(SwinTransformer(**TINY), get_default_config(), torch.device('cpu'), torch.bfloat16)
+
+
+@needs_cpu_fsdp
+def test_v1_attention_units_raise_no_view_tensor_warning_and_other_modules_keep_it(one_rank_group):
+    """V1's attention and its qkv / proj are FSDP units of their own, and a Linear of 3-D tokens returns a view:
+    FSDP2 (torch 2.11+) warns on every run although Swin's forward makes no in-place op on those outputs."""
+    import warnings
+    model = SwinTransformer(**TINY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        shard_model(model, get_default_config(), torch.device('cpu'), torch.bfloat16)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+        warnings.warn('FSDP2-wrapped module (FSDPUserModule) returned a view tensor. An in-place op ...', UserWarning)
+    views = [str(w.message).split(')')[0] for w in caught if 'returned a view tensor' in str(w.message)]
+    assert views == ['FSDP2-wrapped module (FSDPUserModule']
