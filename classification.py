@@ -15,8 +15,8 @@ from engine import EvalOptions, TrainContext, evaluate, throughput
 from losses import BinaryCrossEntropy
 from models import build_model
 from tracking import build_recorder
-from trainer import Trainer, amp_dtype_of, pick_resume_file, prepare_training, variant_for, with_distillation
-from utils.checkpoint import Resumed, TrainingState, build_checkpointer
+from trainer import Trainer, amp_dtype_of, prepare_training, variant_for, with_distillation
+from utils.checkpoint import Resumed, TrainingState, build_checkpointer, resume_file
 from utils.distributed import DistEnv
 from utils.errors import UserError
 from utils.per_class import write_per_class
@@ -69,9 +69,7 @@ def train_or_evaluate(config, env: DistEnv) -> None:
     model = build_model(config, device=env.device)
     variant.log_model_size(model, config.DATA.IMG_SIZE, logger)
     model.to(env.device)
-    checkpoints = build_checkpointer(config, TrainingState(model), env.rank, logger)
-
-    resume = pick_resume_file(config, checkpoints.latest() if config.TRAIN.AUTO_RESUME else None, logger)
+    resume = resume_file(config, env.rank, logger)
     if config.MODEL.PRETRAINED and not resume:  # fine-tuning starts from them; a resume supersedes them
         load_pretrained(config, model, logger)
         evaluate_and_log(config, loader_val, model, env, logger)
@@ -81,7 +79,8 @@ def train_or_evaluate(config, env: DistEnv) -> None:
         raise UserError("--eval needs weights: pass --resume CKPT (or MODEL.RESUME)")
 
     run = prepare_training(config, env, model, len(loader_train), variant, logger)
-    checkpoints.track(TrainingState(model, run.optimizer, run.lr_scheduler, run.scaler, run.model_ema))
+    checkpoints = build_checkpointer(config, TrainingState(model, run.optimizer, run.lr_scheduler, run.scaler,
+                                                           run.model_ema), env.rank, logger)
     resumed = Resumed(epoch=config.TRAIN.START_EPOCH)
     if resume:
         resumed = checkpoints.resume(resume, training=not config.EVAL_MODE, start_epoch=config.TRAIN.START_EPOCH)

@@ -20,8 +20,8 @@ from data.simmim import build_loader_simmim
 from engine import TrainContext
 from models import build_model
 from tracking import build_recorder
-from trainer import SIMMIM, Trainer, amp_dtype_of, pick_resume_file, prepare_training, with_distillation
-from utils.checkpoint import Resumed, TrainingState, build_checkpointer
+from trainer import SIMMIM, Trainer, amp_dtype_of, prepare_training, with_distillation
+from utils.checkpoint import Resumed, TrainingState, build_checkpointer, resume_file
 from utils.distributed import DistEnv
 from utils.preemption import PreemptionHandler
 
@@ -35,10 +35,10 @@ def pretrain(config, env: DistEnv) -> None:
     model = build_model(config, is_pretrain=True, device=env.device)
     SIMMIM.log_model_size(model, config.DATA.IMG_SIZE, logger)
     model.to(env.device)
-    checkpoints = build_checkpointer(config, TrainingState(model), env.rank, logger)
-    resume = pick_resume_file(config, checkpoints.latest() if config.TRAIN.AUTO_RESUME else None, logger)
+    resume = resume_file(config, env.rank, logger)
     run = prepare_training(config, env, model, len(loader), SIMMIM, logger)
-    checkpoints.track(TrainingState(model, run.optimizer, run.lr_scheduler, run.scaler, run.model_ema))
+    checkpoints = build_checkpointer(config, TrainingState(model, run.optimizer, run.lr_scheduler, run.scaler,
+                                                           run.model_ema), env.rank, logger)
     resumed = checkpoints.resume(resume) if resume else Resumed(epoch=config.TRAIN.START_EPOCH)
     ctx = TrainContext(model=run.model, criterion=None, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                        loss_scaler=run.scaler, device=env.device, amp_dtype=amp_dtype_of(config, env),

@@ -165,17 +165,6 @@ def wrap_model(env: DistEnv, model: torch.nn.Module, compile_model: bool = False
     return model
 
 
-def pick_resume_file(config, latest: Optional[str], logger) -> str:
-    """Training: the newest checkpoint in the output folder (``latest``) wins, so a requeued job continues where
-    it stopped. Evaluation: an explicit --resume wins; without one, the newest checkpoint is evaluated."""
-    resume = config.MODEL.RESUME
-    if config.TRAIN.AUTO_RESUME and not (config.EVAL_MODE and resume) and latest:
-        if resume:
-            logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
-        resume = latest
-    return resume
-
-
 # --------------------------------------------------------------------------------------------- the loop
 
 class Trainer:

@@ -195,10 +195,35 @@ def test_a_step_checkpoint_replaces_the_one_before_and_an_epoch_checkpoint_repla
     checkpointer.save(1, 0.0, step=2)
     checkpointer.save(1, 0.0, step=4)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_4.pth']
-    assert checkpointer.latest() == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
-    assert checkpointer.resume(checkpointer.latest()).step == 4
+    assert C.auto_resume_helper(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
+    assert checkpointer.resume(C.auto_resume_helper(str(tmp_path))).step == 4
     checkpointer.save(1, 0.0)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth']
+
+
+def _resume_cfg(tmp_path, resume: str, auto: bool, eval_mode: bool = False, moe: bool = False) -> CfgNode:
+    cfg = get_default_config()
+    cfg.OUTPUT, cfg.MODEL.RESUME, cfg.TRAIN.AUTO_RESUME, cfg.EVAL_MODE = str(tmp_path), resume, auto, eval_mode
+    cfg.MODEL.TYPE = 'swin_moe' if moe else 'swin'
+    return cfg
+
+
+def test_the_resume_file_is_the_newest_checkpoint_in_training_and_the_explicit_one_in_evaluation(tmp_path, caplog):
+    given = str(tmp_path / 'elsewhere.pth')
+    assert C.resume_file(_resume_cfg(tmp_path, given, auto=True), 0, LOG) == given  # no checkpoint in OUTPUT yet
+    assert C.resume_file(_resume_cfg(tmp_path, '', auto=True), 0, LOG) == ''
+    C.save_file_atomic({'model': {}, 'epoch': 3}, tmp_path / 'ckpt_epoch_3.pth')
+    C.save_file_atomic({'model': {}, 'epoch': 2}, tmp_path / 'ckpt_epoch_2.pth.rank0')
+    newest = str(tmp_path / 'ckpt_epoch_3.pth')
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert C.resume_file(_resume_cfg(tmp_path, given, auto=True), 0, LOG) == newest  # a requeued job goes on
+    assert f'changing resume file from {given} to {newest}' in caplog.text
+    assert C.resume_file(_resume_cfg(tmp_path, given, auto=False), 0, LOG) == given
+    assert C.resume_file(_resume_cfg(tmp_path, given, auto=True, eval_mode=True), 0, LOG) == given
+    assert C.resume_file(_resume_cfg(tmp_path, '', auto=True, eval_mode=True), 0, LOG) == newest
+    # Swin-MoE's ranks look at the rank-0 files, whatever their own rank
+    moe_rank3 = C.resume_file(_resume_cfg(tmp_path, '', auto=True, moe=True), 3, LOG)
+    assert moe_rank3 == str(tmp_path / 'ckpt_epoch_2.pth.rank0')
 
 
 def test_auto_resume_takes_the_highest_epoch_and_skips_an_unreadable_one(tmp_path, caplog):

@@ -116,11 +116,6 @@ class Checkpointer:
         self.rank, self.tag, self.keep, self.sharded_files = rank, tag, keep, sharded_files
         self.writes = rank == 0 or tag.startswith('.rank')  # Swin-MoE: every rank writes its experts
 
-    def track(self, state: TrainingState) -> None:
-        """Save and resume ``state`` from now on: the run builds its optimizer, EMA and shards after it has
-        looked for a checkpoint to resume and loaded pretrained weights."""
-        self.state = state
-
     @property
     def sharded(self) -> bool:
         """Whether the model is sharded over the ranks (TRAIN.SHARDING fsdp)."""
@@ -223,10 +218,6 @@ class Checkpointer:
                      self.rank)
         self.logger.info(f"{path} saved !!!")
         return path
-
-    def latest(self) -> Optional[str]:
-        """The newest readable checkpoint of this run's output folder (auto-resume's pick), or None."""
-        return auto_resume_helper(self.output_dir, self.logger, tag=self.tag)
 
     def resume(self, path: str, training: bool = True, start_epoch: int = 0) -> Resumed:
         """Load ``path`` into the training state. ``training`` False (evaluation), or a weights-only file: the
@@ -510,3 +501,20 @@ def build_checkpointer(config, state: TrainingState, rank: int, logger) -> Check
     tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
     return Checkpointer(state, config.OUTPUT, config.dump(), logger, rank=rank, tag=tag,
                         keep=int(config.TRAIN.get('KEEP_CKPTS', 0)), sharded_files=bool(config.TRAIN.SHARDED_CKPT))
+
+
+def resume_file(config, rank: int, logger) -> str:
+    """The checkpoint a run starts from ('' for none), from MODEL.RESUME, TRAIN.AUTO_RESUME and EVAL_MODE. Training:
+    the newest checkpoint in OUTPUT (:func:`auto_resume_helper`, with this rank's Swin-MoE file names) wins over
+    MODEL.RESUME, so a requeued job continues where it stopped. Evaluation: an explicit --resume wins; without one,
+    the newest checkpoint is evaluated."""
+    resume = config.MODEL.RESUME
+    if not config.TRAIN.AUTO_RESUME or (config.EVAL_MODE and resume):
+        return resume
+    tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
+    latest = auto_resume_helper(config.OUTPUT, logger, tag=tag)
+    if latest:
+        if resume:
+            logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
+        resume = latest
+    return resume
