@@ -14,24 +14,33 @@ one beside the file). Class names: the sub-folders of ``--data-path`` (its ``tra
 in training), else the config.json's (transformers' ``id2label``, timm's ``label_names``), else the data path
 saved in our checkpoint, else the ImageNet-1K names for a 1000-class model, else ``class <i>``. Images are
 prepared as the config.json says where it does (timm's ``crop_pct``/``crop_mode``, ``mean``/``std``,
-``interpolation``; transformers' image processor), else as the official evaluation does. Folders are searched
-recursively for images.
+``interpolation``; transformers' image processor), else as evaluation in main.py does (the config's IN_CHANS,
+DATA.MEAN / DATA.STD, TEST.CROP_PCT, DATA.INTERPOLATION): a 1-channel model reads images as grayscale (16-bit kept),
+an N-channel one multi-page TIFF, N-band images or ``.npy`` arrays. Folders are searched recursively for images.
+
+A multi-label model (trained with DATA.LABEL_FILE) prints, per image, every class whose sigmoid probability is at
+least ``--threshold`` (default: the config's TEST.THRESHOLD), best first; its class names come from DATA.CLASSES_FILE
+or the label file when they can be read, else ``class <i>``. A single-label model prints its top ``--topk``
+classes by softmax probability.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
 from config import img_size_hw
-from data.datasets import IMG_EXTENSIONS, find_classes
-from data.decode import decode_pil
-from data.transforms import build_eval_transform
+from data.build import build_transform, input_spec
+from data.datasets import ARRAY_EXTENSIONS, IMG_EXTENSIONS, find_classes
+from data.decode import ChannelDecoder, decode_pil
+from data.label_file import read_classes_file, read_label_file, resolve
+from data.transforms import InputSpec, build_eval_transform
+from engine import is_multilabel
 from models import build_model
 from utils.checkpoint import load_converted
 from utils.errors import UserError, exit_status
@@ -50,6 +59,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--data-path', help='training data folder whose sub-folders name the classes')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--topk', type=int, default=5)
+    parser.add_argument('--threshold', type=float, default=None,
+                        help='multi-label models: print the classes with at least this probability '
+                             '(default: TEST.THRESHOLD of the config)')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--native-size', action='store_true',
                         help='classify each image at its own resolution (no resize or crop): the model is built '
@@ -66,70 +78,110 @@ def class_names(cfg, data_path: Optional[str], known: Optional[Sequence[str]] = 
     names a snapshot's config.json gives."""
     if known and len(known) == cfg.MODEL.NUM_CLASSES and not data_path:
         return list(known)
+    if is_multilabel(cfg):
+        return _padded(_label_file_classes(cfg, data_path), cfg.MODEL.NUM_CLASSES)
     for root in (data_path, cfg.DATA.DATA_PATH):
         if root and os.path.isdir(root):
             train = os.path.join(root, 'train')
             names = find_classes(train if os.path.isdir(train) else root)
             if names:
-                return names + [f'class {i}' for i in range(len(names), cfg.MODEL.NUM_CLASSES)]
+                return _padded(names, cfg.MODEL.NUM_CLASSES)
         elif root == data_path and root:
             raise UserError(f"--data-path not found: {root}")
     if cfg.MODEL.NUM_CLASSES == 1000:
         from timm.data import ImageNetInfo
         info = ImageNetInfo('imagenet-1k')
         return [info.index_to_description(i) for i in range(1000)]
-    return [f'class {i}' for i in range(cfg.MODEL.NUM_CLASSES)]
+    return _padded([], cfg.MODEL.NUM_CLASSES)
+
+
+def _padded(names: Sequence[str], count: int) -> list[str]:
+    return list(names[:count]) + [f'class {i}' for i in range(len(names), count)]
+
+
+def _label_file_classes(cfg, data_path: Optional[str]) -> list[str]:
+    """A multi-label run's class names: DATA.CLASSES_FILE, else the label file's (relative names resolved against
+    --data-path, else the run's DATA_PATH); none where neither file is on this machine."""
+    root = data_path or cfg.DATA.DATA_PATH
+    classes_file, label_file = resolve(cfg.DATA.CLASSES_FILE, root), resolve(cfg.DATA.LABEL_FILE, root)
+    if classes_file and os.path.isfile(classes_file):
+        return read_classes_file(classes_file)
+    if os.path.isfile(label_file):
+        return read_label_file(label_file).classes
+    return []
 
 
 # ------------------------------------------------------------------------------------------ images
 
-def image_files(paths: Iterable[str]) -> list[str]:
-    """The files given, plus every image under the folders given (sorted); UserError for a missing path."""
+def image_files(paths: Iterable[str], extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[str]:
+    """The files given, plus every file with one of ``extensions`` under the folders given (sorted); UserError
+    for a missing path."""
     found = []
     for path in paths:
         if os.path.isdir(path):
             for folder, _, files in sorted(os.walk(path)):
-                found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+                found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(extensions)]
         elif os.path.isfile(path):
             found.append(path)
         else:
             raise UserError(f"no such image or folder: {path}")
     if not found:
-        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in {', '.join(paths)}")
+        raise UserError(f"no images ({', '.join(extensions)}) found in {', '.join(paths)}")
     return found
 
 
-def _load_images(files: Sequence[str], transform) -> tuple[list[str], list[torch.Tensor]]:
+@dataclass
+class Preprocess:
+    """How a file becomes the model's input: its bytes decoded (a PIL image, or a float tensor of the model's
+    channels), then transformed."""
+    decoder: Callable[[bytes], Any]
+    transform: Callable[[Any], torch.Tensor]
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(self.decoder(data))
+
+
+def _load_images(files: Sequence[str], preprocess: Preprocess) -> tuple[list[str], list[torch.Tensor]]:
     kept, tensors = [], []
     for path in files:
         try:
             with open(path, 'rb') as f:
-                image = decode_pil(f.read())
+                tensor = preprocess(f.read())
         except Exception as e:  # any unreadable file is reported and skipped
             print(f"{path}: unreadable ({type(e).__name__}: {e})", file=sys.stderr)
             continue
         kept.append(path)
-        tensors.append(transform(image))
+        tensors.append(tensor)
     return kept, tensors
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, files: Sequence[str], transform, device: torch.device, topk: int = 5,
-            batch_size: int = 32) -> Iterable[tuple[str, list[tuple[int, float]]]]:
-    """Yield ``(path, [(class index, probability), ...])`` for each readable image, best class first."""
+def predict(model: torch.nn.Module, files: Sequence[str], preprocess: Preprocess, device: torch.device,
+            batch_size: int = 32, multilabel: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield ``(path, probabilities)`` for each readable image: the softmax over the classes, or for a
+    ``multilabel`` model each class's own sigmoid."""
     model.eval()
     for start in range(0, len(files), batch_size):
-        kept, tensors = _load_images(files[start:start + batch_size], transform)
+        kept, tensors = _load_images(files[start:start + batch_size], preprocess)
         if not tensors:
             continue
         if len({t.shape for t in tensors}) == 1:
             logits = model(torch.stack(tensors).to(device))
         else:  # images at their own sizes (--native-size): one at a time
             logits = torch.cat([model(t[None].to(device)) for t in tensors])
-        probs = logits.float().softmax(dim=-1)
-        values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-        for path, v, i in zip(kept, values.tolist(), indices.tolist()):
-            yield path, list(zip(i, v))
+        probs = logits.float().sigmoid() if multilabel else logits.float().softmax(dim=-1)
+        yield from zip(kept, probs.cpu())
+
+
+def top_classes(probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most probable classes, best first: ``[(class index, probability), ...]``."""
+    values, indices = probs.topk(min(k, probs.numel()))
+    return list(zip(indices.tolist(), values.tolist()))
+
+
+def classes_at_least(probs: torch.Tensor, threshold: float) -> list[tuple[int, float]]:
+    """Every class whose probability is at least ``threshold``, best first (a multi-label model's answer)."""
+    return [(i, p) for i, p in top_classes(probs, probs.numel()) if p >= threshold]
 
 
 def _device(name: str) -> torch.device:
@@ -140,33 +192,56 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def eval_transform(cfg, preprocessing: dict, native_size: bool = False):
-    """How images are prepared: a snapshot's ``preprocessing`` (timm's names) where it gives any, through timm's
-    own evaluation transform at the model's input size; else the official evaluation (DATA.INTERPOLATION,
-    TEST.CROP). ``native_size``: normalisation alone."""
-    mean = tuple(preprocessing.get('mean', IMAGENET_DEFAULT_MEAN))
-    std = tuple(preprocessing.get('std', IMAGENET_DEFAULT_STD))
+def build_preprocess(cfg, preprocessing: dict, native_size: bool = False) -> Preprocess:
+    """How images are prepared: main.py's evaluation (the plain path of data.build.build_transform: IN_CHANS,
+    DATA.MEAN / DATA.STD, TEST.CROP / TEST.CROP_PCT, DATA.INTERPOLATION), with what a snapshot's ``preprocessing``
+    (timm's names) gives in their place: for RGB through timm's own evaluation transform at the model's input
+    size. ``native_size``: normalisation alone."""
+    spec = input_spec(cfg)
+    mean, std = tuple(preprocessing.get('mean', spec.mean)), tuple(preprocessing.get('std', spec.std))
+    if len(mean) != spec.channels or len(std) != spec.channels:
+        raise UserError(f"the weights' preprocessing has mean {list(mean)} and std {list(std)}, and the model takes "
+                        f"{spec.channels} channels: pass --cfg")
+    spec = InputSpec(spec.channels, mean, std)
     if native_size:
-        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        if spec.rgb:
+            return Preprocess(decode_pil, T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)]))
+        return Preprocess(ChannelDecoder(spec.channels), T.Normalize(spec.mean, spec.std))
     if not preprocessing:
-        return build_eval_transform(cfg.DATA.IMG_SIZE, interpolation=cfg.DATA.INTERPOLATION, crop=cfg.TEST.CROP,
-                                    fast=False)[0]
+        transform, decoder, _ = build_transform(False, _plain_loader(cfg))
+        return Preprocess(decoder, transform)
+    interpolation = preprocessing.get('interpolation', cfg.DATA.INTERPOLATION)
+    crop_mode = preprocessing.get('crop_mode', 'center' if cfg.TEST.CROP else 'squash')
+    crop_pct = preprocessing.get('crop_pct', cfg.TEST.CROP_PCT if cfg.TEST.CROP else 1.0)
+    if not spec.rgb:  # timm's transforms read PIL images: ours take the decoded channels
+        transform, decoder, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation, crop=crop_mode != 'squash',
+                                                     fast=False, crop_pct=crop_pct, spec=spec)
+        return Preprocess(decoder, transform)
     from timm.data import create_transform
     height, width = img_size_hw(cfg.DATA.IMG_SIZE)
-    return create_transform((3, height, width), is_training=False, mean=mean, std=std,
-                            interpolation=preprocessing.get('interpolation', cfg.DATA.INTERPOLATION),
-                            crop_pct=preprocessing.get('crop_pct', 0.875 if cfg.TEST.CROP else 1.0),
-                            crop_mode=preprocessing.get('crop_mode', 'center'))
+    return Preprocess(decode_pil, create_transform((3, height, width), is_training=False, mean=spec.mean,
+                                                   std=spec.std, interpolation=interpolation, crop_pct=crop_pct,
+                                                   crop_mode=crop_mode))
+
+
+def _plain_loader(cfg):
+    """``cfg`` with DATA.FAST_LOADER off: one image at a time, normalised in its transform (no batch step)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATA.FAST_LOADER = False
+    return cfg
 
 
 def main(args: argparse.Namespace) -> None:
-    files = image_files(args.images)  # a wrong path is the one line, before any weights are read
+    image_files(args.images, IMG_EXTENSIONS + ARRAY_EXTENSIONS)  # a wrong path: the one line, before any weights
     snapshot, saved = read_for_use(args.weights)
     print(f"weights: {snapshot.describe()}", file=sys.stderr)
     if snapshot.layout.name == 'simmim':
         raise UserError(f"{args.weights} is a SimMIM pre-training checkpoint (no classifier): fine-tune it "
                         "first with main_simmim_ft.py --pretrained")
     cfg = build_config(args, saved, snapshot)
+    preprocess = build_preprocess(cfg, snapshot.preprocessing, args.native_size)
+    files = image_files(args.images, IMG_EXTENSIONS if input_spec(cfg).rgb else IMG_EXTENSIONS + ARRAY_EXTENSIONS)
     device = _device(args.device)
     if cfg.HOST_MEMORY_CACHE and device.type == 'cpu':
         keep_freed_memory()
@@ -174,11 +249,15 @@ def main(args: argparse.Namespace) -> None:
     load_converted(model, snapshot.state, snapshot.layout, args.weights)
     model.to(device)
     names = class_names(cfg, args.data_path, snapshot.class_names)
-    transform = eval_transform(cfg, snapshot.preprocessing, args.native_size)
-    for path, top in predict(model, files, transform, device, args.topk, args.batch_size):
+    multilabel = is_multilabel(cfg)
+    threshold = cfg.TEST.THRESHOLD if args.threshold is None else args.threshold
+    for path, probs in predict(model, files, preprocess, device, args.batch_size, multilabel):
         print(path)
-        for index, prob in top:
+        found = classes_at_least(probs, threshold) if multilabel else top_classes(probs, args.topk)
+        for index, prob in found:
             print(f"  {100 * prob:6.2f}%  {names[index]}")
+        if multilabel and not found:
+            print(f"  no class at or above {100 * threshold:g}%")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -54,7 +54,7 @@ def _names(cell: str) -> list[str]:
     return [name for name in _SEPARATORS.split(cell.strip()) if name]
 
 
-def _read_classes_file(path: str) -> list[str]:
+def read_classes_file(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"DATA.CLASSES_FILE not found: {path}")
     with open(path, encoding='utf-8') as f:
@@ -88,7 +88,7 @@ def read_label_file(path: str, classes_file: str = '') -> LabelTable:
         raise UserError(f"DATA.LABEL_FILE not found: {path}")
     with open(path, newline='', encoding='utf-8') as f:
         rows = [(number, row) for number, row in enumerate(csv.reader(f), 1) if row and any(c.strip() for c in row)]
-    classes = _read_classes_file(classes_file) if classes_file else None
+    classes = read_classes_file(classes_file) if classes_file else None
     if rows and _is_header(rows[0][1]):
         header = _names(rows[0][1][1]) if len(rows[0][1]) > 1 else []
         if classes is None and len(header) > 1:

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 # unsafe once it has run autograd or OpenMP.
 multiprocessing.set_forkserver_preload(['torch', 'torch.distributed', 'timm'])
 
+# Under pytest-xdist every core already runs a test worker: one torch (OpenMP) thread each, and in the processes
+# they start. OpenMP threads spin while they wait for each other, so two workers' two-thread pools on two cores made
+# in-process model tests 10 to 40 times slower than alone.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    import torch
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 
 # The files that take longest (seconds of one worker, idle 2-core machine), slowest first. `make test` runs the
 # files in this order and the rest after them, most tests first: a slow file handed out last would leave the

@@ -82,3 +82,91 @@ def test_native_size_classifies_images_at_their_own_resolution(trained, tmp_path
     assert predict.run([str(p) for p in images] + ['--weights', str(ckpt), '--native-size', '--device', 'cpu']) == 0
     best = _top(capsys.readouterr().out)
     assert [best[str(p)][1] for p in images] == ['class_0', 'class_1', 'class_2']
+
+
+def _saved_untrained(folder, **keys) -> tuple[str, torch.nn.Module, object]:
+    """An untrained tiny model saved as main.py saves one (weights and the run's config), with config ``keys``:
+    (checkpoint path, the model in eval mode, its config)."""
+    from config import get_default_config
+    from models import build_model
+    cfg = get_default_config()
+    cfg.merge_from_file(str(write_tiny_config(folder)))
+    for key, value in keys.items():
+        node = cfg
+        *parents, leaf = key.split('.')
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = folder / 'ckpt_epoch_0.pth'
+    torch.save({'model': model.state_dict(), 'config': cfg.dump()}, path)
+    return str(path), model, cfg
+
+
+def _printed(stdout: str) -> dict[str, list[tuple[float, str]]]:
+    """{image path: [(probability %, class name), ...]} as predict.py printed them."""
+    found, path = {}, None
+    for line in stdout.splitlines():
+        match = re.match(r'^\s+([\d.]+)%  (.+)$', line)
+        if match is None:
+            path = line
+            found[path] = []
+        else:
+            found[path].append((float(match.group(1)), match.group(2)))
+    return found
+
+
+def test_a_multilabel_model_prints_every_class_at_or_above_the_threshold_by_sigmoid(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    names = ['sea', 'sky', 'sand', 'boat', 'tree']
+    (tmp_path / 'classes.txt').write_text('\n'.join(names) + '\n')
+    ckpt, model, cfg = _saved_untrained(tmp_path, **{'MODEL.NUM_CLASSES': 5, 'DATA.LABEL_FILE': 'labels.csv',
+                                                     'DATA.CLASSES_FILE': str(tmp_path / 'classes.txt')})
+    rng = np.random.default_rng(1)
+    photos, expected = [], []
+    for i in range(3):
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f'photo_{i}.png')
+        photos.append(str(tmp_path / f'photo_{i}.png'))
+        x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(cfg.DATA.MEAN)[:, None, None]) \
+            / torch.tensor(cfg.DATA.STD)[:, None, None]  # at 32 px evaluation takes the image as it is
+        with torch.no_grad():
+            expected.append(model(x[None])[0].sigmoid())
+    threshold = float(torch.stack(expected).median())  # some classes above it, some below
+    assert predict.run([*photos, '--weights', ckpt, '--device', 'cpu', '--threshold', str(threshold)]) == 0
+    printed = _printed(capsys.readouterr().out)
+    for photo, probs in zip(photos, expected):
+        above = sorted(((p, names[c]) for c, p in enumerate(probs.tolist()) if p >= threshold), reverse=True)
+        assert [name for _, name in printed[photo]] == [name for _, name in above]
+        assert [p for p, _ in printed[photo]] == pytest.approx([100 * p for p, _ in above], abs=0.006)
+    assert predict.run([photos[0], '--weights', ckpt, '--device', 'cpu', '--threshold', '1.01']) == 0
+    assert capsys.readouterr().out.splitlines()[1] == '  no class at or above 101%'
+
+
+def test_a_grayscale_model_reads_16_bit_images_and_a_5_channel_model_reads_npy_arrays(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(2)
+    for channels in (1, 5):
+        folder = tmp_path / f'c{channels}'
+        (folder / 'images').mkdir(parents=True)
+        ckpt, model, _ = _saved_untrained(folder, **{'MODEL.SWIN.IN_CHANS': channels, 'DATA.MEAN': [0.5] * channels,
+                                                     'DATA.STD': [0.25] * channels})
+        if channels == 1:
+            pixels = rng.integers(0, 65535, (32, 32), dtype=np.uint16)
+            Image.fromarray(pixels).save(folder / 'images' / 'scan.png')
+            x = torch.from_numpy(pixels.astype(np.float32) / 65535)[None]
+        else:
+            pixels = rng.random((32, 32, 5), dtype=np.float32)
+            np.save(folder / 'images' / 'bands.npy', pixels)
+            x = torch.from_numpy(pixels).permute(2, 0, 1)
+        with torch.no_grad():
+            probs = model(((x - 0.5) / 0.25)[None])[0].softmax(-1)
+        assert predict.run([str(folder / 'images'), '--weights', ckpt, '--device', 'cpu']) == 0
+        (path, top), = _printed(capsys.readouterr().out).items()
+        assert path.startswith(str(folder / 'images'))
+        best = probs.topk(3)
+        assert [name for _, name in top] == [f'class {i}' for i in best.indices.tolist()]
+        assert [p for p, _ in top] == pytest.approx([100 * p for p in best.values.tolist()], abs=0.006)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from config import img_size_hw
+from data.build import input_spec
 from models import build_model, is_derived_buffer
 from utils.checkpoint import load_converted
 from utils.errors import UserError, exit_status
@@ -204,11 +205,12 @@ def export_class_names(args: argparse.Namespace, cfg, snapshot: Snapshot) -> Opt
 
 
 def export_preprocessing(cfg, snapshot: Snapshot) -> dict:
-    """The evaluation preprocessing in timm's names: the official one (DATA.INTERPOLATION; a centre crop of
-    224/256 with TEST.CROP, else a resize to the input size), or what a snapshot read says."""
-    crop = bool(cfg.TEST.CROP)
-    own = dict(interpolation=cfg.DATA.INTERPOLATION, crop_pct=0.875 if crop else 1.0,
-               crop_mode='center' if crop else 'squash')
+    """The evaluation preprocessing in timm's names: main.py's (DATA.INTERPOLATION; a centre crop of TEST.CROP_PCT
+    with TEST.CROP, else a resize to the input size; DATA.MEAN / DATA.STD, one per input channel), or what a
+    snapshot read says."""
+    crop, spec = bool(cfg.TEST.CROP), input_spec(cfg)
+    own = dict(interpolation=cfg.DATA.INTERPOLATION, crop_pct=float(cfg.TEST.CROP_PCT) if crop else 1.0,
+               crop_mode='center' if crop else 'squash', mean=list(spec.mean), std=list(spec.std))
     return {**own, **{k: v for k, v in snapshot.preprocessing.items() if k != 'input_size'}}
 
 
