@@ -8,6 +8,7 @@ transformers themselves; nothing is downloaded. main.py, predict.py, validate.py
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -320,3 +321,24 @@ def test_export_without_class_names_warns_and_names_them_generically(tmp_path, c
     assert export_run(['--weights', str(tmp_path / 'c.pth'), '--format', 'timm', '--output',
                        str(tmp_path / 'c.pth')]) == 2  # a folder export never replaces a file
     assert 'is a file: timm and hf exports are folders' in capsys.readouterr().err
+
+
+def test_a_grayscale_export_carries_its_statistics_and_predicts_as_the_checkpoint_does(tmp_path, capsys):
+    """A 1-channel model with its own DATA.MEAN / DATA.STD and TEST.CROP_PCT: the timm folder's pretrained_cfg holds
+    them, and predict.py on the folder prints what it prints on the checkpoint (16-bit grayscale scan)."""
+    cfg = tiny_config(tmp_path, 'MODEL.SWIN.IN_CHANS', '1', 'DATA.MEAN', '[0.3]', 'DATA.STD', '[0.2]',
+                      'TEST.CROP_PCT', '0.8')
+    torch.save({'model': randomize_(build_model(cfg), seed=4).state_dict(), 'config': cfg.dump()}, tmp_path / 'g.pth')
+    assert export(parse_args(['--weights', str(tmp_path / 'g.pth'), '--format', 'timm', '--output',
+                              str(tmp_path / 'timm')])) <= 1e-4
+    capsys.readouterr()
+    pretrained_cfg = json.loads((tmp_path / 'timm' / 'config.json').read_text())['pretrained_cfg']
+    assert (pretrained_cfg['input_size'], pretrained_cfg['mean'], pretrained_cfg['std'],
+            pretrained_cfg['crop_pct']) == ([1, 32, 32], [0.3], [0.2], 0.8)
+    photo = tmp_path / 'scan.png'
+    Image.fromarray(np.random.default_rng(5).integers(0, 65535, (32, 32), dtype=np.uint16)).save(photo)
+    printed = []
+    for weights in (tmp_path / 'g.pth', tmp_path / 'timm'):
+        assert predict.run([str(photo), '--weights', str(weights), '--device', 'cpu']) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(re.findall(r'%  class \d', printed[0])) == 3
