@@ -28,9 +28,9 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 # The files that take longest (seconds of one worker, idle 2-core machine), slowest first. `make test` runs the
 # files in this order and the rest after them, most tests first: a slow file handed out last would leave the
 # other worker idle at the end (xdist gives a worker its next file when it is almost done with its current one).
-SLOWEST_FILES = ('test_benchmarks_gpu_check.py', 'test_models_backbone.py', 'test_main_sharding.py',
-                 'test_peers.py', 'test_models_timm_parity.py', 'test_main_moe.py', 'test_multilabel.py',
-                 'test_cluster.py')
+SLOWEST_FILES = ('test_benchmarks_gpu_check.py', 'test_main_sharding.py', 'test_peers.py', 'test_cluster.py',
+                 'test_main_moe.py', 'test_multilabel.py', 'test_resume.py', 'test_main_train.py',
+                 'test_main_distributed.py')
 
 
 def pytest_collection_modifyitems(items: list) -> None:
