@@ -25,6 +25,7 @@ demo: setup
 		--throughput --batch-size 64 --disable_amp
 
 # The suite, its files spread over the cores (pytest-xdist; a file's tests stay in one worker: they share fixtures)
+# (slowest files first: tests/conftest.py)
 test: setup
 	$(PYTHON) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
@@ -39,14 +40,14 @@ TORCHVISION = $(shell echo $(TORCH) | awk -F. '{printf "0.%d.%s", $$2 + 15, ($$3
 test-torch:
 	@test -n "$(TORCH)" || { echo "usage: make test-torch TORCH=2.11.0 [TIMM=1.0.14]" >&2; exit 2; }
 	@test -x $(TORCH_VENV)/bin/python || python3 -m venv $(TORCH_VENV)
-	@test -f $(TORCH_VENV)/.swin-requirements || { \
+	@test -f $(TORCH_VENV)/.swin-requirements -a $(TORCH_VENV)/.swin-requirements -nt requirements.txt || { \
 		printf 'torch==%s\ntorchvision==%s\n%s\n' $(TORCH) $(TORCHVISION) "$(if $(TIMM),timm==$(TIMM))" \
 			> $(TORCH_VENV)/pins.txt && \
 		$(TORCH_VENV)/bin/python -m pip install --quiet -r requirements.txt \
 			-c $(TORCH_VENV)/pins.txt && touch $(TORCH_VENV)/.swin-requirements; }
 	$(TORCH_VENV)/bin/python -c "import torch, torchvision, timm; print('torch', torch.__version__, \
 		'torchvision', torchvision.__version__, 'timm', timm.__version__)"
-	$(TORCH_VENV)/bin/python -m pytest -q tests
+	$(TORCH_VENV)/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 # The GPU paths in one command (benchmarks/gpu_check.py: attention kernels, parity and speed against timm, the
 # paper's throughput, main.py under torchrun with NCCL, DDP/FSDP, resume, --compile), under 8 minutes on one H100;

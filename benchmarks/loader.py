@@ -32,6 +32,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import get_default_config  # noqa: E402
 from data import build_loader, use_safe_posterize  # noqa: E402
 from data.decode import pillow_build  # noqa: E402
-from tools.make_dataset import main as make_dataset  # noqa: E402
 
 RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
               color_jitter=0.4, interpolation='bicubic')
@@ -106,7 +106,10 @@ def shard_layout(root: Path, data_format: str) -> Path:
     if not marker.exists():
         shutil.rmtree(out, ignore_errors=True)
         size = ['--shard-samples', '256'] + (['--row-group-size', '100'] if data_format == 'parquet' else [])
-        if make_dataset(['--format', data_format, *size, str(root), str(out)]) != 0:
+        # as a user converts a set: the tool's own command (it imports no torch, so it starts in a fraction of a second)
+        done = subprocess.run([sys.executable, '-m', 'tools.make_dataset', '--format', data_format, *size, str(root),
+                               str(out)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
             raise SystemExit(f'converting {root} to {data_format} failed')
         marker.touch()
     return out

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from cli import free_port
+from cli import fork_ranks, free_port
 from shard_sets import write_parquet, write_wds
 from test_data_common import data_config, jpeg_folder, zip_layout
 
@@ -131,7 +130,6 @@ def _batched(items: list, size: int) -> list:
 
 
 def _rank_worker(rank: int, port: int, out: str, configs: dict) -> None:
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     try:
         torch.save({name: _evaluate(cfg) for name, cfg in configs.items()}, os.path.join(out, f'{rank}.pt'))
@@ -143,8 +141,7 @@ def test_every_layout_evaluates_identically_on_1_and_2_processes(layouts, tmp_pa
     configs = {name: _config(layouts, name, **{'PRINT_FREQ': 100}) for name in layouts}
     configs['wds part cache'] = _config(layouts, 'wds', **{'DATA.CACHE_MODE': 'part', 'PRINT_FREQ': 100})
     one = {name: _evaluate(cfg) for name, cfg in configs.items()}
-    mp.start_processes(_rank_worker, args=(free_port(), str(tmp_path), configs), nprocs=2, join=True,
-                       start_method='fork')
+    fork_ranks(_rank_worker, (free_port(), str(tmp_path), configs))
     ranks = [torch.load(tmp_path / f'{r}.pt', weights_only=False) for r in (0, 1)]
     expected = one['folder']
     assert expected['indices'] == list(range(9))
