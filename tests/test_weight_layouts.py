@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 timm = pytest.importorskip('timm')
+from timm.models._hub import has_hf_hub, save_config_for_hf, save_for_hf  # noqa: E402
 transformers = pytest.importorskip('transformers')
 
 from config import get_default_config  # noqa: E402
@@ -108,6 +110,23 @@ def test_detect_layout_names_layout_and_family():
                                                    "'backbone.', left out: roi_head.fc.weight")
 
 
+def save_timm_folder(model: torch.nn.Module, folder, class_names: list) -> None:
+    """A timm snapshot folder written by timm: ``save_for_hf`` (model.safetensors and config.json). Older timm
+    (1.0.14) refuses to run it when it cannot import the installed huggingface_hub, which writing a local folder
+    does not use: there its own two steps (the weights file, ``save_config_for_hf``) write the same folder. A timm
+    that records no model_args describes the named architecture's defaults, not this tiny model: the test skips."""
+    folder = Path(folder)
+    if has_hf_hub():
+        save_for_hf(model, folder, safe_serialization=True, model_config=dict(label_names=class_names))
+    else:
+        from safetensors.torch import save_file
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(folder / 'model.safetensors'))
+        save_config_for_hf(model, folder / 'config.json', model_config=dict(label_names=class_names))
+    if 'model_args' not in json.loads((folder / 'config.json').read_text()):
+        pytest.skip(f'timm {timm.__version__} records no model_args: its folder describes the named defaults')
+
+
 @pytest.mark.parametrize('model_type', ['swin', 'swinv2'])
 @pytest.mark.parametrize('fmt', ['pth', 'safetensors', 'folder'])
 def test_timm_weights_give_timm_logits(tmp_path, model_type, fmt):
@@ -119,9 +138,7 @@ def test_timm_weights_give_timm_logits(tmp_path, model_type, fmt):
         from safetensors.torch import save_file
         save_file(twin.state_dict(), path)
     else:
-        timm.models.save_for_hf(twin, path, safe_serialization=True, model_config=dict(label_names=NAMES))
-        if 'model_args' not in json.loads((path / 'config.json').read_text()):
-            pytest.skip(f'timm {timm.__version__} records no model_args: its folder describes the named defaults')
+        save_timm_folder(twin, path, NAMES)
     snap = read_snapshot(path)
     assert (snap.layout.name, snap.model_type) == ('timm', model_type)
     extra = {} if fmt == 'folder' else dict(img_size=IMG, window_size=4, **(V2_EXTRA if model_type == 'swinv2' else {}))

@@ -27,6 +27,7 @@ from cli import write_tiny_config  # noqa: E402
 from conftest import write_image_folder  # noqa: E402
 from config import get_default_config, merge_yaml  # noqa: E402
 from models import build_model  # noqa: E402
+from test_weight_layouts import save_timm_folder  # noqa: E402
 from tools.export import export, parse_args, run as export_run  # noqa: E402
 from tools.model_parity import randomize_  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
@@ -204,7 +205,7 @@ def test_predict_on_a_transformers_folder_prints_its_class_names(tmp_path, capsy
 def test_predict_on_a_timm_folder_prepares_images_as_timm_does(tmp_path, capsys):
     """timm's crop_pct 0.9, bicubic, mean/std from the folder's config.json, on an image of another size."""
     twin = timm_twin()
-    timm.models.save_for_hf(twin, tmp_path / 'timm', safe_serialization=True, model_config=dict(label_names=NAMES))
+    save_timm_folder(twin, tmp_path / 'timm', NAMES)
     photo = tmp_path / 'photo.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (57, 45, 3), dtype=np.uint8)).save(photo)
     assert predict.run([str(photo), '--weights', str(tmp_path / 'timm'), '--device', 'cpu']) == 0
@@ -231,7 +232,7 @@ def _validate(tmp_path: Path, data: Path, spec, *extra) -> tuple[int, list[dict]
 
 def test_validate_evaluates_a_timm_folder_with_its_model(tmp_path):
     twin = timm_twin()
-    timm.models.save_for_hf(twin, tmp_path / 'timm', safe_serialization=True, model_config=dict(label_names=NAMES))
+    save_timm_folder(twin, tmp_path / 'timm', NAMES)
     data = write_image_folder(tmp_path / 'data', train_per_class=2, val_per_class=3)
     status, rows = _validate(tmp_path, data, tmp_path / 'timm')
     assert status == 0 and len(rows) == 1 and rows[0]['error'] == '' and rows[0]['zoo_acc1'] == ''
