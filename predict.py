@@ -58,9 +58,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opts', nargs='+', default=None, help="override config options: KEY VALUE pairs")
     parser.add_argument('--data-path', help='training data folder whose sub-folders name the classes')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--topk', type=int, default=5)
+    parser.add_argument('--topk', type=int, default=5, help='single-label models: how many classes to print')
     parser.add_argument('--threshold', type=float, default=None,
-                        help='multi-label models: print the classes with at least this probability '
+                        help='multi-label models: print every class with at least this probability, in (0, 1) '
                              '(default: TEST.THRESHOLD of the config)')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--native-size', action='store_true',
@@ -76,39 +76,49 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def class_names(cfg, data_path: Optional[str], known: Optional[Sequence[str]] = None) -> list[str]:
     """Names of the model's classes (see the module docstring for where they come from); ``known``: the
     names a snapshot's config.json gives."""
+    if data_path and not os.path.isdir(data_path):
+        raise UserError(f"--data-path not found: {data_path}")
     if known and len(known) == cfg.MODEL.NUM_CLASSES and not data_path:
         return list(known)
     if is_multilabel(cfg):
-        return _padded(_label_file_classes(cfg, data_path), cfg.MODEL.NUM_CLASSES)
+        return _counted(_label_file_classes(cfg, data_path), cfg.MODEL.NUM_CLASSES)
     for root in (data_path, cfg.DATA.DATA_PATH):
         if root and os.path.isdir(root):
             train = os.path.join(root, 'train')
             names = find_classes(train if os.path.isdir(train) else root)
             if names:
-                return _padded(names, cfg.MODEL.NUM_CLASSES)
-        elif root == data_path and root:
-            raise UserError(f"--data-path not found: {root}")
+                return _counted(names, cfg.MODEL.NUM_CLASSES)
     if cfg.MODEL.NUM_CLASSES == 1000:
         from timm.data import ImageNetInfo
         info = ImageNetInfo('imagenet-1k')
         return [info.index_to_description(i) for i in range(1000)]
-    return _padded([], cfg.MODEL.NUM_CLASSES)
+    return _counted([], cfg.MODEL.NUM_CLASSES)
 
 
-def _padded(names: Sequence[str], count: int) -> list[str]:
+def _counted(names: Sequence[str], count: int) -> list[str]:
+    """``count`` names: ``names``, then ``class <i>`` for the classes they do not name (a warning when they are
+    not as many as the model's outputs)."""
+    if names and len(names) != count:
+        print(f"warning: {len(names)} class names for a model of {count} classes: the names are taken in order",
+              file=sys.stderr)
     return list(names[:count]) + [f'class {i}' for i in range(len(names), count)]
 
 
 def _label_file_classes(cfg, data_path: Optional[str]) -> list[str]:
-    """A multi-label run's class names: DATA.CLASSES_FILE, else the label file's (relative names resolved against
-    --data-path, else the run's DATA_PATH); none where neither file is on this machine."""
+    """A multi-label run's class names in its output order: DATA.CLASSES_FILE when the run had one (the label file's
+    own names may be in another order), else the label file's; relative names resolved against --data-path, else
+    the run's DATA_PATH. None (a warning) where the file is not on this machine or does not read."""
     root = data_path or cfg.DATA.DATA_PATH
-    classes_file, label_file = resolve(cfg.DATA.CLASSES_FILE, root), resolve(cfg.DATA.LABEL_FILE, root)
-    if classes_file and os.path.isfile(classes_file):
-        return read_classes_file(classes_file)
-    if os.path.isfile(label_file):
-        return read_label_file(label_file).classes
-    return []
+    path = resolve(cfg.DATA.CLASSES_FILE or cfg.DATA.LABEL_FILE, root)
+    if not os.path.isfile(path):
+        print(f"warning: {path} (the run's {'DATA.CLASSES_FILE' if cfg.DATA.CLASSES_FILE else 'DATA.LABEL_FILE'}) "
+              "not found: classes are named class <i>", file=sys.stderr)
+        return []
+    try:
+        return read_classes_file(path) if cfg.DATA.CLASSES_FILE else read_label_file(path).classes
+    except UserError as e:
+        print(f"warning: no class names ({e}): classes are named class <i>", file=sys.stderr)
+        return []
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -194,26 +204,33 @@ def _device(name: str) -> torch.device:
 
 def build_preprocess(cfg, preprocessing: dict, native_size: bool = False) -> Preprocess:
     """How images are prepared: main.py's evaluation (the plain path of data.build.build_transform: IN_CHANS,
-    DATA.MEAN / DATA.STD, TEST.CROP / TEST.CROP_PCT, DATA.INTERPOLATION), with what a snapshot's ``preprocessing``
-    (timm's names) gives in their place: for RGB through timm's own evaluation transform at the model's input
-    size. ``native_size``: normalisation alone."""
+    DATA.MEAN / DATA.STD, TEST.CROP / TEST.CROP_PCT, DATA.INTERPOLATION), or as a snapshot's ``preprocessing``
+    (timm's names) says where it says anything. ``native_size``: normalisation alone."""
     spec = input_spec(cfg)
     mean, std = tuple(preprocessing.get('mean', spec.mean)), tuple(preprocessing.get('std', spec.std))
-    if len(mean) != spec.channels or len(std) != spec.channels:
-        raise UserError(f"the weights' preprocessing has mean {list(mean)} and std {list(std)}, and the model takes "
-                        f"{spec.channels} channels: pass --cfg")
-    spec = InputSpec(spec.channels, mean, std)
+    if len(mean) == spec.channels and len(std) == spec.channels:
+        spec = InputSpec(spec.channels, mean, std)
+    else:  # e.g. a grayscale model exported with ImageNet's statistics
+        print(f"warning: the weights' preprocessing has mean {list(mean)} and std {list(std)} for a model of "
+              f"{spec.channels} channels: DATA.MEAN {list(spec.mean)} and DATA.STD {list(spec.std)} are used",
+              file=sys.stderr)
     if native_size:
         if spec.rgb:
             return Preprocess(decode_pil, T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)]))
         return Preprocess(ChannelDecoder(spec.channels), T.Normalize(spec.mean, spec.std))
-    if not preprocessing:
-        transform, decoder, _ = build_transform(False, _plain_loader(cfg))
-        return Preprocess(decoder, transform)
+    if preprocessing:
+        return _snapshot_preprocess(cfg, spec, preprocessing)
+    transform, decoder, _ = build_transform(False, _without_fast_loader(cfg))
+    return Preprocess(decoder, transform)
+
+
+def _snapshot_preprocess(cfg, spec: InputSpec, preprocessing: dict) -> Preprocess:
+    """A snapshot's evaluation transform at the model's input size: RGB through timm's own, other channel counts
+    through ours on the decoded channels (timm's reads PIL images) with its crop and interpolation."""
     interpolation = preprocessing.get('interpolation', cfg.DATA.INTERPOLATION)
-    crop_mode = preprocessing.get('crop_mode', 'center' if cfg.TEST.CROP else 'squash')
+    crop_mode = preprocessing.get('crop_mode', 'center')
     crop_pct = preprocessing.get('crop_pct', cfg.TEST.CROP_PCT if cfg.TEST.CROP else 1.0)
-    if not spec.rgb:  # timm's transforms read PIL images: ours take the decoded channels
+    if not spec.rgb:
         transform, decoder, _ = build_eval_transform(cfg.DATA.IMG_SIZE, interpolation, crop=crop_mode != 'squash',
                                                      fast=False, crop_pct=crop_pct, spec=spec)
         return Preprocess(decoder, transform)
@@ -224,7 +241,7 @@ def build_preprocess(cfg, preprocessing: dict, native_size: bool = False) -> Pre
                                                    crop_mode=crop_mode))
 
 
-def _plain_loader(cfg):
+def _without_fast_loader(cfg):
     """``cfg`` with DATA.FAST_LOADER off: one image at a time, normalised in its transform (no batch step)."""
     cfg = cfg.clone()
     cfg.defrost()
@@ -233,7 +250,11 @@ def _plain_loader(cfg):
 
 
 def main(args: argparse.Namespace) -> None:
-    image_files(args.images, IMG_EXTENSIONS + ARRAY_EXTENSIONS)  # a wrong path: the one line, before any weights
+    missing = [path for path in args.images if not os.path.exists(path)]
+    if missing:  # the one line, before any weights are read
+        raise UserError(f"no such image or folder: {missing[0]}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold:g}")
     snapshot, saved = read_for_use(args.weights)
     print(f"weights: {snapshot.describe()}", file=sys.stderr)
     if snapshot.layout.name == 'simmim':

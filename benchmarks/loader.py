@@ -107,8 +107,9 @@ def shard_layout(root: Path, data_format: str) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         size = ['--shard-samples', '256'] + (['--row-group-size', '100'] if data_format == 'parquet' else [])
         # as a user converts a set: the tool's own command (it imports no torch, so it starts in a fraction of a second)
-        done = subprocess.run([sys.executable, '-m', 'tools.make_dataset', '--format', data_format, *size, str(root),
-                               str(out)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, '-m', 'tools.make_dataset', '--format', data_format, *size,
+                               str(root.resolve()), str(out.resolve())], cwd=Path(__file__).resolve().parent.parent,
+                              stdout=subprocess.DEVNULL)
         if done.returncode != 0:
             raise SystemExit(f'converting {root} to {data_format} failed')
         marker.touch()

@@ -219,7 +219,10 @@ def test_the_resume_file_is_the_newest_checkpoint_in_training_and_the_explicit_o
         assert C.resume_file(_resume_cfg(tmp_path, given, auto=True), 0, LOG) == newest  # a requeued job goes on
     assert f'changing resume file from {given} to {newest}' in caplog.text
     assert C.resume_file(_resume_cfg(tmp_path, given, auto=False), 0, LOG) == given
-    assert C.resume_file(_resume_cfg(tmp_path, given, auto=True, eval_mode=True), 0, LOG) == given
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOG.name):  # the official run's line, whatever is evaluated
+        assert C.resume_file(_resume_cfg(tmp_path, given, auto=True, eval_mode=True), 0, LOG) == given
+    assert f'All checkpoints found in {tmp_path}' in caplog.text
     assert C.resume_file(_resume_cfg(tmp_path, '', auto=True, eval_mode=True), 0, LOG) == newest
     # Swin-MoE's ranks look at the rank-0 files, whatever their own rank
     moe_rank3 = C.resume_file(_resume_cfg(tmp_path, '', auto=True, moe=True), 3, LOG)

@@ -123,15 +123,16 @@ def test_a_multilabel_model_prints_every_class_at_or_above_the_threshold_by_sigm
     names = ['sea', 'sky', 'sand', 'boat', 'tree']
     (tmp_path / 'classes.txt').write_text('\n'.join(names) + '\n')
     ckpt, model, cfg = _saved_untrained(tmp_path, **{'MODEL.NUM_CLASSES': 5, 'DATA.LABEL_FILE': 'labels.csv',
-                                                     'DATA.CLASSES_FILE': str(tmp_path / 'classes.txt')})
+                                                     'DATA.CLASSES_FILE': str(tmp_path / 'classes.txt'),
+                                                     'DATA.MEAN': [0.4, 0.5, 0.6], 'DATA.STD': [0.2, 0.25, 0.3]})
     rng = np.random.default_rng(1)
     photos, expected = [], []
     for i in range(3):
         pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / f'photo_{i}.png')
         photos.append(str(tmp_path / f'photo_{i}.png'))
-        x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(cfg.DATA.MEAN)[:, None, None]) \
-            / torch.tensor(cfg.DATA.STD)[:, None, None]  # at 32 px evaluation takes the image as it is
+        x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) \
+            / torch.tensor([0.2, 0.25, 0.3])[:, None, None]  # at 32 px evaluation takes the image as it is
         with torch.no_grad():
             expected.append(model(x[None])[0].sigmoid())
     threshold = float(torch.stack(expected).median())  # some classes above it, some below
@@ -141,8 +142,25 @@ def test_a_multilabel_model_prints_every_class_at_or_above_the_threshold_by_sigm
         above = sorted(((p, names[c]) for c, p in enumerate(probs.tolist()) if p >= threshold), reverse=True)
         assert [name for _, name in printed[photo]] == [name for _, name in above]
         assert [p for p, _ in printed[photo]] == pytest.approx([100 * p for p, _ in above], abs=0.006)
-    assert predict.run([photos[0], '--weights', ckpt, '--device', 'cpu', '--threshold', '1.01']) == 0
-    assert capsys.readouterr().out.splitlines()[1] == '  no class at or above 101%'
+    assert predict.run([photos[0], '--weights', ckpt, '--device', 'cpu', '--threshold', '0.999']) == 0
+    assert capsys.readouterr().out.splitlines()[1] == '  no class at or above 99.9%'
+    assert predict.run([photos[0], '--weights', ckpt, '--threshold', '1.5']) == 2
+    assert capsys.readouterr().err.strip() == 'error: --threshold must be between 0 and 1, got 1.5'
+
+
+def test_multilabel_names_never_come_from_a_label_file_in_another_order_than_the_runs_classes_file(tmp_path, capsys):
+    (tmp_path / 'labels.csv').write_text('path,labels\ntrain/a.png,tree boat\n')  # sorted: boat, tree
+    ckpt, _, _ = _saved_untrained(tmp_path, **{'MODEL.NUM_CLASSES': 2, 'DATA.LABEL_FILE': 'labels.csv',
+                                               'DATA.CLASSES_FILE': 'gone.txt'})  # was: tree, boat
+    write_image_folder(tmp_path / 'photos', num_classes=1, train_per_class=1, val_per_class=0)
+    photo = str(tmp_path / 'photos' / 'train' / 'class_0' / 'train_0_0.png')
+    args = [photo, '--weights', ckpt, '--device', 'cpu', '--threshold', '0.01', '--data-path', str(tmp_path)]
+    assert predict.run(args) == 0
+    out = capsys.readouterr()
+    assert sorted(name for _, name in _printed(out.out)[photo]) == ['class 0', 'class 1']
+    assert f"warning: {tmp_path / 'gone.txt'} (the run's DATA.CLASSES_FILE) not found" in out.err
+    assert predict.run(args[:-1] + [str(tmp_path / 'nowhere')]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--data-path not found: {tmp_path / 'nowhere'}")
 
 
 def test_a_grayscale_model_reads_16_bit_images_and_a_5_channel_model_reads_npy_arrays(tmp_path, capsys):

@@ -325,21 +325,30 @@ def test_export_without_class_names_warns_and_names_them_generically(tmp_path, c
 
 
 def test_a_grayscale_export_carries_its_statistics_and_predicts_as_the_checkpoint_does(tmp_path, capsys):
-    """A 1-channel model with its own DATA.MEAN / DATA.STD and TEST.CROP_PCT: the timm folder's pretrained_cfg holds
-    them, and predict.py on the folder prints what it prints on the checkpoint (16-bit grayscale scan)."""
-    cfg = tiny_config(tmp_path, 'MODEL.SWIN.IN_CHANS', '1', 'DATA.MEAN', '[0.3]', 'DATA.STD', '[0.2]',
-                      'TEST.CROP_PCT', '0.8')
-    torch.save({'model': randomize_(build_model(cfg), seed=4).state_dict(), 'config': cfg.dump()}, tmp_path / 'g.pth')
+    """A 1-channel 64 px model with its own DATA.MEAN / DATA.STD and TEST.CROP_PCT: the timm folder's pretrained_cfg
+    holds them, and predict.py on the folder and on the checkpoint prints what resizing the short side to 64 / 0.8,
+    a centre crop and those statistics give (a non-square 16-bit grayscale scan)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    cfg = tiny_config(tmp_path, 'DATA.IMG_SIZE', '64', 'MODEL.SWIN.IN_CHANS', '1', 'DATA.MEAN', '[0.3]',
+                      'DATA.STD', '[0.2]', 'TEST.CROP_PCT', '0.8')
+    model = randomize_(build_model(cfg), seed=4).eval()
+    torch.save({'model': model.state_dict(), 'config': cfg.dump()}, tmp_path / 'g.pth')
     assert export(parse_args(['--weights', str(tmp_path / 'g.pth'), '--format', 'timm', '--output',
                               str(tmp_path / 'timm')])) <= 1e-4
     capsys.readouterr()
     pretrained_cfg = json.loads((tmp_path / 'timm' / 'config.json').read_text())['pretrained_cfg']
     assert (pretrained_cfg['input_size'], pretrained_cfg['mean'], pretrained_cfg['std'],
-            pretrained_cfg['crop_pct']) == ([1, 32, 32], [0.3], [0.2], 0.8)
-    photo = tmp_path / 'scan.png'
-    Image.fromarray(np.random.default_rng(5).integers(0, 65535, (32, 32), dtype=np.uint16)).save(photo)
-    printed = []
+            pretrained_cfg['crop_pct']) == ([1, 64, 64], [0.3], [0.2], 0.8)
+    pixels = np.random.default_rng(5).integers(0, 65535, (75, 90), dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / 'scan.png')
+    x = torch.from_numpy(pixels.astype(np.float32) / 65535)[None]
+    x = TF.center_crop(TF.resize(x, 80, InterpolationMode.BICUBIC, antialias=True), 64)
+    with torch.no_grad():
+        probs = model(((x - 0.3) / 0.2)[None])[0].softmax(-1)
+    best = probs.topk(3)
     for weights in (tmp_path / 'g.pth', tmp_path / 'timm'):
-        assert predict.run([str(photo), '--weights', str(weights), '--device', 'cpu']) == 0
-        printed.append(capsys.readouterr().out)
-    assert printed[0] == printed[1] and len(re.findall(r'%  class \d', printed[0])) == 3
+        assert predict.run([str(tmp_path / 'scan.png'), '--weights', str(weights), '--device', 'cpu']) == 0
+        printed = re.findall(r'^\s+([\d.]+)%  class (\d)$', capsys.readouterr().out, flags=re.M)
+        assert [int(i) for _, i in printed] == best.indices.tolist()
+        assert [float(p) for p, _ in printed] == pytest.approx([100 * p for p in best.values.tolist()], abs=0.006)

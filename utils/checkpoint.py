@@ -509,11 +509,11 @@ def resume_file(config, rank: int, logger) -> str:
     MODEL.RESUME, so a requeued job continues where it stopped. Evaluation: an explicit --resume wins; without one,
     the newest checkpoint is evaluated."""
     resume = config.MODEL.RESUME
-    if not config.TRAIN.AUTO_RESUME or (config.EVAL_MODE and resume):
+    if not config.TRAIN.AUTO_RESUME:
         return resume
     tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
-    latest = auto_resume_helper(config.OUTPUT, logger, tag=tag)
-    if latest:
+    latest = auto_resume_helper(config.OUTPUT, logger, tag=tag)  # logs what it finds, as the official run does
+    if latest and not (config.EVAL_MODE and resume):
         if resume:
             logger.warning(f"auto-resume changing resume file from {resume} to {latest}")
         resume = latest

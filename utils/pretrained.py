@@ -357,12 +357,13 @@ _SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_m
 def snapshot_config(snapshot: Snapshot):
     """The default config with the model a snapshot's config.json (or its weights) describe: MODEL.TYPE,
     MODEL.NUM_CLASSES, the family's section and DATA.IMG_SIZE, and DATA.MEAN / DATA.STD where its preprocessing
-    gives them (unfrozen)."""
+    gives one value per input channel (unfrozen)."""
     cfg = get_default_config()
     merge_opts(cfg, model_opts(snapshot.model_type, snapshot.model_args))
-    pre = snapshot.preprocessing
-    if pre.get('mean') is not None and pre.get('std') is not None:
-        cfg.DATA.MEAN, cfg.DATA.STD = [float(v) for v in pre['mean']], [float(v) for v in pre['std']]
+    mean, std = snapshot.preprocessing.get('mean'), snapshot.preprocessing.get('std')
+    channels = int(snapshot.model_args.get('in_chans', 3))
+    if mean is not None and std is not None and len(mean) == len(std) == channels:
+        cfg.DATA.MEAN, cfg.DATA.STD = [float(v) for v in mean], [float(v) for v in std]
     return cfg
 
 

@@ -79,23 +79,27 @@ def shard_model(model: nn.Module, config, device: torch.device, amp_dtype: Optio
     # Compute in the AMP dtype (the all-gathered copies); master weights and optimizer stay fp32.
     policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=_DTYPES[reduce_name])
     reshard = bool(config.TRAIN.FSDP.RESHARD_AFTER_FORWARD)
+    split_out = []
     for unit in sharded_units(model):
         for fp32_unit, low_precision_children in full_precision_units(unit):
             for child in low_precision_children:
                 fully_shard(child, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
             fully_shard(fp32_unit, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=reshard)
-            quiet_view_output_warning([fp32_unit, *low_precision_children])
+            split_out += [fp32_unit, *low_precision_children]
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    quiet_view_output_warning(split_out)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     return model
 
 
 def quiet_view_output_warning(units: list[nn.Module]) -> None:
-    """Silence FSDP2's "returned a view tensor" warning for these sharded units (V1's attention, its ``qkv`` and
-    ``proj``). A Linear of a 3-D input returns a view of its 2-D product, so they always trigger it; it warns
-    that an in-place op on such an output would skip the all-gather, and Swin's forward never makes one (the
-    blocks add the residual out of place: FSDP trains as DDP does, tests/test_main_sharding.py). Every
-    other module keeps the warning."""
+    """Silence FSDP2's "returned a view tensor" warning for the classes of these sharded units (V1's attention,
+    its ``qkv`` and ``proj``; V2's ``cpb_mlp``), in this process. A Linear of a 3-D input returns a view of its 2-D
+    product, so they always trigger it; it warns that an in-place op on such an output would skip the all-gather,
+    and Swin's forward never makes one (the blocks add the residual out of place: FSDP trains as DDP does,
+    tests/test_main_sharding.py). Modules of other classes keep the warning."""
+    if not units:
+        return
     names = '|'.join(sorted({re.escape(type(unit).__name__) for unit in units}))  # FSDPLinear, ...: as wrapped
     warnings.filterwarnings('ignore', message=rf'FSDP2-wrapped module \(({names})\) returned a view tensor',
                             category=UserWarning)
