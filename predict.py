@@ -107,7 +107,7 @@ def _counted(names: Sequence[str], count: int) -> list[str]:
 def _label_file_classes(cfg, data_path: Optional[str]) -> list[str]:
     """A multi-label run's class names in its output order: DATA.CLASSES_FILE when the run had one (the label file's
     own names may be in another order), else the label file's; relative names resolved against --data-path, else
-    the run's DATA_PATH. None (a warning) where the file is not on this machine or does not read."""
+    the run's DATA_PATH. No names (and a warning) where the file is not on this machine or does not read."""
     root = data_path or cfg.DATA.DATA_PATH
     path = resolve(cfg.DATA.CLASSES_FILE or cfg.DATA.LABEL_FILE, root)
     if not os.path.isfile(path):

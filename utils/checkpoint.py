@@ -498,9 +498,14 @@ def _resume_point(ckpt: dict, extras: dict) -> Resumed:
 def build_checkpointer(config, state: TrainingState, rank: int, logger) -> Checkpointer:
     """The run's :class:`Checkpointer` from OUTPUT, TRAIN.KEEP_CKPTS, TRAIN.SHARDED_CKPT and, for Swin-MoE's file
     names, MODEL.TYPE and TRAIN.MOE.SAVE_MASTER."""
-    tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
+    tag = _tag_of(config, rank)
     return Checkpointer(state, config.OUTPUT, config.dump(), logger, rank=rank, tag=tag,
                         keep=int(config.TRAIN.get('KEEP_CKPTS', 0)), sharded_files=bool(config.TRAIN.SHARDED_CKPT))
+
+
+def _tag_of(config, rank: int) -> str:
+    """This rank's file-name tag (:func:`checkpoint_tag`) from MODEL.TYPE and TRAIN.MOE.SAVE_MASTER."""
+    return checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
 
 
 def resume_file(config, rank: int, logger) -> str:
@@ -511,7 +516,7 @@ def resume_file(config, rank: int, logger) -> str:
     resume = config.MODEL.RESUME
     if not config.TRAIN.AUTO_RESUME:
         return resume
-    tag = checkpoint_tag(config.MODEL.TYPE == 'swin_moe', bool(config.TRAIN.MOE.SAVE_MASTER), rank)
+    tag = _tag_of(config, rank)
     latest = auto_resume_helper(config.OUTPUT, logger, tag=tag)  # logs what it finds, as the official run does
     if latest and not (config.EVAL_MODE and resume):
         if resume:
