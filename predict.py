@@ -18,10 +18,10 @@ prepared as the config.json says where it does (timm's ``crop_pct``/``crop_mode`
 DATA.MEAN / DATA.STD, TEST.CROP_PCT, DATA.INTERPOLATION): a 1-channel model reads images as grayscale (16-bit kept),
 an N-channel one multi-page TIFF, N-band images or ``.npy`` arrays. Folders are searched recursively for images.
 
-A multi-label model (trained with DATA.LABEL_FILE) prints, per image, every class whose sigmoid probability is at
-least ``--threshold`` (default: the config's TEST.THRESHOLD), best first; its class names come from DATA.CLASSES_FILE
-or the label file when they can be read, else ``class <i>``. A single-label model prints its top ``--topk``
-classes by softmax probability.
+A multi-label model (trained with DATA.LABEL_FILE, or a folder whose config.json says multi_label_classification)
+prints, per image, every class whose sigmoid probability is at least ``--threshold`` (default: the config's
+TEST.THRESHOLD), best first; its class names come from DATA.CLASSES_FILE or the label file when they can be read,
+else ``class <i>``. A single-label model prints its top ``--topk`` classes by softmax probability.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from config import img_size_hw
 from data.build import build_transform, input_spec
 from data.datasets import ARRAY_EXTENSIONS, IMG_EXTENSIONS, find_classes
 from data.decode import ChannelDecoder, decode_pil
-from data.label_file import read_classes_file, read_label_file, resolve
+from data.label_file import run_classes
 from data.transforms import InputSpec, build_eval_transform
 from engine import is_multilabel
 from models import build_model
@@ -80,7 +80,7 @@ def class_names(cfg, data_path: Optional[str], known: Optional[Sequence[str]] = 
         raise UserError(f"--data-path not found: {data_path}")
     if known and len(known) == cfg.MODEL.NUM_CLASSES and not data_path:
         return list(known)
-    if is_multilabel(cfg):
+    if cfg.DATA.LABEL_FILE:  # a multi-label run of ours
         return _counted(_label_file_classes(cfg, data_path), cfg.MODEL.NUM_CLASSES)
     for root in (data_path, cfg.DATA.DATA_PATH):
         if root and os.path.isdir(root):
@@ -105,17 +105,10 @@ def _counted(names: Sequence[str], count: int) -> list[str]:
 
 
 def _label_file_classes(cfg, data_path: Optional[str]) -> list[str]:
-    """A multi-label run's class names in its output order: DATA.CLASSES_FILE when the run had one (the label file's
-    own names may be in another order), else the label file's; relative names resolved against --data-path, else
-    the run's DATA_PATH. No names (and a warning) where the file is not on this machine or does not read."""
-    root = data_path or cfg.DATA.DATA_PATH
-    path = resolve(cfg.DATA.CLASSES_FILE or cfg.DATA.LABEL_FILE, root)
-    if not os.path.isfile(path):
-        print(f"warning: {path} (the run's {'DATA.CLASSES_FILE' if cfg.DATA.CLASSES_FILE else 'DATA.LABEL_FILE'}) "
-              "not found: classes are named class <i>", file=sys.stderr)
-        return []
+    """A multi-label run's class names (data.label_file.run_classes; relative files resolved against --data-path,
+    else the run's DATA_PATH); none, and a warning, where the file is not on this machine or does not read."""
     try:
-        return read_classes_file(path) if cfg.DATA.CLASSES_FILE else read_label_file(path).classes
+        return run_classes(cfg.DATA.CLASSES_FILE, cfg.DATA.LABEL_FILE, data_path or cfg.DATA.DATA_PATH)
     except UserError as e:
         print(f"warning: no class names ({e}): classes are named class <i>", file=sys.stderr)
         return []
@@ -270,7 +263,7 @@ def main(args: argparse.Namespace) -> None:
     load_converted(model, snapshot.state, snapshot.layout, args.weights)
     model.to(device)
     names = class_names(cfg, args.data_path, snapshot.class_names)
-    multilabel = is_multilabel(cfg)
+    multilabel = is_multilabel(cfg) or snapshot.multilabel
     threshold = cfg.TEST.THRESHOLD if args.threshold is None else args.threshold
     for path, probs in predict(model, files, preprocess, device, args.batch_size, multilabel):
         print(path)

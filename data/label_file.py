@@ -123,3 +123,12 @@ def load_label_table(label_file: str, classes_file: str, data_path: str) -> Opti
     if not label_file:
         return None
     return read_label_file(resolve(label_file, data_path), resolve(classes_file, data_path))
+
+
+def run_classes(classes_file: str, label_file: str, data_path: str) -> list[str]:
+    """A multi-label run's class names in its output order, from its DATA.CLASSES_FILE / DATA.LABEL_FILE values
+    (relative to ``data_path``): the classes file when the run had one (the label file's own names may be in
+    another order), else the label file's. UserError (naming the file) when it is missing or does not read."""
+    if classes_file:
+        return read_classes_file(resolve(classes_file, data_path))
+    return read_label_file(resolve(label_file, data_path)).classes

@@ -158,7 +158,7 @@ def test_multilabel_names_never_come_from_a_label_file_in_another_order_than_the
     assert predict.run(args) == 0
     out = capsys.readouterr()
     assert sorted(name for _, name in _printed(out.out)[photo]) == ['class 0', 'class 1']
-    assert f"warning: {tmp_path / 'gone.txt'} (the run's DATA.CLASSES_FILE) not found" in out.err
+    assert f"warning: no class names (DATA.CLASSES_FILE not found: {tmp_path / 'gone.txt'})" in out.err
     assert predict.run(args[:-1] + [str(tmp_path / 'nowhere')]) == 2
     assert capsys.readouterr().err.strip().endswith(f"--data-path not found: {tmp_path / 'nowhere'}")
 

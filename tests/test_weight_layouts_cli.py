@@ -352,3 +352,29 @@ def test_a_grayscale_export_carries_its_statistics_and_predicts_as_the_checkpoin
         printed = re.findall(r'^\s+([\d.]+)%  class (\d)$', capsys.readouterr().out, flags=re.M)
         assert [int(i) for _, i in printed] == best.indices.tolist()
         assert [float(p) for p, _ in printed] == pytest.approx([100 * p for p in best.values.tolist()], abs=0.006)
+
+
+def test_a_multilabel_export_says_so_and_predicts_by_sigmoid_as_its_checkpoint_does(tmp_path, capsys):
+    """A multi-label checkpoint (its classes file in DATA.CLASSES_FILE): the timm and transformers folders carry the
+    class names and problem_type multi_label_classification (transformers reads it), and predict.py on each prints
+    the checkpoint's lines: every class at or above the threshold, by its own sigmoid."""
+    (tmp_path / 'classes.txt').write_text('sky\nsea\nboat\n')
+    cfg = tiny_config(tmp_path, 'DATA.LABEL_FILE', 'labels.csv', 'DATA.CLASSES_FILE', str(tmp_path / 'classes.txt'))
+    torch.save({'model': randomize_(build_model(cfg), seed=6).state_dict(), 'config': cfg.dump()}, tmp_path / 'm.pth')
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
+    printed = {}
+    for fmt in ('checkpoint', 'timm', 'hf'):
+        weights = tmp_path / ('m.pth' if fmt == 'checkpoint' else fmt)
+        if fmt != 'checkpoint':
+            assert export(parse_args(['--weights', str(tmp_path / 'm.pth'), '--format', fmt, '--output',
+                                      str(weights)])) <= 1e-4
+            snap = read_snapshot(weights)
+            assert snap.multilabel and snap.class_names == ['sky', 'sea', 'boat']
+        capsys.readouterr()
+        assert predict.run([str(photo), '--weights', str(weights), '--device', 'cpu', '--threshold', '0.01']) == 0
+        printed[fmt] = re.findall(r'^\s+([\d.]+)%  (\w+)$', capsys.readouterr().out, flags=re.M)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / 'hf').problem_type == 'multi_label_classification'
+    probs = [float(p) for p, _ in printed['checkpoint']]
+    assert len(probs) == 3 and sum(probs) != pytest.approx(100, abs=1)  # sigmoids, not a softmax
+    assert printed['timm'] == printed['hf'] == printed['checkpoint']

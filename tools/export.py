@@ -52,6 +52,8 @@ from torch import nn
 
 from config import img_size_hw
 from data.build import input_spec
+from data.label_file import run_classes
+from engine import is_multilabel
 from models import build_model, is_derived_buffer
 from utils.checkpoint import load_converted
 from utils.errors import UserError, exit_status
@@ -186,13 +188,26 @@ def _folder_classes(root: Optional[str]) -> Optional[list[str]]:
     return find_classes(train if os.path.isdir(train) else root)
 
 
+def _multilabel_classes(args: argparse.Namespace, cfg) -> Optional[list[str]]:
+    """A multi-label run's class names (data.label_file.run_classes), where its files can be read here."""
+    if not cfg.DATA.LABEL_FILE:
+        return None
+    try:
+        return run_classes(cfg.DATA.CLASSES_FILE, cfg.DATA.LABEL_FILE, args.data_path or cfg.DATA.DATA_PATH)
+    except UserError as e:
+        print(f"warning: {e}", file=sys.stderr)
+        return None
+
+
 def export_class_names(args: argparse.Namespace, cfg, snapshot: Snapshot) -> Optional[list[str]]:
-    """The class names written into a timm / transformers config: --data-path's folders, else the snapshot's,
-    else the folders of the data path saved in the checkpoint; None (and a warning) where none fit."""
+    """The class names written into a timm / transformers config: a multi-label run's classes file (or label
+    file), else --data-path's folders, else the snapshot's, else the folders of the data path saved in the
+    checkpoint; None (and a warning) where none fit."""
     if args.data_path and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path not found: {args.data_path}")
     count = cfg.MODEL.NUM_CLASSES
-    for where, names in (('--data-path', _folder_classes(args.data_path)),
+    for where, names in (("the run's classes file (multi-label)", _multilabel_classes(args, cfg)),
+                         ('--data-path', _folder_classes(args.data_path)),
                          ("the weights' config.json", snapshot.class_names),
                          ("the checkpoint's DATA.DATA_PATH", _folder_classes(cfg.DATA.DATA_PATH))):
         if names and len(names) == count:
@@ -207,8 +222,9 @@ def export_class_names(args: argparse.Namespace, cfg, snapshot: Snapshot) -> Opt
 def export_preprocessing(cfg, snapshot: Snapshot) -> dict:
     """The evaluation preprocessing in timm's names: main.py's (DATA.INTERPOLATION; a centre crop of TEST.CROP_PCT
     with TEST.CROP, else a resize to the input size; DATA.MEAN / DATA.STD, one per input channel), or what a
-    snapshot read says."""
-    crop, spec = bool(cfg.TEST.CROP), input_spec(cfg)
+    snapshot read says. Models of at most 32 px evaluate images as they are (the official rule for CIFAR-sized
+    input): a resize to the input size, no crop, which leaves an image of that size as it is."""
+    crop, spec = bool(cfg.TEST.CROP) and max(img_size_hw(cfg.DATA.IMG_SIZE)) > 32, input_spec(cfg)
     own = dict(interpolation=cfg.DATA.INTERPOLATION, crop_pct=float(cfg.TEST.CROP_PCT) if crop else 1.0,
                crop_mode='center' if crop else 'squash', mean=list(spec.mean), std=list(spec.std))
     return {**own, **{k: v for k, v in snapshot.preprocessing.items() if k != 'input_size'}}
@@ -219,7 +235,7 @@ def export_folder(args: argparse.Namespace, path: str, model: nn.Module, cfg, sn
     state = {k: v for k, v in model.state_dict().items() if not is_derived_buffer(k)}
     writer = write_timm_folder if args.format == 'timm' else write_hf_folder
     writer(path, state, cfg.MODEL.TYPE, model_args_of(cfg), export_class_names(args, cfg, snapshot),
-           export_preprocessing(cfg, snapshot))
+           export_preprocessing(cfg, snapshot), multilabel=is_multilabel(cfg) or snapshot.multilabel)
 
 
 # ------------------------------------------------------------------------------------------ checks

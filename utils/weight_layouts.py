@@ -745,8 +745,8 @@ class Snapshot:
     ``state`` in the official layout (derived buffers dropped), the ``layout`` recognised, ``model_type``
     (MODEL.TYPE) and ``model_args`` (constructor keyword arguments: from config.json where there is one, else what
     the weights fix), ``class_names`` (HF id2label / timm label_names, None where absent), ``preprocessing``
-    (timm's names: input_size, interpolation, crop_pct, crop_mode, mean, std; only those given) and ``source``
-    (the weights file read)."""
+    (timm's names: input_size, interpolation, crop_pct, crop_mode, mean, std; only those given), ``source``
+    (the weights file read) and ``multilabel`` (a classifier of independent classes, per config.json)."""
     state: Dict[str, torch.Tensor]
     layout: Layout
     model_type: str
@@ -755,6 +755,7 @@ class Snapshot:
     preprocessing: Dict[str, Any] = field(default_factory=dict)
     source: str = ''
     config_kind: str = ''  # 'timm', 'hf', or '' without a config.json
+    multilabel: bool = False  # config.json's problem_type says independent (sigmoid) classes
 
     def describe(self) -> str:
         """One log line: what was read and how it was understood."""
@@ -859,7 +860,8 @@ def read_snapshot(path: str | os.PathLike, state: Optional[Mapping[str, Any]] = 
         names = None  # names of a head these weights do not hold (a backbone saved from a classifier's config)
     preprocessing = _timm_preprocessing(config) if kind == 'timm' else _hf_preprocessing(folder) if kind else {}
     state = {k: v for k, v in raw.items() if not _is_buffer(k)}
-    return Snapshot(state, layout, model_type, args, names, preprocessing, weights, kind)
+    multilabel = bool(config) and config.get('problem_type') == MULTI_LABEL
+    return Snapshot(state, layout, model_type, args, names, preprocessing, weights, kind, multilabel)
 
 
 # ---------------------------------------------------------------------------------------- writing folders
@@ -908,11 +910,15 @@ def timm_name(model_type: str, args: Mapping[str, Any]) -> str:
     return fallback
 
 
+# transformers' name for a classifier of independent (sigmoid) classes, written into both kinds of config.json
+MULTI_LABEL = 'multi_label_classification'
+
+
 def timm_config(model_type: str, model_args: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
-                preprocessing: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                preprocessing: Optional[Mapping[str, Any]] = None, *, multilabel: bool = False) -> Dict[str, Any]:
     """A timm ``config.json`` (architecture, model_args, label_names, pretrained_cfg) for these arguments, class
     names and preprocessing (timm's names; defaults: the official evaluation's bicubic, crop 0.875, ImageNet
-    mean/std)."""
+    mean/std); a ``multilabel`` model's also says ``problem_type`` (timm reads no such key and ignores it)."""
     _exportable('timm', model_type, model_args)
     n = int(model_args.get('num_classes', 1000))
     pre = {'interpolation': 'bicubic', 'crop_pct': 0.875, 'crop_mode': 'center', 'mean': IMAGENET_MEAN,
@@ -930,14 +936,16 @@ def timm_config(model_type: str, model_args: Mapping[str, Any], class_names: Opt
     config['model_args'] = {k: _plain(model_args[k]) for k in _TIMM_ARGS
                             if k in model_args and (model_type == 'swinv2' or k != 'pretrained_window_sizes')}
     config['pretrained_cfg'] = pretrained_cfg
+    if multilabel:
+        config['problem_type'] = MULTI_LABEL
     return config
 
 
-def hf_config(model_type: str, model_args: Mapping[str, Any],
-              class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def hf_config(model_type: str, model_args: Mapping[str, Any], class_names: Optional[Sequence[str]] = None, *,
+              multilabel: bool = False) -> Dict[str, Any]:
     """A transformers ``config.json`` (SwinConfig / Swinv2Config) for these arguments and class names
     (``LABEL_i`` where none are given); architectures: ``Swin[v2]ForImageClassification``, or ``Swin[v2]Model``
-    for a headless model."""
+    for a headless model; ``problem_type`` multi_label_classification for a ``multilabel`` one."""
     _exportable('transformers', model_type, model_args)
     depths = [int(d) for d in model_args['depths']]
     n = int(model_args.get('num_classes', 1000))
@@ -959,6 +967,8 @@ def hf_config(model_type: str, model_args: Mapping[str, Any],
         names = _names(class_names, n) or [f'LABEL_{i}' for i in range(n)]
         config['id2label'] = {str(i): name for i, name in enumerate(names)}
         config['label2id'] = {name: i for i, name in enumerate(names)}
+    if multilabel:
+        config['problem_type'] = MULTI_LABEL
     return config
 
 
@@ -999,13 +1009,13 @@ def _write_json(data: Mapping[str, Any], path: str) -> None:
 
 def write_timm_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], model_type: str,
                       model_args: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
-                      preprocessing: Optional[Mapping[str, Any]] = None) -> List[str]:
+                      preprocessing: Optional[Mapping[str, Any]] = None, *, multilabel: bool = False) -> List[str]:
     """Write official-layout ``state`` as a timm folder (``model.safetensors`` in timm's layout + ``config.json``)
     that ``timm.create_model('local-dir:<folder>', pretrained=True)`` and
     ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<folder>/model.safetensors))``
     load as they are. Returns the paths written."""
     folder = os.fspath(folder)
-    config = timm_config(model_type, model_args, class_names, preprocessing)
+    config = timm_config(model_type, model_args, class_names, preprocessing, multilabel=multilabel)
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, 'model.safetensors'), os.path.join(folder, 'config.json')]
     _save_safetensors(from_official(state, 'timm'), paths[0])
@@ -1015,12 +1025,12 @@ def write_timm_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tenso
 
 def write_hf_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], model_type: str,
                     model_args: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
-                    preprocessing: Optional[Mapping[str, Any]] = None) -> List[str]:
+                    preprocessing: Optional[Mapping[str, Any]] = None, *, multilabel: bool = False) -> List[str]:
     """Write official-layout ``state`` as a transformers folder (``model.safetensors``, ``config.json``,
     ``preprocessor_config.json``) that ``AutoModelForImageClassification.from_pretrained(folder)`` loads as it is.
     Returns the paths written."""
     folder = os.fspath(folder)
-    config = hf_config(model_type, model_args, class_names)
+    config = hf_config(model_type, model_args, class_names, multilabel=multilabel)
     weights = from_official(state, 'hf', model_type)
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, name) for name in ('model.safetensors', 'config.json', 'preprocessor_config.json')]
