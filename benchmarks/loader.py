@@ -32,7 +32,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import get_default_config  # noqa: E402
 from data import build_loader, use_safe_posterize  # noqa: E402
 from data.decode import pillow_build  # noqa: E402
+from tools.make_dataset import main as make_dataset  # noqa: E402  (in-process: a fresh one imports torch again)
 
 RECIPE = dict(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel', re_count=1,
               color_jitter=0.4, interpolation='bicubic')
@@ -106,11 +106,7 @@ def shard_layout(root: Path, data_format: str) -> Path:
     if not marker.exists():
         shutil.rmtree(out, ignore_errors=True)
         size = ['--shard-samples', '256'] + (['--row-group-size', '100'] if data_format == 'parquet' else [])
-        # as a user converts a set: the tool's own command (it imports no torch, so it starts in a fraction of a second)
-        done = subprocess.run([sys.executable, '-m', 'tools.make_dataset', '--format', data_format, *size,
-                               str(root.resolve()), str(out.resolve())], cwd=Path(__file__).resolve().parent.parent,
-                              stdout=subprocess.DEVNULL)
-        if done.returncode != 0:
+        if make_dataset(['--format', data_format, *size, str(root), str(out)]) != 0:
             raise SystemExit(f'converting {root} to {data_format} failed')
         marker.touch()
     return out
