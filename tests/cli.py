@@ -1,10 +1,10 @@
 """Helpers for tests that run main.py as users do: a tiny config, subprocesses, free ports.
 
-``run_main`` and ``torchrun`` launch *warm* (tests/warm.py: a process forked from a server that has imported
-torch once; the same argv, environment, streams, exit status and signals as a fresh interpreter, seconds
-faster). ``start_main``, ``start_ranks`` and ``start_torchrun`` start fresh interpreters: their tests signal
-process groups and read /proc, where the forked process tree would differ. ``SWIN_TEST_COLD=1`` makes every
-launch fresh.
+``run_main``, ``torchrun``, ``start_main``, ``start_torchrun`` and ``start_ranks`` launch *warm* (tests/warm.py: a
+process forked from a server that has imported torch once; the same argv, environment, streams, exit status and
+signals as a fresh interpreter, seconds faster; ``torchrun_workers`` finds the workers behind their stand-ins).
+``start_ranks(..., warm=False)`` starts fresh interpreters, for a test that stops a rank with SIGSTOP, which a
+stand-in cannot pass on. ``SWIN_TEST_COLD=1`` makes every launch fresh.
 """
 from __future__ import annotations
 
@@ -129,14 +129,16 @@ def start_main(args: list[str], cwd: Path, new_group: bool = False) -> subproces
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
-def start_ranks(args: list[str], cwd: Path, world_size: int) -> list[subprocess.Popen]:
+def start_ranks(args: list[str], cwd: Path, world_size: int, warm: bool = True) -> list[subprocess.Popen]:
     """``world_size`` processes of ``python main.py ARGS`` that rendezvous by themselves, as srun starts
-    them (no agent watching them: a rank that fails must end the others on its own)."""
+    them (no agent watching them: a rank that fails must end the others on its own). ``warm`` False: fresh
+    interpreters, for a test that stops a rank with SIGSTOP (a warm stand-in cannot pass that on)."""
     port, procs = free_port(), []
+    python = python_command(str(REPO / 'main.py')) if warm else [sys.executable, str(REPO / 'main.py')]
     for rank in range(world_size):
         env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=cwd, env=env,
+        procs.append(subprocess.Popen([*python, *args], cwd=cwd, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     return procs
 

@@ -94,7 +94,7 @@ def test_a_user_error_on_rank_1_ends_rank_0_with_its_message(job):
 @pytest.mark.parametrize('sig', [signal.SIGSTOP, signal.SIGKILL])
 def test_a_rank_that_stops_answering_or_dies_ends_the_other_within_the_timeout(job, sig):
     root, cfg, data = job
-    procs = start_ranks(_args(root, cfg, data), root, world_size=2)
+    procs = start_ranks(_args(root, cfg, data), root, world_size=2, warm=sig != signal.SIGSTOP)
     try:
         deadline = time.time() + 240
         while not _training_started(root):
