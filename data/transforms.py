@@ -53,6 +53,12 @@ _TENSOR_INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')
 ImageSize = Union[int, Sequence[int]]  # a square side or (height, width)
 
 
+def cifar_sized(img_size: ImageSize) -> bool:
+    """Whether a model of ``img_size`` takes CIFAR-sized input (at most 32 px a side): the official framework then
+    trains on padded random crops and evaluates images as they are, without resize or crop."""
+    return max(img_size_hw(img_size)) <= 32
+
+
 # ---------------------------------------------------------------------------------- settings
 DEFAULT_CROP_PCT = 224 / 256  # the official evaluation: resize to 256 / 224 of the size, centre-crop
 
@@ -278,7 +284,7 @@ class TensorTrainTransform:
             raise UserError(f'DATA.INTERPOLATION {aug.interpolation!r} is for RGB images only; other input takes '
                             f'{", ".join(_TENSOR_INTERPOLATIONS)} or random')
         self.size, self.aug = img_size_hw(size), aug
-        self.pad_crop = v2.RandomCrop(self.size, padding=4) if max(self.size) <= 32 else None
+        self.pad_crop = v2.RandomCrop(self.size, padding=4) if cifar_sized(self.size) else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.pad_crop is not None:
@@ -333,7 +339,7 @@ def build_train_transform(img_size: ImageSize, aug: Optional[TrainAugment] = Non
     img_size = img_size_hw(img_size)
     if not spec.rgb:
         return _channels_train(img_size, aug, spec, fast)
-    small = max(img_size) <= 32
+    small = cifar_sized(img_size)
     if not fast:
         transform = _timm_train(img_size, aug, spec, separate=False)
         if small:
@@ -401,7 +407,7 @@ def build_eval_transform(img_size: ImageSize, interpolation: str = 'bicubic', cr
                         f'{", ".join(_TENSOR_INTERPOLATIONS)} or random')
     height, width = img_size_hw(img_size)
     steps: list[Callable] = []
-    if max(height, width) > 32:
+    if not cifar_sized((height, width)):
         # int(size / 0.875) equals the official int(256 / 224 * size) for every size up to 5000 (checked)
         if not crop:
             steps += [T.Resize((height, width), interpolation=mode)]

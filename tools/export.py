@@ -53,6 +53,7 @@ from torch import nn
 from config import img_size_hw
 from data.build import input_spec
 from data.label_file import run_classes
+from data.transforms import cifar_sized
 from engine import is_multilabel
 from models import build_model, is_derived_buffer
 from utils.checkpoint import load_converted
@@ -224,7 +225,7 @@ def export_preprocessing(cfg, snapshot: Snapshot) -> dict:
     with TEST.CROP, else a resize to the input size; DATA.MEAN / DATA.STD, one per input channel), or what a
     snapshot read says. Models of at most 32 px evaluate images as they are (the official rule for CIFAR-sized
     input): a resize to the input size, no crop, which leaves an image of that size as it is."""
-    crop, spec = bool(cfg.TEST.CROP) and max(img_size_hw(cfg.DATA.IMG_SIZE)) > 32, input_spec(cfg)
+    crop, spec = bool(cfg.TEST.CROP) and not cifar_sized(cfg.DATA.IMG_SIZE), input_spec(cfg)
     own = dict(interpolation=cfg.DATA.INTERPOLATION, crop_pct=float(cfg.TEST.CROP_PCT) if crop else 1.0,
                crop_mode='center' if crop else 'squash', mean=list(spec.mean), std=list(spec.std))
     return {**own, **{k: v for k, v in snapshot.preprocessing.items() if k != 'input_size'}}
